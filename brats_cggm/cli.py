@@ -1,0 +1,45 @@
+"""``brats-cggm``: the command line of the BraTS application."""
+
+from __future__ import annotations
+
+import platform
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from multimodal_general.cli_support import run_app
+
+app = typer.Typer(
+    help="Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+@app.command()
+def info() -> None:
+    """Show the installed stack and the compute devices it can use."""
+    import monai
+    import onnxruntime
+    import torch
+
+    table = Table(title="brats-cggm environment", show_header=False)
+    table.add_row("python", platform.python_version())
+    table.add_row("torch", torch.__version__)
+    table.add_row("monai", monai.__version__)
+    table.add_row("onnxruntime", f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    table.add_row("CUDA devices", ", ".join(gpus) if gpus else "none (CPU only)")
+    table.add_row("CPU threads", str(torch.get_num_threads()))
+    console.print(table)
+
+
+@app.callback()
+def _root() -> None:
+    """Brain-tumour segmentation on BraTS MRI with CGGM-balanced training."""
+
+
+def main() -> None:
+    run_app(app)

@@ -1,0 +1,193 @@
+"""The balancer interface that a plain PyTorch training loop calls around backward.
+
+One optimizer step, with any balancer::
+
+    output, features = model(inputs)                # features: {modality name: h_i}
+    task_loss = criterion(output, target)
+    loss = task_loss + balancer.extra_loss(features, output, target, task_loss)
+    scaler.scale(loss).backward()                   # or loss.backward()
+    scaler.unscale_(optimizer)                      # AMP only: telemetry sees true grads
+    telemetry = balancer.modulate()                 # once per optimizer step
+    scaler.step(optimizer); scaler.step(head_optimizer); scaler.update()
+
+The balancer is an ``nn.Module`` that owns the training-only unimodal heads (train them
+with an optimizer over ``balancer.parameters()``) and keeps its running state in
+buffers, so ``state_dict()`` / ``load_state_dict()`` resume it exactly. The encoders
+stay in the user's model: the balancer holds references to their parameters only.
+
+With gradient accumulation, call ``extra_loss`` for every micro-batch and ``modulate``
+once before the optimizer step; statistics of all micro-batches (and, under
+torch.distributed, of all ranks) are combined into one measurement per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from multimodal_general.balance.distributed import all_reduce_sum, average_gradients
+from multimodal_general.balance.metrics import UtilizationMetric, resolve_metric
+from multimodal_general.balance.registration import Modality, validate_modalities
+from multimodal_general.balance.telemetry import StepTelemetry
+from multimodal_general.errors import ConfigurationError, RegistrationError
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+class Balancer(nn.Module):
+    """Base class: runs the unimodal heads and measures each modality's utilization.
+
+    Subclasses implement :meth:`_balance_loss` (a differentiable term added to the task
+    loss) and :meth:`_modulate_gradients` (in-place changes to encoder gradients).
+
+    Args:
+        modalities: the registered modalities, in a fixed order.
+        criterion: the task loss, applied to every head's output as to the fused output.
+        metric: utilization metric of the heads (name or callable), see ``metrics``.
+        accumulation_steps: micro-batches per optimizer step.
+        process_group: the torch.distributed group to combine statistics over.
+    """
+
+    name: ClassVar[str] = "base"
+    requires_heads: ClassVar[bool] = False
+    min_modalities: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        modalities: Sequence[Modality],
+        *,
+        criterion: Criterion | None = None,
+        metric: str | UtilizationMetric = "accuracy",
+        accumulation_steps: int = 1,
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        validate_modalities(modalities, need_heads=self.requires_heads, min_count=self.min_modalities)
+        if accumulation_steps < 1:
+            raise ConfigurationError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.modality_names: tuple[str, ...] = tuple(m.name for m in modalities)
+        self.heads = nn.ModuleDict({m.name: m.head for m in modalities if m.head is not None})
+        if self.heads and criterion is None:
+            raise RegistrationError("heads are registered, so a criterion (task loss) is needed")
+        self.criterion = criterion
+        self.metric = resolve_metric(metric)
+        self.accumulation_steps = accumulation_steps
+        self.process_group = process_group
+        # Plain containers: the encoders belong to the user's model, not to this module.
+        self._encoder_params: dict[str, tuple[nn.Parameter, ...]] = {
+            m.name: tuple(m.encoder.parameters()) for m in modalities
+        }
+        m = len(modalities)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_score_sum", torch.zeros(m), persistent=False)
+        self.register_buffer("_sample_count", torch.zeros(m), persistent=False)
+        self._micro_batches = 0
+        self._head_losses: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ loop API
+    def extra_loss(
+        self,
+        features: Mapping[str, Tensor],
+        output: Tensor,
+        target: Tensor,
+        task_loss: Tensor,
+    ) -> Tensor:
+        """What to add to ``task_loss`` before backward, for one (micro-)batch.
+
+        Args:
+            features: each modality's encoder output ``h_i`` (with its graph).
+            output: the fused prediction.
+            target: the task target.
+            task_loss: ``criterion(output, target)`` as the loop computed it.
+        Returns:
+            the heads' losses (on detached features: they train the heads only) plus the
+            balancer's own term; a scalar tensor.
+        """
+        if self._micro_batches >= self.accumulation_steps:
+            raise ConfigurationError(
+                f"extra_loss was called {self._micro_batches + 1} times without modulate(); "
+                f"accumulation_steps is {self.accumulation_steps}"
+            )
+        self._micro_batches += 1
+        self._head_losses = self._run_heads(features, output, target)
+        loss = task_loss.new_zeros(())
+        for head_loss in self._head_losses.values():
+            loss = loss + head_loss
+        return loss + self._balance_loss(features, output, target, task_loss)
+
+    def modulate(self) -> StepTelemetry:
+        """After backward, once per optimizer step: modulate encoder gradients in place
+        (after DDP's all-reduce, after ``GradScaler.unscale_``) and return telemetry."""
+        average_gradients(self.heads.parameters(), self.process_group)
+        telemetry = StepTelemetry(int(self.step_count), self.modality_names)
+        if self.heads:
+            telemetry.per_modality["eps"] = self.step_utilization()
+        telemetry.per_modality["grad_norm"] = self.encoder_grad_norms()
+        self._modulate_gradients(telemetry)
+        self._score_sum.zero_()
+        self._sample_count.zero_()
+        self._micro_batches = 0
+        self._step_utilization = None
+        self.step_count += 1
+        return telemetry
+
+    # ------------------------------------------------------------- for subclasses
+    def _balance_loss(self, features, output, target, task_loss) -> Tensor:
+        return task_loss.new_zeros(())
+
+    def _modulate_gradients(self, telemetry: StepTelemetry) -> None:
+        """Change encoder gradients in place; record what was done in ``telemetry``."""
+
+    _step_utilization: Tensor | None = None
+
+    def step_utilization(self) -> Tensor:
+        """``eps_i`` of the current step: each head's mean score over all micro-batches and
+        ranks seen since the last ``modulate`` (computed once, then cached)."""
+        if self._step_utilization is None:
+            stats = torch.cat([self._score_sum, self._sample_count])
+            all_reduce_sum(stats, self.process_group)
+            scores, counts = stats.chunk(2)
+            self._step_utilization = scores / counts.clamp_min(1)
+        return self._step_utilization
+
+    def encoder_grads(self, name: str) -> list[Tensor]:
+        return [p.grad for p in self._encoder_params[name] if p.grad is not None]
+
+    def encoder_grad_norms(self) -> Tensor:
+        norms = []
+        for name in self.modality_names:
+            grads = self.encoder_grads(name)
+            norms.append(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else self._score_sum.new_zeros(())
+            )
+        return torch.stack([n.float().to(self._score_sum.device) for n in norms])
+
+    @property
+    def head_losses(self) -> dict[str, Tensor]:
+        """Each head's loss on the last micro-batch (with graph, into the head only)."""
+        return self._head_losses
+
+    def _run_heads(self, features, output, target) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        for index, name in enumerate(self.modality_names):
+            if name not in self.heads:
+                continue
+            if name not in features:
+                raise RegistrationError(f"features has no entry for modality '{name}'")
+            prediction = self.heads[name](features[name].detach())
+            if prediction.shape != output.shape:
+                raise RegistrationError(
+                    f"head of modality '{name}' predicts shape {tuple(prediction.shape)}, the "
+                    f"fused head {tuple(output.shape)}: they must predict the same target"
+                )
+            losses[name] = self.criterion(prediction, target)
+            with torch.no_grad():
+                scores = self.metric(prediction.detach(), target)
+                self._score_sum[index] += scores.sum().float()
+                self._sample_count[index] += scores.numel()
+        return losses

@@ -1,0 +1,251 @@
+"""CGGM: Classifier-Guided Gradient Modulation (Guo et al., NeurIPS 2024).
+
+Per optimizer step (see ``shared/CGGM.md`` and ``docs/cggm.md``):
+
+1. unimodal heads predict the target from detached encoder features;
+2. ``eps_i``: each head's utilization metric on the step's batch;
+3. ``d_i``: its improvement;
+4. ``B_i = rho * (sum_{k != i} d_k) / (sum_k d_k)``;
+5. magnitude: every gradient of encoder ``i`` is multiplied by ``B_i``;
+6. direction: ``L_gm = (1/M) * sum_i (|B_i| - B_i * cos(g_F, g_i))`` is added to the loss
+   with weight ``lam``.
+
+The three presets differ as documented on :data:`PRESETS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from multimodal_general.balance.base import Balancer, Criterion
+from multimodal_general.balance.coefficients import (
+    ema_update,
+    paper_coefficients,
+    stable_coefficients,
+    trend,
+)
+from multimodal_general.balance.metrics import UtilizationMetric
+from multimodal_general.balance.registration import (
+    Modality,
+    last_weight,
+    validate_fused_last_layer,
+)
+from multimodal_general.balance.telemetry import StepTelemetry
+from multimodal_general.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class CGGMPreset:
+    """How one variant of CGGM computes ``d``, ``B`` and ``L_gm``."""
+
+    name: str
+    cosine_of: Literal["gradients", "weights"]
+    """``gradients``: cos of the last layers' gradients, ``g_F`` built with
+    ``create_graph=True`` so ``L_gm`` has a real gradient; ``weights``: cos of their weights."""
+    lagged_direction: bool
+    """``L_gm`` computed at step t (value and gradient) is added to the loss of step t+1."""
+    rho_in_direction: bool
+    """Whether ``L_gm`` uses ``B`` (with rho) or ``B / rho``."""
+    guarded: bool
+    """Smoothed improvements and coefficients in ``[0, rho]``; no usable signal → B = 1."""
+    summary: str
+
+
+PRESETS: dict[str, CGGMPreset] = {
+    preset.name: preset
+    for preset in (
+        CGGMPreset(
+            "paper", "gradients", False, True, False,
+            "the published equations, computed in the same iteration",
+        ),
+        CGGMPreset(
+            "official", "weights", True, False, False,
+            "what the authors' code does: weight cosine, one-step lag, no rho in L_gm",
+        ),
+        CGGMPreset(
+            "stable", "gradients", False, True, True,
+            "paper semantics with EMA-smoothed improvements and guarded B in [0, rho]",
+        ),
+    )
+}
+
+
+class CGGM(Balancer):
+    """Classifier-guided gradient modulation for any number of modalities and any task.
+
+    Args:
+        modalities: two or more, each with encoder, head and head_last_layer.
+        fused_last_layer: the last layer of the fused prediction head (or its weight).
+        criterion: the task loss; trains the heads and defines ``g_F`` and ``g_i``.
+        metric: the heads' utilization metric (``accuracy``, ``binary_accuracy``,
+            ``neg_mae``, ``soft_dice``, ``hard_dice`` or a callable).
+        preset: ``paper``, ``official`` or ``stable`` (see :data:`PRESETS`).
+        rho: scale of the coefficients (paper: 1.2-1.3; 1.0 on BraTS).
+        lam: weight of the direction loss ``L_gm`` (paper: 0.05-0.2).
+        fast_beta, slow_beta: EMA factors of the ``stable`` trend estimate of ``d``.
+        min_signal: ``stable`` leaves gradients untouched when ``sum max(d, 0)`` is below it.
+    """
+
+    name = "cggm"
+    requires_heads = True
+    min_modalities = 2
+
+    def __init__(
+        self,
+        modalities: Sequence[Modality],
+        *,
+        fused_last_layer: nn.Module | nn.Parameter,
+        criterion: Criterion,
+        metric: str | UtilizationMetric = "accuracy",
+        preset: str = "stable",
+        rho: float = 1.2,
+        lam: float = 0.1,
+        fast_beta: float = 0.9,
+        slow_beta: float = 0.99,
+        min_signal: float = 1e-6,
+        accumulation_steps: int = 1,
+        process_group=None,
+    ) -> None:
+        super().__init__(
+            modalities,
+            criterion=criterion,
+            metric=metric,
+            accumulation_steps=accumulation_steps,
+            process_group=process_group,
+        )
+        if preset not in PRESETS:
+            raise ConfigurationError(f"unknown CGGM preset '{preset}'; choose one of {sorted(PRESETS)}")
+        if rho <= 0 or lam < 0:
+            raise ConfigurationError(f"CGGM needs rho > 0 and lam >= 0; got rho={rho}, lam={lam}")
+        if not 0 <= fast_beta < slow_beta < 1:
+            raise ConfigurationError("CGGM needs 0 <= fast_beta < slow_beta < 1")
+        self.preset = PRESETS[preset]
+        self.rho, self.lam = float(rho), float(lam)
+        self.fast_beta, self.slow_beta, self.min_signal = fast_beta, slow_beta, min_signal
+        fused = validate_fused_last_layer(modalities, fused_last_layer)
+        self._fused_weight = (fused,)  # a tuple, so the module does not register it
+        self._head_weights = {
+            m.name: last_weight(m.head_last_layer, f"head_last_layer of '{m.name}'")
+            for m in modalities
+        }
+        m = len(modalities)
+        self.register_buffer("previous_eps", torch.zeros(m))
+        self.register_buffer("ema_fast", torch.zeros(m))
+        self.register_buffer("ema_slow", torch.zeros(m))
+        self.register_buffer("ema_count", torch.zeros(()))
+        self.register_buffer("coefficients", torch.ones(m))
+        self.register_buffer("improvement", torch.zeros(m))
+        self.register_buffer("coefficients_usable", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("coefficients_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("lag_value", torch.zeros(()))
+        self.register_buffer("lag_grad", torch.zeros_like(fused, dtype=torch.float32))
+        self.register_buffer("lag_ready", torch.zeros((), dtype=torch.bool))
+        self._step_closed = False
+        self._cosine: Tensor | None = None
+        self._direction_loss: Tensor | None = None
+
+    @property
+    def fused_weight(self) -> nn.Parameter:
+        return self._fused_weight[0]
+
+    # ----------------------------------------------------------- coefficients
+    def _close_step(self) -> None:
+        """Turn the step's utilization into ``d`` and ``B`` (once per optimizer step)."""
+        if self._step_closed:
+            return
+        eps = self.step_utilization()
+        if self.preset.guarded:
+            self.ema_count += 1
+            ema_update(self.ema_fast, eps, self.fast_beta)
+            ema_update(self.ema_slow, eps, self.slow_beta)
+            d = trend(self.ema_fast, self.ema_slow, self.ema_count, self.fast_beta, self.slow_beta)
+            coefficients, usable = stable_coefficients(d, self.rho, self.min_signal)
+        else:
+            d = eps - self.previous_eps
+            self.previous_eps.copy_(eps)
+            coefficients, usable = paper_coefficients(d, self.rho), torch.ones((), dtype=torch.bool)
+        self.improvement.copy_(d)
+        self.coefficients.copy_(coefficients)
+        self.coefficients_usable.copy_(usable)
+        self.coefficients_ready.fill_(True)
+        self._step_closed = True
+
+    def _direction_coefficients(self) -> Tensor:
+        b = self.coefficients if self.preset.rho_in_direction else self.coefficients / self.rho
+        return b * self.coefficients_usable
+
+    # ---------------------------------------------------------------- L_gm
+    def _balance_loss(self, features, output, target, task_loss) -> Tensor:
+        if self.lam == 0:
+            return task_loss.new_zeros(())
+        if self.preset.lagged_direction:
+            return self.lam * self._lagged_direction_loss().to(task_loss.dtype)
+        if self.accumulation_steps == 1:
+            self._close_step()  # this micro-batch is the whole step: B is known now
+        if not bool(self.coefficients_ready):
+            return task_loss.new_zeros(())
+        return self.lam * self._gradient_direction_loss(task_loss)
+
+    def _gradient_direction_loss(self, task_loss: Tensor) -> Tensor:
+        """``L_gm`` from the cosines of ``g_F`` (differentiable) and the constant ``g_i``."""
+        (g_fused,) = torch.autograd.grad(task_loss, self.fused_weight, create_graph=True)
+        g_fused = g_fused.flatten().float()
+        cosines = []
+        for name in self.modality_names:
+            (g_head,) = torch.autograd.grad(
+                self.head_losses[name], self._head_weights[name], retain_graph=True
+            )
+            cosines.append(F.cosine_similarity(g_fused, g_head.flatten().float(), dim=0))
+        cosine = torch.stack(cosines)
+        b = self._direction_coefficients()
+        loss = (b.abs() - b * cosine).mean()
+        self._cosine, self._direction_loss = cosine.detach(), loss.detach()
+        return loss
+
+    def _lagged_direction_loss(self) -> Tensor:
+        """Step t-1's ``L_gm`` (value and gradient w.r.t. the fused weight), as a surrogate
+        ``value + <grad, W_F - stop_grad(W_F)>`` whose value and gradient are exactly those."""
+        if not bool(self.lag_ready):
+            return self.lag_value.new_zeros(())
+        w = self.fused_weight
+        return self.lag_value + (self.lag_grad * (w - w.detach())).sum()
+
+    def _record_weight_direction_loss(self) -> None:
+        """``official``: ``L_gm`` from the cosines of the last layers' weights at this step."""
+        with torch.enable_grad():
+            w = self.fused_weight.detach().float().requires_grad_(True)
+            cosine = torch.stack(
+                [
+                    F.cosine_similarity(w.flatten(), self._head_weights[n].detach().flatten().float(), dim=0)
+                    for n in self.modality_names
+                ]
+            )
+            b = self._direction_coefficients()
+            loss = (b.abs() - b * cosine).mean()
+            (grad,) = torch.autograd.grad(loss, w)
+        self.lag_value.copy_(loss.detach())
+        self.lag_grad.copy_(grad)
+        self.lag_ready.fill_(True)
+        self._cosine, self._direction_loss = cosine.detach(), loss.detach()
+
+    # ------------------------------------------------------------- magnitude
+    def _modulate_gradients(self, telemetry: StepTelemetry) -> None:
+        self._close_step()
+        for index, name in enumerate(self.modality_names):
+            for grad in self.encoder_grads(name):
+                grad.mul_(self.coefficients[index].to(grad.dtype))
+        if self.preset.lagged_direction:
+            self._record_weight_direction_loss()
+        telemetry.per_modality["d"] = self.improvement.clone()
+        telemetry.per_modality["B"] = self.coefficients.clone()
+        if self._cosine is not None:
+            telemetry.per_modality["cos"] = self._cosine
+            telemetry.scalars["L_gm"] = self._direction_loss
+        self._step_closed = False
+        self._cosine = self._direction_loss = None

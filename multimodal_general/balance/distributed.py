@@ -1,0 +1,36 @@
+"""The few collective operations balancers need; no-ops outside torch.distributed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Sum ``tensor`` over ranks, in place, and return it."""
+    if is_distributed(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], group=None) -> None:
+    """What DDP does for modules it wraps: every rank ends with the mean gradient."""
+    if not is_distributed(group):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
