@@ -136,9 +136,10 @@ class CGGM(Balancer):
         }
         m = len(modalities)
         self.register_buffer("previous_eps", torch.zeros(m))
-        self.register_buffer("ema_fast", torch.zeros(m))
-        self.register_buffer("ema_slow", torch.zeros(m))
-        self.register_buffer("ema_count", torch.zeros(()))
+        # float64: the trend is a small difference of two averages
+        self.register_buffer("ema_fast", torch.zeros(m, dtype=torch.float64))
+        self.register_buffer("ema_slow", torch.zeros(m, dtype=torch.float64))
+        self.register_buffer("ema_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("coefficients", torch.ones(m))
         self.register_buffer("improvement", torch.zeros(m))
         self.register_buffer("coefficients_usable", torch.zeros((), dtype=torch.bool))
@@ -162,9 +163,10 @@ class CGGM(Balancer):
         eps = self.step_utilization()
         if self.preset.guarded:
             self.ema_count += 1
-            ema_update(self.ema_fast, eps, self.fast_beta)
-            ema_update(self.ema_slow, eps, self.slow_beta)
+            ema_update(self.ema_fast, eps.double(), self.fast_beta)
+            ema_update(self.ema_slow, eps.double(), self.slow_beta)
             d = trend(self.ema_fast, self.ema_slow, self.ema_count, self.fast_beta, self.slow_beta)
+            d = d.to(eps.dtype)
             coefficients, usable = stable_coefficients(d, self.rho, self.min_signal)
         else:
             d = eps - self.previous_eps

@@ -37,7 +37,7 @@ def stable_coefficients(
     positive = improvement.clamp_min(0)
     total = positive.sum()
     usable = total > min_signal
-    coefficients = rho * (total - positive) / total.clamp_min(min_signal)
+    coefficients = (rho * (total - positive) / total.clamp_min(min_signal)).clamp(0, rho)
     return torch.where(usable, coefficients, torch.ones_like(coefficients)), usable
 
 
