@@ -240,3 +240,11 @@ def test_telemetry_has_every_quantity_per_modality():
         for name in ("m0", "m1", "m2"):
             assert f"{key}/{name}" in row
     assert "L_gm" in row and row["step"] == 1.0
+
+
+def test_modulate_without_extra_loss_is_a_clear_error():
+    from multimodal_general.errors import ConfigurationError
+
+    _, balancer, _ = make_setup(2)
+    with pytest.raises(ConfigurationError, match="without extra_loss"):
+        balancer.modulate()

@@ -121,6 +121,8 @@ class Balancer(nn.Module):
     def modulate(self) -> StepTelemetry:
         """After backward, once per optimizer step: modulate encoder gradients in place
         (after DDP's all-reduce, after ``GradScaler.unscale_``) and return telemetry."""
+        if self._micro_batches == 0:
+            raise ConfigurationError("modulate() was called without extra_loss() in this step")
         average_gradients(self.heads.parameters(), self.process_group)
         telemetry = StepTelemetry(int(self.step_count), self.modality_names)
         if self.heads:
