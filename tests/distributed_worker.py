@@ -9,7 +9,8 @@ the loop contract of ``multimodal_general.balance.base``, once per preset (one l
 several presets: starting the processes costs far more than training). It writes
 ``DIR/rank{r}.pt``, a dict ``{preset: record}`` where a record holds each step's coefficients
 ``B``, the balancer's (all-reduced) ``eps``, the rank's own head accuracies on its local batch,
-and the initial and final model and head parameters; the test compares the two files. Any failure ends the process with a non-zero status and a message on stderr.
+and the initial and final model and head parameters; the test compares the two files.
+Any failure ends the process with a non-zero status and a message on stderr.
 """
 
 from __future__ import annotations

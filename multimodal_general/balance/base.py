@@ -18,6 +18,12 @@ stay in the user's model: the balancer holds references to their parameters only
 With gradient accumulation, call ``extra_loss`` for every micro-batch and ``modulate``
 once before the optimizer step; statistics of all micro-batches (and, under
 torch.distributed, of all ranks) are combined into one measurement per step.
+
+Under torch.distributed only the measurement is global: anything a balancer computes
+from gradients (CGGM's cosines) comes from the rank's local batch, and DDP averages the
+resulting gradients. With AMP, ``GradScaler`` checks for inf/NaN in ``unscale_``, before
+``modulate``; a balancer whose coefficients are bounded (CGGM ``stable``) cannot create
+new ones. A step the scaler skips still counts as a step for the balancer.
 """
 
 from __future__ import annotations
