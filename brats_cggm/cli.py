@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import platform
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from multimodal_general.cli_support import run_app
+from multimodal_general.cli_support import make_app, run_app
 
-app = typer.Typer(
-    help="Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
 console = Console()
 
 
@@ -34,11 +29,6 @@ def info() -> None:
     table.add_row("CUDA devices", ", ".join(gpus) if gpus else "none (CPU only)")
     table.add_row("CPU threads", str(torch.get_num_threads()))
     console.print(table)
-
-
-@app.callback()
-def _root() -> None:
-    """Brain-tumour segmentation on BraTS MRI with CGGM-balanced training."""
 
 
 def main() -> None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
 from multimodal_general.balance import BALANCERS, METRICS, PRESETS
-from multimodal_general.cli_support import run_app
+from multimodal_general.cli_support import make_app, run_app
 
-app = typer.Typer(
-    help="Balanced multimodal learning (CGGM and baselines) for general tasks.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
 console = Console()
 
 
@@ -39,11 +34,6 @@ def balancers() -> None:
         )
     console.print(presets)
     console.print("Utilization metrics: " + ", ".join(METRICS))
-
-
-@app.callback()
-def _root() -> None:
-    """Balanced multimodal learning (CGGM and baselines) for general tasks."""
 
 
 def main() -> None:

@@ -22,3 +22,10 @@ def run_app(app: typer.Typer) -> None:
     except UserError as error:
         stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def make_app(help_text: str) -> typer.Typer:
+    """A Typer app that always has sub-commands (even with one) and no completion flags."""
+    app = typer.Typer(help=help_text, no_args_is_help=True, add_completion=False)
+    app.callback()(lambda: None)
+    return app
