@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import CLASSES, make_batch, make_setup
+
 from multimodal_general.balance import make_balancer
 from multimodal_general.loop import balanced_step
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import CLASSES, FEATURES, make_batch, make_setup
 from torch import nn
 
-from conftest import CLASSES, FEATURES, make_batch, make_setup
 from multimodal_general.balance import CGGM, Modality, make_balancer
 from multimodal_general.errors import ConfigurationError, RegistrationError
 from multimodal_general.tasks.imbalance import LateFusionNet, unimodal_head

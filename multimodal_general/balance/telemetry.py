@@ -12,7 +12,8 @@ class StepTelemetry:
     """What a balancer saw and did in one optimizer step.
 
     Per-modality values are tensors of shape ``[M]`` in registration order (absent when the
-    balancer does not compute them); converting to Python floats is deferred to
+    balancer does not compute them). ``grad_norm`` is each encoder's gradient norm as
+    backward left it, before the balancer scaled it (CGGM applies ``B * grad_norm``). Converting to Python floats is deferred to
     :meth:`as_dict` so that a GPU loop is not synchronised every step.
     """
 

@@ -16,6 +16,7 @@ Gaussian latents, so each modality explains a share of the target's variance.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -166,7 +167,7 @@ class RunConfig:
     rho: float = 1.2
     lam: float = 0.1
     train_size: int = 4000
-    test_size: int = 4000
+    val_size: int = 4000
 
     @property
     def method(self) -> str:
@@ -196,12 +197,13 @@ def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
 
 
 def train_and_evaluate(config: RunConfig, progress=None) -> dict:
-    """Train under ``config`` and report held-out fused and per-modality probe metrics,
+    """Train under ``config`` and report fused and per-modality probe metrics on a held-out
+    validation split (no test split is drawn: nothing here selects a model),
     the mean step time, and the balancer's telemetry (one row per step)."""
     task = TASKS[config.task]
     torch.manual_seed(config.seed)
     train = generate(task, config.train_size, seed=2 * config.seed)
-    test = generate(task, config.test_size, seed=2 * config.seed + 1)
+    val = generate(task, config.val_size, seed=2 * config.seed + 1)
     model, balancer, criterion = build(config)
     optimizers = (
         torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4),
@@ -223,30 +225,33 @@ def train_and_evaluate(config: RunConfig, progress=None) -> dict:
         "config": asdict(config),
         "method": config.method,
         "step_ms": 1000 * step_seconds / max(len(telemetry), 1),
-        **evaluate(model, task, train, test),
+        **evaluate(model, task, train, val),
         "telemetry": [row.as_dict() for row in telemetry],
     }
 
 
 @torch.no_grad()
-def evaluate(model: LateFusionNet, task: ImbalanceTask, train: Split, test: Split) -> dict:
-    """Fused test metric and a linear probe per modality on frozen encoder features."""
+def evaluate(model: LateFusionNet, task: ImbalanceTask, train: Split, val: Split) -> dict:
+    """The fused metric on the held-out validation split, and a linear probe per modality on
+    frozen encoder features (fit on train, scored on validation). A model or feature that
+    went non-finite scores NaN, never the accuracy of a constant prediction."""
     model.eval()
-    output, test_features = model(test.inputs)
+    output, val_features = model(val.inputs)
     _, train_features = model(train.inputs)
+    finite = bool(torch.isfinite(output).all())
     result: dict = {"probe": {}}
     if task.kind == "classification":
-        result["fused_acc"] = float((output.argmax(1) == test.target).float().mean())
+        result["fused_acc"] = float((output.argmax(1) == val.target).float().mean()) if finite else math.nan
     else:
-        result["fused_mae"] = float((output - test.target).abs().mean())
+        result["fused_mae"] = float((output - val.target).abs().mean())
     for name in train_features:
+        train_x, val_x = train_features[name], val_features[name]
+        if not (torch.isfinite(train_x).all() and torch.isfinite(val_x).all()):
+            result["probe"][name] = math.nan
+            continue
         with torch.enable_grad():
             if task.kind == "classification":
-                result["probe"][name] = probe_accuracy(
-                    train_features[name], train.target, test_features[name], test.target, task.classes
-                )
+                result["probe"][name] = probe_accuracy(train_x, train.target, val_x, val.target, task.classes)
             else:
-                result["probe"][name] = probe_mae(
-                    train_features[name], train.target, test_features[name], test.target
-                )
+                result["probe"][name] = probe_mae(train_x, train.target, val_x, val.target)
     return result

@@ -1,0 +1,840 @@
+"""Does CGGM balance? A multi-seed benchmark on the synthetic imbalance tasks.
+
+For every task x method x seed this trains :func:`train_and_evaluate` and reports the
+fused held-out metric, a linear probe per modality (how much each encoder learned), how
+many runs diverged, and the step time next to joint training measured in the same run::
+
+    python bench/imbalance.py --quick                     # demo: 2 seeds, 2 epochs
+    python bench/imbalance.py                             # 5 seeds, 8 epochs, all tasks
+    python bench/imbalance.py --tasks cls2 --methods none,cggm-stable --seeds 3
+
+Methods are ``none`` (joint training) and ``cggm-<preset>`` for any CGGM preset
+(``paper``, ``official``, ``stable``). The loop is seed-major: within a seed, every method
+of a task runs back to back (in an order rotated per seed), so step-time ratios compare
+runs made on the same machine at the same time.
+
+A run *diverges* when its fused metric, a probe metric or any telemetry value is not
+finite. Diverged runs are counted, never dropped silently: tables show ``k/n`` diverged and
+means/stds over the finite runs only (``—`` when none is finite). For every run the first
+step with a non-finite value or with ``|B| > --b-limit`` and the largest finite ``|B|`` are
+recorded.
+
+Outputs in ``--out`` (written atomically: temp file + ``os.replace``): ``results.json``
+(every run's results and telemetry summary, without the per-step telemetry, plus the
+aggregated tables), ``results.md`` (the Markdown tables, command line at the top) and
+``<task>_telemetry.png`` per task (``B_i`` over training for the first seed of every CGGM
+preset; ``eps_i`` and the applied encoder gradient norm for ``none`` vs ``cggm-stable``).
+
+Evaluation uses the task's held-out validation split (never trained on or selected on); no
+hyperparameter is chosen on it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from multimodal_general.balance import PRESETS
+from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.tasks.imbalance import TASKS, RunConfig, train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = ("none", *(f"cggm-{p}" for p in PRESETS))
+QUICK = {"seeds": 2, "epochs": 2, "train_size": 2000, "val_size": 2000}
+FULL = {"seeds": 5, "epochs": 8, "train_size": RunConfig.train_size, "val_size": RunConfig.val_size}
+B_YLIM = (-1.0, 3.0)
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Does CGGM balance? Multi-seed benchmark on the synthetic imbalance tasks.",
+    )
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)} (default: all)")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help="comma-separated: 'none' and/or 'cggm-<preset>' with preset in "
+        + ", ".join(PRESETS) + f" (default: {','.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds 0..n-1 (default {FULL['seeds']}, quick {QUICK['seeds']})")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL['epochs']}, quick {QUICK['epochs']}")
+    parser.add_argument("--train-size", type=int, default=None, help=f"default {FULL['train_size']}, quick {QUICK['train_size']}")
+    parser.add_argument("--val-size", type=int, default=None, help=f"default {FULL['val_size']}, quick {QUICK['val_size']}")
+    parser.add_argument("--quick", action="store_true", help="small demo run; explicit options still win")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output directory (default: bench/results in the repository)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: stable step times for these tiny models)",
+    )
+    parser.add_argument("--b-limit", type=float, default=100.0, help="|B| above this counts as a blow-up (default 100)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.tasks = _split(args.tasks)
+    args.methods = _split(args.methods)
+    for task in args.tasks:
+        if task not in TASKS:
+            parser.error(f"unknown task {task!r}; choose from {list(TASKS)}")
+    for method in args.methods:
+        try:
+            method_config(method)
+        except ValueError as error:
+            parser.error(str(error))
+    if len(set(args.methods)) != len(args.methods) or len(set(args.tasks)) != len(args.tasks):
+        parser.error("--tasks and --methods must not repeat an entry")
+    for key in ("seeds", "epochs", "train_size", "val_size", "threads"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def method_config(method: str) -> dict:
+    """``none`` -> joint training; ``cggm-<preset>`` -> CGGM with that preset."""
+    if method == "none":
+        return {"balancer": "none"}
+    balancer, _, preset = method.partition("-")
+    if balancer != "cggm" or preset not in PRESETS:
+        raise ValueError(
+            f"unknown method {method!r}; use 'none' or one of "
+            + ", ".join(f"cggm-{p}" for p in PRESETS)
+        )
+    return {"balancer": "cggm", "preset": preset}
+
+
+# ------------------------------------------------------------ telemetry analysis
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def series(telemetry: list[dict], key: str) -> np.ndarray:
+    return np.array([row.get(key, np.nan) for row in telemetry], dtype=float)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over the finite values (shorter windows at the ends)."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) == 0:
+        return values.copy()
+    mask = np.isfinite(values)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(mask, values, 0.0), kernel, mode="same")
+    count = np.convolve(mask.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _smoothing_label(window: int) -> str:
+    return f"moving avg over {window} steps" if window > 1 else "per step, unsmoothed"
+
+
+def smoothing_window(steps: int) -> int:
+    return int(max(1, min(50, steps // 25)))
+
+
+def plateau_step(eps: np.ndarray, fraction: float = 0.9) -> int | None:
+    """First step where the smoothed utilization has made ``fraction`` of its total rise."""
+    finite = np.isfinite(eps)
+    if finite.sum() < 4:
+        return None
+    smooth = moving_average(eps, smoothing_window(len(eps)))
+    start, top = smooth[np.isfinite(smooth)][0], np.nanmax(smooth)
+    if not top > start:
+        return None
+    reached = np.nonzero(smooth >= start + fraction * (top - start))[0]
+    return int(reached[0]) if len(reached) else None
+
+
+def summarize_telemetry(telemetry: list[dict], modalities: Sequence[str], b_limit: float) -> dict:
+    """What the per-step telemetry says, in a few numbers (the steps are not kept)."""
+    steps = len(telemetry)
+    nonfinite = [
+        i for i, row in enumerate(telemetry) if any(not _finite(v) for v in row.values())
+    ]
+    first_nonfinite = nonfinite[0] if nonfinite else None
+    healthy = slice(0, first_nonfinite if first_nonfinite is not None else steps)
+    summary: dict = {
+        "steps": steps,
+        "nonfinite_steps": len(nonfinite),
+        "first_nonfinite_step": first_nonfinite,
+        "first_nonfinite_keys": (
+            sorted(k for k, v in telemetry[first_nonfinite].items() if not _finite(v))
+            if first_nonfinite is not None else []
+        ),
+    }
+    b = {m: series(telemetry, f"B/{m}") for m in modalities}
+    has_b = any(np.isfinite(v).any() for v in b.values())
+    if has_b:
+        stacked = np.stack([b[m] for m in modalities], axis=1)  # [steps, M]
+        magnitude = np.abs(stacked)
+        blown = np.nonzero((np.where(np.isfinite(magnitude), magnitude, 0.0) > b_limit).any(axis=1))[0]
+        pre = stacked[healthy]
+        finite_abs = magnitude[np.isfinite(magnitude)]
+        summary.update(
+            {
+                "max_abs_B": float(finite_abs.max()) if finite_abs.size else None,
+                "first_B_blowup_step": int(blown[0]) if len(blown) else None,
+                "B_blowup_steps": int(len(blown)),
+                "negative_B_step_fraction": float(np.mean((pre < 0).any(axis=1))) if len(pre) else None,
+                "unmodulated_step_fraction": float(np.mean((pre == 1.0).all(axis=1))) if len(pre) else None,
+                "B_median": {m: _nanstat(np.nanmedian, b[m][healthy]) for m in modalities},
+                "B_mean": {m: _nanstat(np.nanmean, b[m][healthy]) for m in modalities},
+            }
+        )
+    else:
+        summary.update({"max_abs_B": None, "first_B_blowup_step": None, "B_blowup_steps": 0})
+    candidates = [s for s in (summary["first_nonfinite_step"], summary["first_B_blowup_step"]) if s is not None]
+    summary["first_bad_step"] = min(candidates) if candidates else None
+
+    # Before/after the dominant ("easy", else first) modality plateaus.
+    lead = "easy" if "easy" in modalities else modalities[0]
+    eps = {m: series(telemetry, f"eps/{m}")[healthy] for m in modalities}
+    # Phases only when most of the run stayed finite: a plateau found in the few steps
+    # before a divergence says nothing.
+    plateau = plateau_step(eps[lead]) if len(eps[lead]) >= steps / 2 else None
+    phases: dict = {"lead_modality": lead, "plateau_step": plateau}
+    if plateau is not None:
+        for phase, part in (("before", slice(0, plateau)), ("after", slice(plateau, None))):
+            entry: dict = {"steps": len(range(*part.indices(len(eps[lead]))))}
+            for key in ("eps", "d", "B", "grad_norm"):
+                values = {m: series(telemetry, f"{key}/{m}")[healthy][part] for m in modalities}
+                if all(np.isnan(v).all() for v in values.values()):
+                    continue
+                entry[f"{key}_median"] = {m: _nanstat(np.nanmedian, v) for m, v in values.items()}
+                entry[f"{key}_mean"] = {m: _nanstat(np.nanmean, v) for m, v in values.items()}
+            phases[phase] = entry
+    summary["phases"] = phases
+    last = max(1, steps // 8)
+    summary["final_eps"] = {m: _nanstat(np.nanmean, series(telemetry, f"eps/{m}")[-last:]) for m in modalities}
+    # Collapse without NaN (dead ReLUs after reversed or huge steps): an encoder whose
+    # gradient is exactly zero over the last eighth of the run no longer learns at all.
+    if first_nonfinite is None and steps:
+        tail = {m: series(telemetry, f"grad_norm/{m}")[-last:] for m in modalities}
+        summary["final_grad_norm"] = {m: float(np.mean(v)) for m, v in tail.items()}
+        summary["dead_encoders"] = [m for m, v in tail.items() if np.all(v == 0)]
+    else:
+        summary["final_grad_norm"], summary["dead_encoders"] = None, []
+    summary["collapsed"] = bool(modalities) and len(summary["dead_encoders"]) == len(modalities)
+    return summary
+
+
+def _nanstat(fn: Callable, values: np.ndarray) -> float | None:
+    values = np.asarray(values, dtype=float)
+    if not np.isfinite(values).any():
+        return None
+    return float(fn(values[np.isfinite(values)]))
+
+
+# ------------------------------------------------------------------------- runs
+def metric_key(task: str) -> str:
+    return "fused_acc" if TASKS[task].kind == "classification" else "fused_mae"
+
+
+def run_one(config: RunConfig, b_limit: float, progress: Callable[[], None] | None = None) -> tuple[dict, list[dict]]:
+    """One training run: the result without telemetry (plus its summary), and the telemetry."""
+    stamps = [time.perf_counter()]
+
+    def on_epoch() -> None:
+        stamps.append(time.perf_counter())
+        if progress is not None:
+            progress()
+
+    result = train_and_evaluate(config, progress=on_epoch)
+    wall = time.perf_counter() - stamps[0]
+    telemetry = result.pop("telemetry")
+    # Step time per epoch from wall-clock epoch times (includes batch indexing). The first
+    # interval also holds data generation and model building: dropped when there are more.
+    per_epoch = len(telemetry) / max(config.epochs, 1)
+    epoch_ms = [1000 * (b - a) / per_epoch for a, b in zip(stamps, stamps[1:])] if per_epoch else []
+    epoch_ms = epoch_ms[1:] if len(epoch_ms) > 1 else epoch_ms
+    modalities = [s.name for s in TASKS[config.task].modalities]
+    summary = summarize_telemetry(telemetry, modalities, b_limit)
+    fused = result[metric_key(config.task)]
+    reasons = []
+    if not _finite(fused):
+        reasons.append("fused metric")
+    if any(not _finite(v) for v in result["probe"].values()):
+        reasons.append("probe")
+    if summary["nonfinite_steps"]:
+        reasons.append("telemetry")
+    result.update(
+        {
+            "task": config.task,
+            "seed": config.seed,
+            "fused": fused,
+            "wall_s": wall,
+            "epoch_step_ms": epoch_ms,
+            "best_epoch_step_ms": min(epoch_ms) if epoch_ms else None,
+            "diverged": bool(reasons),
+            "diverged_because": reasons,
+            "telemetry_summary": summary,
+        }
+    )
+    return result, telemetry
+
+
+def warm_up(tasks: Sequence[str], methods: Sequence[str]) -> None:
+    """One tiny run per task and method, discarded: one-time costs stay out of step times."""
+    for task in tasks:
+        for method in methods:
+            train_and_evaluate(
+                RunConfig(task=task, seed=10_000, epochs=1, train_size=256, val_size=256, **method_config(method))
+            )
+
+
+# --------------------------------------------------------------------- aggregate
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    values = [v for v in values if _finite(v)]
+    if not values:
+        return None, None, 0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def aggregate(results: list[dict], tasks: Sequence[str], methods: Sequence[str]) -> dict:
+    """Per task and method: means/stds over the finite runs, divergence, step times."""
+    table: dict = {}
+    for task in tasks:
+        modalities = [s.name for s in TASKS[task].modalities]
+        rows = {}
+        baseline = {
+            r["seed"]: r["best_epoch_step_ms"]
+            for r in results if r["task"] == task and r["method"] == "none" and "error" not in r
+        }
+        for method in methods:
+            runs = [r for r in results if r["task"] == task and r["method"] == method]
+            ok = [r for r in runs if "error" not in r]
+            finite = [r for r in ok if not r["diverged"]]
+            summaries = [r["telemetry_summary"] for r in ok]
+            bad_steps = [s["first_bad_step"] for s in summaries if s["first_bad_step"] is not None]
+            max_b = [s["max_abs_B"] for s in summaries if s.get("max_abs_B") is not None]
+            ratios = [
+                r["best_epoch_step_ms"] / baseline[r["seed"]]
+                for r in ok if baseline.get(r["seed"]) and r["best_epoch_step_ms"]
+            ]
+            row = {
+                "runs": len(runs),
+                "errors": len(runs) - len(ok),
+                "diverged": sum(r["diverged"] for r in ok),
+                "fused": _ms(mean_std([r["fused"] for r in finite])),
+                "probe": {m: _ms(mean_std([r["probe"][m] for r in finite])) for m in modalities},
+                "step_ms": _ms(mean_std([r["step_ms"] for r in ok])),
+                "best_epoch_step_ms": _ms(mean_std([r["best_epoch_step_ms"] for r in ok])),
+                "step_ratio_vs_none": (
+                    {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+                    if method != "none" and ratios else None
+                ),
+                "B_blowup_runs": sum(s.get("first_B_blowup_step") is not None for s in summaries),
+                "first_bad_step": (
+                    {"median": statistics.median(bad_steps), "min": min(bad_steps), "max": max(bad_steps), "runs": len(bad_steps)}
+                    if bad_steps else None
+                ),
+                "first_nonfinite_steps": [s["first_nonfinite_step"] for s in summaries],
+                "first_B_blowup_steps": [s["first_B_blowup_step"] for s in summaries],
+                "max_abs_B": max(max_b) if max_b else None,
+                "negative_B_step_fraction": _ms(mean_std([s.get("negative_B_step_fraction") for s in summaries])),
+                "plateau_step": _ms(mean_std([s["phases"]["plateau_step"] for s in summaries])),
+                "B_median_after_plateau": {
+                    m: _ms(mean_std([
+                        s["phases"].get("after", {}).get("B_median", {}).get(m) for s in summaries
+                    ]))
+                    for m in modalities
+                },
+                "collapsed_runs": sum(bool(s.get("collapsed")) for s in summaries),
+                "dead_encoder_runs": sum(bool(s.get("dead_encoders")) for s in summaries),
+                "eps_median_after_plateau": {
+                    m: _ms(mean_std([
+                        s["phases"].get("after", {}).get("eps_median", {}).get(m) for s in summaries
+                    ]))
+                    for m in modalities
+                },
+                "B_median_before_plateau": {
+                    m: _ms(mean_std([
+                        s["phases"].get("before", {}).get("B_median", {}).get(m) for s in summaries
+                    ]))
+                    for m in modalities
+                },
+            }
+            rows[method] = row
+        table[task] = {"kind": TASKS[task].kind, "metric": metric_key(task), "modalities": modalities, "methods": rows}
+    return table
+
+
+def _ms(stats: tuple[float | None, float | None, int]) -> dict:
+    mean, std, n = stats
+    return {"mean": mean, "std": std, "n": n}
+
+
+# ---------------------------------------------------------------------- format
+def fmt_stat(stat: dict | None, kind: str) -> str:
+    """``87.9 ± 0.4`` (accuracy in %), ``0.129 ± 0.004`` (MAE); ``—`` when no finite run."""
+    if not stat or stat["mean"] is None:
+        return "—"
+    scale, digits = (100.0, 1) if kind == "classification" else (1.0, 3)
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    if stat["std"] is not None:
+        text += f" ± {stat['std'] * scale:.{digits}f}"
+    return text
+
+
+def fmt_num(value: float | None, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table_rows(task_table: dict) -> tuple[list[str], list[list[str]]]:
+    kind, modalities = task_table["kind"], task_table["modalities"]
+    unit = "acc % ↑" if kind == "classification" else "MAE ↓"
+    header = [
+        "method", f"fused {unit}", *(f"probe {m} ({unit})" for m in modalities),
+        "diverged", "|B|>limit", "first bad step", "max |B|", "step ms", "× none",
+    ]
+    rows = []
+    for method, row in task_table["methods"].items():
+        bad = row["first_bad_step"]
+        ratio = row["step_ratio_vs_none"]
+        rows.append(
+            [
+                method,
+                fmt_stat(row["fused"], kind) + ("" if not row["errors"] else f" ({row['errors']} errors)"),
+                *(fmt_stat(row["probe"][m], kind) for m in modalities),
+                f"{row['diverged']}/{row['runs'] - row['errors']}"
+                + (f" (+{row['collapsed_runs']} collapsed)" if row["collapsed_runs"] else ""),
+                f"{row['B_blowup_runs']}/{row['runs'] - row['errors']}" if method != "none" else "—",
+                "—" if bad is None else (
+                    f"{bad['median']:g}" + ("" if bad["min"] == bad["max"] else f" ({bad['min']}–{bad['max']})")
+                ),
+                fmt_num(row["max_abs_B"]),
+                fmt_num(row["step_ms"]["mean"], ".2f"),
+                "1.00" if method == "none" else (
+                    "—" if not ratio else
+                    f"{ratio['median']:.2f}" + ("" if ratio["n"] < 2 else f" ({ratio['min']:.2f}–{ratio['max']:.2f})")
+                ),
+            ]
+        )
+    return header, rows
+
+
+def telemetry_rows(task_table: dict) -> tuple[list[str], list[list[str]]]:
+    modalities = task_table["modalities"]
+    lead = "easy" if "easy" in modalities else modalities[0]
+    header = [
+        "method", f"{lead} plateau step",
+        *(f"median B_{m} before → after" for m in modalities),
+        "median eps after plateau (" + " / ".join(modalities) + ")",
+        "steps with a B < 0 (before divergence)",
+    ]
+    rows = []
+    for method, row in task_table["methods"].items():
+        neg = row["negative_B_step_fraction"]["mean"]
+        eps_after = [row["eps_median_after_plateau"][m]["mean"] for m in modalities]
+        rows.append(
+            [
+                method,
+                fmt_num(row["plateau_step"]["mean"], ".0f")
+                + ("" if row["plateau_step"]["n"] in (0, row["runs"] - row["errors"]) else f" (n={row['plateau_step']['n']})"),
+                *(
+                    "—" if method == "none" else
+                    f"{fmt_num(row['B_median_before_plateau'][m]['mean'], '.2f')} → "
+                    f"{fmt_num(row['B_median_after_plateau'][m]['mean'], '.2f')}"
+                    for m in modalities
+                ),
+                "—" if all(v is None for v in eps_after) else " / ".join(fmt_num(v, ".2f") for v in eps_after),
+                "—" if neg is None else f"{100 * neg:.0f}%",
+            ]
+        )
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        diverged = row[header.index("diverged")].split("/")[0]
+        table.add_row(*row, style=None if diverged == "0" else "red")
+    return table
+
+
+def divergence_notes(task_table: dict, b_limit: float) -> list[str]:
+    notes = []
+    for method, row in task_table["methods"].items():
+        if not row["diverged"] and not row["B_blowup_runs"] and not row["dead_encoder_runs"]:
+            continue
+        nonfinite = [s for s in row["first_nonfinite_steps"] if s is not None]
+        blowups = [s for s in row["first_B_blowup_steps"] if s is not None]
+        notes.append(
+            f"- **{method}**: {row['diverged']}/{row['runs']} runs non-finite"
+            + (f" (first non-finite step per run: {nonfinite})" if nonfinite else "")
+            + f"; {row['B_blowup_runs']} with |B| > {b_limit:g}"
+            + (f" (first at steps {blowups})" if blowups else "")
+            + f"; max |B| {fmt_num(row['max_abs_B'])}"
+            + (
+                f"; {row['dead_encoder_runs']} finite run(s) ended with a dead encoder "
+                f"(all-zero gradient), {row['collapsed_runs']} with all encoders dead (collapsed)"
+                if row["dead_encoder_runs"] else ""
+            )
+            + "."
+        )
+    return notes
+
+
+# ------------------------------------------------------------------------ plots
+def plot_task(
+    task: str, telemetries: dict[str, list[dict]], seed: int, epochs: int, path: Path, rho: float, b_limit: float
+) -> bool:
+    """``B_i`` per CGGM preset, then ``eps_i`` and applied encoder gradient norms for
+    ``none`` vs ``cggm-stable``. Returns whether a figure was written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = TASKS[task]
+    modalities = [s.name for s in spec.modalities]
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(modalities)}
+    cggm = [m for m in telemetries if m.startswith("cggm-")]
+    compare = [m for m in ("none", "cggm-stable") if m in telemetries]
+    panels = len(cggm) + (2 if compare else 0)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(
+        panels, 1, figsize=(11, 3.0 * panels + 0.6), squeeze=False, layout="constrained"
+    )
+    axes = axes[:, 0]
+    steps_any = max(len(t) for t in telemetries.values())
+    steps_per_epoch = steps_any // max(1, epochs)
+    step_label = f"training step ({steps_per_epoch} steps per epoch)" if steps_per_epoch else "training step"
+    full_range = (-0.02 * steps_any, 1.02 * steps_any)
+    eps_label = "batch accuracy of head i" if spec.kind == "classification" else "−MAE of head i on the batch"
+
+    for ax, method in zip(axes, cggm):
+        telemetry = telemetries[method]
+        x = np.arange(len(telemetry))
+        low, high = B_YLIM
+        outside, raw_min, raw_max = 0, np.inf, -np.inf
+        summary = summarize_telemetry(telemetry, modalities, b_limit)
+        end = summary["first_nonfinite_step"]  # B after a non-finite step means nothing
+        # A run that diverged early would be a sliver of a full-length axis: zoom in on it.
+        shown = len(telemetry) if end is None else min(len(telemetry), max(2 * end + 10, steps_per_epoch))
+        zoomed = shown < len(telemetry)
+        window = smoothing_window(shown)
+        for m in modalities:
+            raw = series(telemetry, f"B/{m}")
+            if end is not None:
+                raw[end:] = np.nan
+            finite = raw[np.isfinite(raw)]
+            if finite.size:
+                raw_min, raw_max = min(raw_min, finite.min()), max(raw_max, finite.max())
+            ax.plot(x, raw, color=colors[m], lw=0.6, alpha=0.25)
+            smooth = moving_average(raw, window)
+            if end is not None:
+                smooth[end:] = np.nan
+            ax.plot(x, smooth, color=colors[m], lw=2.0, label=f"B_{m} ({_smoothing_label(window)})")
+            above, below = np.isfinite(raw) & (raw > high), np.isfinite(raw) & (raw < low)
+            outside += int(above.sum() + below.sum())
+            inset = 0.03 * (high - low)  # markers just inside the axes (an empty unclipped line breaks layout)
+            if above.any():
+                ax.plot(x[above], np.full(above.sum(), high - inset), "^", color=colors[m], ms=5, alpha=0.8)
+            if below.any():
+                ax.plot(x[below], np.full(below.sum(), low + inset), "v", color=colors[m], ms=5, alpha=0.8)
+        ax.axhline(1.0, color="0.4", ls="--", lw=1, label="B = 1 (gradient unchanged)")
+        ax.axhline(0.0, color="0.7", ls=":", lw=1)
+        if summary["first_B_blowup_step"] is not None:
+            ax.axvline(summary["first_B_blowup_step"], color="black", ls=":", lw=1.5,
+                       label=f"first |B| > {b_limit:g} (step {summary['first_B_blowup_step']})")
+        if summary["first_nonfinite_step"] is not None:
+            start = summary["first_nonfinite_step"]
+            ax.axvspan(start, len(telemetry), color="tab:red", alpha=0.08)
+            ax.axvline(start, color="tab:red", lw=1.5, label=f"non-finite from step {start}: diverged, B not shown")
+        ax.set_ylim(low, high)
+        if outside:
+            ax.text(
+                0.01, 0.96,
+                f"y clipped to [{low:g}, {high:g}]: {outside} raw values outside (▲▼), "
+                f"raw range [{raw_min:.3g}, {raw_max:.3g}]",
+                transform=ax.transAxes, va="top", fontsize=8,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
+            )
+        ax.set_ylabel("B_i (encoder grad scale)")
+        ax.set_xlim(*((-0.5, shown - 0.5) if zoomed else full_range))
+        ax.set_title(
+            f"{method}: balancing coefficients B_i (seed {seed}, rho = {rho:g})"
+            + (f" — x zoomed to the first {shown} of {len(telemetry)} steps" if zoomed else ""),
+            fontsize=10,
+        )
+        if zoomed or ax is axes[-1]:
+            ax.set_xlabel(step_label)
+        else:
+            ax.tick_params(labelbottom=False)
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+        ax.grid(alpha=0.3)
+
+    if compare:
+        ax_eps, ax_grad = axes[len(cggm)], axes[len(cggm) + 1]
+        window = smoothing_window(steps_any)
+        for ax in (ax_eps, ax_grad):
+            ax.set_xlim(*full_range)
+        ax_eps.tick_params(labelbottom=False)
+        for method, style in zip(compare, ("-", "--")):
+            telemetry = telemetries[method]
+            x = np.arange(len(telemetry))
+            for m in modalities:
+                eps = series(telemetry, f"eps/{m}")
+                ax_eps.plot(x, moving_average(eps, window), color=colors[m], ls=style, lw=1.8, label=f"eps_{m} · {method}")
+                grad = series(telemetry, f"grad_norm/{m}")
+                if method != "none":
+                    b = series(telemetry, f"B/{m}")
+                    grad = grad * np.where(np.isfinite(b), b, np.nan)
+                ax_grad.plot(x, moving_average(grad, window), color=colors[m], ls=style, lw=1.8, label=f"{m} · {method}")
+        ax_eps.set_ylabel(eps_label)
+        ax_eps.set_title(
+            f"Head utilization eps_i ({_smoothing_label(window)}): none (solid) vs cggm-stable (dashed), seed {seed}",
+            fontsize=10,
+        )
+        ax_eps.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
+        ax_eps.grid(alpha=0.3)
+        ax_grad.set_ylabel("‖applied encoder grad‖")
+        ax_grad.set_title(
+            f"Applied encoder gradient norm B_i·‖g_i‖ (‖g_i‖ for none; {_smoothing_label(window)})", fontsize=10
+        )
+        ax_grad.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
+        ax_grad.grid(alpha=0.3)
+    axes[-1].set_xlabel(step_label)
+    fig.suptitle(f"{task} ({spec.kind}; modalities: {', '.join(modalities)}) — CGGM telemetry", fontsize=12)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------- io
+def json_safe(value):
+    """Non-finite floats become ``null`` (strict JSON); the ``diverged`` flags keep the fact."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def command_line() -> str:
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    return shlex.join(argv)
+
+
+def render_markdown(meta: dict, table: dict, b_limit: float, plots: dict[str, str]) -> str:
+    lines = [
+        "# Does CGGM balance? Synthetic imbalance benchmark",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+        f"- status: **{'complete' if meta['complete'] else 'PARTIAL (still running or interrupted)'}**, "
+        f"{meta['runs_done']}/{meta['runs_total']} runs, wall time {meta['wall_s']:.1f} s",
+        f"- seeds {meta['seeds']}, epochs {meta['epochs']}, train/held-out size "
+        f"{meta['train_size']}/{meta['val_size']}, torch {meta['torch']} with {meta['threads']} thread(s), "
+        f"git {meta['git']}, {meta['started']}",
+        "- Fused and probe metrics are on the held-out split: accuracy in % (higher is better) "
+        "or MAE (lower is better); mean ± std over the runs that stayed finite (— if none).",
+        "- *diverged*: runs with a non-finite fused/probe metric or telemetry value. "
+        f"*|B|>limit*: runs where some |B_i| exceeded {b_limit:g}. *first bad step*: median (min–max) "
+        "over the runs that had one, of the first step with a non-finite value or such a |B|. "
+        "*max |B|*: over all finite B of all runs. *collapsed*: finite runs in which every encoder's "
+        "gradient is exactly zero over the last eighth of training (dead ReLUs; the model predicts a "
+        "constant); they count in the means.",
+        "- *step ms*: `train_and_evaluate`'s mean optimizer-step time, mean over seeds. *× none*: "
+        "step-time ratio to `none` of the same task and seed, measured in this run (methods interleaved "
+        "within each seed); each run's time is its fastest epoch (wall clock / steps, so bursts of load "
+        "from other processes drop out); median (min–max) over seeds.",
+        "",
+    ]
+    for task, task_table in table.items():
+        spec = TASKS[task]
+        lines += [f"## {task} ({spec.kind}; modalities {', '.join(task_table['modalities'])})", ""]
+        lines += [markdown_table(*table_rows(task_table)), ""]
+        notes = divergence_notes(task_table, b_limit)
+        if notes:
+            lines += ["Divergence:", "", *notes, ""]
+        header, rows = telemetry_rows(task_table)
+        if rows:
+            lines += [
+                "Telemetry (mean over seeds of per-run medians; *plateau*: first step where the "
+                "smoothed batch metric of the lead head made 90% of its rise; *eps*: the heads' batch "
+                "metric; steps before divergence only, and no phases for runs that diverged in the "
+                "first half):",
+                "",
+                markdown_table(header, rows),
+                "",
+            ]
+        if task in plots:
+            lines += [f"![{task} telemetry]({plots[task]})", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    plan = []
+    for index, seed in enumerate(seeds):  # seed-major; method order rotated per seed
+        order = args.methods[index % len(args.methods):] + args.methods[: index % len(args.methods)]
+        for task in args.tasks:
+            for method in order:
+                plan.append((seed, task, method))
+    meta = {
+        "command": command_line(),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "tasks": args.tasks,
+        "methods": args.methods,
+        "seeds": seeds,
+        "epochs": args.epochs,
+        "train_size": args.train_size,
+        "val_size": args.val_size,
+        "threads": args.threads,
+        "b_limit": args.b_limit,
+        "rho": RunConfig.rho,
+        "lam": RunConfig.lam,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "git": git_revision(),
+        "runs_total": len(plan),
+    }
+    results: list[dict] = []
+    plot_telemetry: dict[str, dict[str, list[dict]]] = {task: {} for task in args.tasks}
+    began = time.perf_counter()
+
+    def save(complete: bool) -> dict:
+        meta.update({"complete": complete, "runs_done": len(results), "wall_s": time.perf_counter() - began})
+        table = aggregate(results, args.tasks, args.methods)
+        payload = {"meta": meta, "table": table, "runs": results}
+        atomic_write_text(out / "results.json", json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
+        return table
+
+    steps_per_run = args.epochs
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs,"),
+        TextColumn("runs {task.fields[runs]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task("warm-up", total=len(plan) * steps_per_run, runs=f"0/{len(plan)}")
+        warm_up(args.tasks, args.methods)
+        for number, (seed, task, method) in enumerate(plan, 1):
+            progress.update(bar, description=f"{task} {method} seed {seed}")
+            config = RunConfig(
+                task=task, seed=seed, epochs=args.epochs, train_size=args.train_size,
+                val_size=args.val_size, **method_config(method),
+            )
+            done_before = progress.tasks[0].completed
+            try:
+                result, telemetry = run_one(config, args.b_limit, progress=lambda: progress.advance(bar))
+            except Exception as error:  # recorded and reported; the other runs go on
+                result, telemetry = (
+                    {"task": task, "seed": seed, "method": method, "config": asdict(config),
+                     "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
+                    None,
+                )
+                progress.console.print(f"[red]{task} {method} seed {seed}: ERROR {result['error']}")
+            progress.update(bar, completed=done_before + steps_per_run, runs=f"{number}/{len(plan)}")
+            results.append(result)
+            if telemetry is not None and seed == seeds[0]:
+                plot_telemetry[task][method] = telemetry
+            if "error" not in result:
+                progress.console.print(run_line(result, TASKS[task].kind))
+            save(complete=False)
+
+    table = save(complete=True)
+    plots: dict[str, str] = {}
+    if not args.no_plots:
+        for task in args.tasks:
+            name = f"{task}_telemetry.png"
+            if plot_task(task, plot_telemetry[task], seeds[0], args.epochs, out / name, RunConfig.rho, args.b_limit):
+                plots[task] = name
+    meta["plots"] = {task: str(out / name) for task, name in plots.items()}
+    table = save(complete=True)
+    atomic_write_text(out / "results.md", render_markdown(meta, table, args.b_limit, plots) + "\n")
+
+    for task, task_table in table.items():
+        console.print()
+        console.print(rich_table(f"{task} ({TASKS[task].kind})", *table_rows(task_table)))
+        for note in divergence_notes(task_table, args.b_limit):
+            console.print("  " + note.replace("**", ""))
+    console.print(f"\nwall time {meta['wall_s']:.1f} s; wrote {out / 'results.json'}, {out / 'results.md'}"
+                  + "".join(f", {out / name}" for name in plots.values()))
+    errors = sum("error" in r for r in results)
+    if errors:
+        console.print(f"[red]{errors} run(s) raised; see 'error' in results.json")
+    return 1 if errors else 0
+
+
+def run_line(result: dict, kind: str) -> str:
+    summary = result["telemetry_summary"]
+    fused = result["fused"]
+    metric = (f"acc {100 * fused:.1f}%" if kind == "classification" else f"MAE {fused:.3f}") if _finite(fused) else "metric non-finite"
+    text = f"{result['task']:5s} {result['method']:14s} seed {result['seed']}: {metric}, {result['step_ms']:.2f} ms/step"
+    if result["diverged"]:
+        text = f"[red]{text}, DIVERGED (first non-finite step {summary['first_nonfinite_step']})"
+    if summary.get("first_B_blowup_step") is not None:
+        text += f", |B| blow-up at step {summary['first_B_blowup_step']}, max |B| {summary['max_abs_B']:.3g}"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
