@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from multimodal_general.cli_support import make_app, run_app
 
 app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
 console = Console()
+
+LayoutOption = Annotated[
+    str | None,
+    typer.Option(help="brats2021, brats2023 or msd (default: detected from the file names)"),
+]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
 
 
 @app.command()
@@ -29,6 +45,71 @@ def info() -> None:
     table.add_row("CUDA devices", ", ".join(gpus) if gpus else "none (CPU only)")
     table.add_row("CPU threads", str(torch.get_num_threads()))
     console.print(table)
+
+
+@app.command()
+def check(
+    data_dir: Annotated[Path, typer.Argument(help="folder with BraTS cases")],
+    layout: LayoutOption = None,
+) -> None:
+    """Validate every case: files, shapes, affines, label values, voxel values.
+
+    Exit status 0 when every case is fine, 2 otherwise.
+    """
+    from brats_cggm.data.layouts import discover
+    from brats_cggm.data.validation import inspect_case
+
+    found = discover(data_dir, layout)
+    total = len(found.cases) + len(found.problems)
+    table = Table(title=f"{total} case(s) in {data_dir} (layout {found.layout})")
+    for column in ("case", "shape", "spacing (mm)", "orientation", "labels", "problems"):
+        table.add_column(column, overflow="fold")
+    problems = [str(p) for p in found.problems]
+    bad_cases = len(found.problems)
+    for problem in found.problems:
+        table.add_row(problem.path.name, "—", "—", "—", "—", "[red]1[/]")
+    with progress_bar() as progress:
+        for case in progress.track(found.cases, description="checking"):
+            report = inspect_case(case)
+            problems += [str(p) for p in report.problems]
+            bad_cases += not report.ok
+            table.add_row(
+                case.case_id,
+                "x".join(map(str, report.shape)) if report.shape else "—",
+                "x".join(f"{s:g}" for s in report.spacing) if report.spacing else "—",
+                report.orientation or "—",
+                ",".join(map(str, report.label_values)) if report.label_values is not None else ("—" if case.label else "no label"),
+                "[green]ok[/]" if report.ok else f"[red]{len(report.problems)}[/]",
+            )
+    console.print(table)
+    for line in problems:
+        console.print(f"[red]problem:[/] {line}", highlight=False, soft_wrap=True)
+    if bad_cases:
+        console.print(f"[bold red]{bad_cases} of {total} case(s) have problems[/] ({len(problems)} problem(s))")
+        raise typer.Exit(2)
+    console.print(f"[bold green]all {total} case(s) are fine[/]")
+
+
+@app.command()
+def split(
+    data_dir: Annotated[Path, typer.Argument(help="folder with BraTS cases")],
+    out: Annotated[Path, typer.Option(help="the split JSON file to write")],
+    folds: Annotated[int | None, typer.Option(help="k-fold cross-validation")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="one split with this fraction in validation")] = None,
+    seed: int = 0,
+    layout: LayoutOption = None,
+) -> None:
+    """Write a deterministic train/validation split of the cases (k folds or a ratio)."""
+    from brats_cggm.data.layouts import discover
+    from brats_cggm.data.splits import make_split, save_split
+
+    if folds is None and val_fraction is None:
+        val_fraction = 0.2
+    found = discover(data_dir, layout)
+    result = make_split([c.case_id for c in found.cases], folds=folds, val_fraction=val_fraction, seed=seed)
+    save_split(result, out)
+    sizes = ", ".join(f"{len(f['train'])}/{len(f['val'])}" for f in result["folds"])
+    console.print(f"wrote {out}: {result['scheme']}, seed {seed}, train/val per fold: {sizes}")
 
 
 def main() -> None:
