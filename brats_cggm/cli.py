@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from brats_cggm.errors import ConfigurationError
 from multimodal_general.cli_support import make_app, run_app
 
 app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
@@ -63,7 +65,7 @@ def check(
     total = len(found.cases) + len(found.problems)
     table = Table(title=f"{total} case(s) in {data_dir} (layout {found.layout})")
     for column in ("case", "shape", "spacing (mm)", "orientation", "labels", "problems"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column == "case")
     problems = [str(p) for p in found.problems]
     bad_cases = len(found.problems)
     for problem in found.problems:
@@ -76,7 +78,7 @@ def check(
             table.add_row(
                 case.case_id,
                 "x".join(map(str, report.shape)) if report.shape else "—",
-                "x".join(f"{s:g}" for s in report.spacing) if report.spacing else "—",
+                "x".join(f"{s:.3g}" for s in report.spacing) if report.spacing else "—",
                 report.orientation or "—",
                 ",".join(map(str, report.label_values)) if report.label_values is not None else ("—" if case.label else "no label"),
                 "[green]ok[/]" if report.ok else f"[red]{len(report.problems)}[/]",
@@ -112,5 +114,47 @@ def split(
     console.print(f"wrote {out}: {result['scheme']}, seed {seed}, train/val per fold: {sizes}")
 
 
+@app.command()
+def phantom(
+    out: Annotated[Path, typer.Option(help="folder to write the cases into")],
+    cases: Annotated[int, typer.Option(help="how many cases")] = 10,
+    size: Annotated[
+        str, typer.Option(help="grid: 64 (a cube), 96 128 80, or 96x128x80; default BraTS's 240 240 155 at 1 mm")
+    ] = "240x240x155",
+    layout: Annotated[str, typer.Option(help="brats2021, brats2023 or msd")] = "brats2021",
+    seed: int = 0,
+) -> None:
+    """Write phantom BraTS cases (the embedded default data): four MRI sequences and a
+    label map each, from a deformed MNI152 brain with synthetic tumours."""
+    from brats_cggm.data.phantom import grid_size, write_phantoms
+
+    grid = grid_size(size)
+    if cases < 1:
+        raise ConfigurationError(f"--cases must be at least 1, got {cases}")
+    with progress_bar() as bar:
+        task = bar.add_task("writing phantoms", total=cases)
+        written = write_phantoms(
+            out, cases, grid, layout, seed, progress=lambda done, total: bar.update(task, completed=done)
+        )
+    console.print(f"wrote {len(written)} {layout} case(s) of {'x'.join(map(str, grid))} voxels to {out}")
+
+
+def join_size_values(argv: list[str]) -> list[str]:
+    """``--size 96 128 80`` → ``--size 96x128x80`` (a Typer option takes one value)."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--size":
+            values = []
+            while i + 1 < len(argv) and argv[i + 1].isdigit():
+                values.append(argv[i + 1])
+                i += 1
+            if values:
+                out.append("x".join(values))
+        i += 1
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = join_size_values(sys.argv[1:])
     run_app(app)

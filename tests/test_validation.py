@@ -16,15 +16,22 @@ from brats_cggm.data.splits import load_split, make_split, save_split
 from brats_cggm.data.validation import inspect_case, validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError, InconsistentCase
 
-from data_cases import AFFINE, write_case, write_msd
+from brats_cggm.data.phantom import write_phantoms
+from data_cases import write_case, write_msd
+
+SHAPE = (24, 28, 20)
 
 
 @pytest.fixture
 def good(tmp_path):
+    """Three small phantom cases; each corruption below breaks one file of case 00001."""
     root = tmp_path / "data"
-    for i in range(3):
-        write_case(root, f"BraTS2021_{i:05d}", "brats2021", seed=i)
+    write_phantoms(root, 3, size=SHAPE, layout="brats2021", seed=5)
     return root
+
+
+def affine_of(root):
+    return nib.load(case_file(root, "t1")).affine
 
 
 def only_case(root):
@@ -46,8 +53,9 @@ def test_good_cases_have_no_problems(good):
     found = discover(good)
     assert found.layout == "brats2021" and len(found.cases) == 3
     report = inspect_case(found.cases[0])
-    assert report.ok and report.shape == (24, 28, 20) and report.orientation == "LPS"
-    assert report.label_values == (0, 1, 2, 4) and report.spacing == (1.0, 1.0, 1.0)
+    assert report.ok and report.shape == SHAPE and report.orientation == "LPS"
+    assert set(report.label_values) <= {0, 1, 2, 4} and 2 in report.label_values
+    assert report.spacing == (10.0, round(240 / 28, 3), 7.75)  # the phantom keeps BraTS's field of view
     validate_case(found.cases[0])
 
 
@@ -69,14 +77,13 @@ def corrupt_not_nifti(root):
 
 def corrupt_shape(root):
     path = case_file(root, "t1ce")
-    nib.save(nib.Nifti1Image(np.ones((28, 24, 20), np.float32), AFFINE), path)
+    nib.save(nib.Nifti1Image(np.ones((28, 24, 20), np.float32), affine_of(root)), path)
     return path, "shape (28, 24, 20) differs"
 
 
 def corrupt_affine(root):
     path = case_file(root, "flair")
-    image = nib.load(case_file(root, "t1"))
-    shifted = AFFINE.copy()
+    shifted = affine_of(root).copy()
     shifted[:3, 3] += 2.0
     nib.save(nib.Nifti1Image(np.asanyarray(nib.load(path).dataobj), shifted), path)
     return case_file(root, "t1"), "affine differs"
@@ -86,13 +93,13 @@ def corrupt_nan(root):
     path = case_file(root, "t2")
     data = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
     data[3, 4, 5] = np.nan
-    nib.save(nib.Nifti1Image(data, AFFINE), path)
+    nib.save(nib.Nifti1Image(data, affine_of(root)), path)
     return path, "1 NaN/Inf voxel(s) in the t2 sequence"
 
 
 def corrupt_zero(root):
     path = case_file(root, "t1")
-    nib.save(nib.Nifti1Image(np.zeros((24, 28, 20), np.float32), AFFINE), path)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), affine_of(root)), path)
     return path, "t1 sequence is all zero"
 
 
@@ -105,15 +112,15 @@ def corrupt_missing(root):
 def corrupt_labels(root):
     path = case_file(root, "seg")
     data = np.asanyarray(nib.load(path).dataobj).copy()
-    data[data == 4] = 3
-    nib.save(nib.Nifti1Image(data, AFFINE), path)
+    data[data == 2] = 3
+    nib.save(nib.Nifti1Image(data, affine_of(root)), path)
     return path, "label values [3] are not in the brats2021 scheme"
 
 
 def corrupt_label_grid(root):
     path = case_file(root, "seg")
     data = np.zeros((24, 28, 21), np.uint8)
-    nib.save(nib.Nifti1Image(data, AFFINE), path)
+    nib.save(nib.Nifti1Image(data, affine_of(root)), path)
     return path, "label map shape (24, 28, 21) differs"
 
 
@@ -125,7 +132,7 @@ def corrupt_2d(root):
 
 def corrupt_5d(root):
     path = case_file(root, "t2")
-    nib.save(nib.Nifti1Image(np.ones((24, 28, 20, 1, 2), np.float32), AFFINE), path)
+    nib.save(nib.Nifti1Image(np.ones((*SHAPE, 1, 2), np.float32), affine_of(root)), path)
     return path, "expected a 3-D t2 image, got 5-D"
 
 
