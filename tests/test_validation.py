@@ -5,19 +5,17 @@ import gzip
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from data_cases import write_case, write_msd
 
 from brats_cggm.data.layouts import LAYOUTS, detect_layout, discover
+from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.splits import load_split, make_split, save_split
 from brats_cggm.data.validation import inspect_case, validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError, InconsistentCase
-
-from brats_cggm.data.phantom import write_phantoms
-from data_cases import write_case, write_msd
 
 SHAPE = (24, 28, 20)
 

@@ -1,0 +1,302 @@
+"""Training, validation and inference pipelines: MONAI transform chains over one case.
+
+Every chain works on a data dict made by :func:`case_to_dict` (keys ``image``, ``label``
+when the case has one, ``case_id``, ``scheme``, ``channels``) and starts with the same
+deterministic prefix, which a cached dataset computes once per case::
+
+    load -> channel first -> canonical channel order -> orientation -> spacing
+         -> labels renumbered to BraTS 2021 and split into [TC, WT, ET]
+         -> crop to the image foreground -> z-score per channel on non-zero voxels
+
+The training chain then adds its random part (tumour-weighted patches, flips, intensity
+scale/shift, optional torchio MRI artefacts). The inference chain records every
+geometric step, so :func:`invert_prediction` maps a prediction back to the input's grid
+and affine.
+
+Two small transforms exist because MONAI has none that reads per-case settings from the
+data dict: :class:`CanonicalChannelsd` (the channel order of an MSD 4-D file, from
+``channels``) and :class:`ToBrats2021d` (one MONAI ``MapLabelValue`` per label scheme,
+picked by ``scheme``, so that data sets of different releases can be mixed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    ConvertToMultiChannelBasedOnBratsClassesd,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    MapLabelValue,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandTorchIOd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from brats_cggm import MODALITIES
+from brats_cggm.data.labels import SCHEMES
+from brats_cggm.data.layouts import Case
+from brats_cggm.errors import BadInputFile, ConfigurationError, UserError
+
+#: the only normalisation the pipelines implement (named in checkpoints and model cards)
+NORMALIZATION = "zscore-nonzero-channelwise"
+
+#: torchio transform of each artefact option of :class:`PreprocessConfig`
+ARTEFACTS = {
+    "bias_field": "RandomBiasField",
+    "ghosting": "RandomGhosting",
+    "motion": "RandomMotion",
+    "noise": "RandomNoise",
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a case becomes network input; stored in checkpoints and model cards.
+
+    Probabilities are per patch; an artefact probability of 0 leaves that artefact out.
+    """
+
+    #: output voxel size in mm, in the orientation below
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    #: axis codes of the output grid (nibabel convention: "RAS" = +x right, +y anterior, +z superior)
+    orientation: str = "RAS"
+    normalization: str = NORMALIZATION
+    #: training patch size in voxels (also the sliding-window size at inference)
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+    #: fraction of patches centred on tumour (the rest centred anywhere else in the crop)
+    pos_fraction: float = 0.67
+    #: patches drawn from each volume per visit
+    num_samples: int = 2
+    #: probability of a flip, per spatial axis
+    flip_prob: float = 0.5
+    #: probability of an intensity scale by a factor in [1 - scale, 1 + scale] (and, independently, of a shift)
+    intensity_prob: float = 0.5
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    #: probabilities of torchio's MRI artefacts, applied to the image of a patch
+    bias_field: float = 0.0
+    ghosting: float = 0.0
+    motion: float = 0.0
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        spacing, patch = tuple(self.spacing), tuple(self.patch_size)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ConfigurationError(f"spacing must be three positive numbers (mm), not {spacing}")
+        if len(patch) != 3 or any(v < 1 or v != int(v) for v in patch):
+            raise ConfigurationError(f"patch_size must be three positive whole numbers, not {patch}")
+        axes = self.orientation.upper()
+        pairs = ("LR", "AP", "SI")  # one code from each pair, in any order
+        if sorted(next((p for p in pairs if a in p), a) for a in axes) != sorted(pairs):
+            raise ConfigurationError(f"orientation must be three axis codes like RAS or LPS, not '{self.orientation}'")
+        if self.normalization != NORMALIZATION:
+            raise ConfigurationError(f"normalization '{self.normalization}' is not supported (only {NORMALIZATION})")
+        if self.num_samples < 1:
+            raise ConfigurationError(f"num_samples must be at least 1, not {self.num_samples}")
+        for name in ("pos_fraction", "flip_prob", "intensity_prob", *ARTEFACTS):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigurationError(f"{name} must lie in [0, 1], not {getattr(self, name)}")
+        if min(self.intensity_scale, self.intensity_shift) < 0:
+            raise ConfigurationError("intensity_scale and intensity_shift must not be negative")
+        object.__setattr__(self, "spacing", tuple(float(v) for v in spacing))
+        object.__setattr__(self, "patch_size", tuple(int(v) for v in patch))
+        object.__setattr__(self, "orientation", axes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PreprocessConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigurationError(f"unknown preprocessing setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def case_to_dict(case: Case) -> dict[str, Any]:
+    """The MONAI data dict of ``case``: file paths as strings, plus what the chains need
+    to know about its layout (``scheme`` of the label, ``channels`` of a 4-D file)."""
+    images = [str(p) for p in case.images]
+    data: dict[str, Any] = {
+        "image": images if len(images) > 1 else images[0],
+        "case_id": case.case_id,
+        "scheme": case.label_scheme,
+        "channels": list(case.channels) if len(images) == 1 else list(range(len(MODALITIES))),
+    }
+    if case.label is not None:
+        data["label"] = str(case.label)
+    return data
+
+
+class CanonicalChannelsd(MapTransform):
+    """Put the channels of ``keys`` in canonical order: ``channels[i]`` (read from the
+    data dict) is the channel that holds ``MODALITIES[i]``."""
+
+    def __init__(self, keys, channels_key: str = "channels") -> None:
+        super().__init__(keys)
+        self.channels_key = channels_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        order = [int(c) for c in d[self.channels_key]]
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != len(MODALITIES):
+                raise BadInputFile(_source(image), f"has {image.shape[0]} image channels, expected {len(MODALITIES)}")
+            if order != list(range(len(MODALITIES))):
+                d[key] = image[order]
+        return d
+
+
+class ToBrats2021d(MapTransform):
+    """Renumber label maps to BraTS 2021 values with MONAI's ``MapLabelValue``, choosing
+    the label scheme of each case from ``scheme`` in the data dict. A value outside the
+    scheme is an error naming the file (it would otherwise pass silently as background)."""
+
+    def __init__(self, keys, scheme_key: str = "scheme") -> None:
+        super().__init__(keys)
+        self.scheme_key = scheme_key
+        self.maps = {
+            name: MapLabelValue(list(s.to_brats2021), list(s.to_brats2021.values()), dtype=np.uint8)
+            for name, s in SCHEMES.items()
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        scheme = d[self.scheme_key]
+        for key in self.key_iterator(d):
+            label = d[key]
+            extra = sorted(set(torch.unique(torch.as_tensor(label)).tolist()) - SCHEMES[scheme].values)
+            if extra:
+                allowed = ", ".join(map(str, sorted(SCHEMES[scheme].values)))
+                found = ", ".join(f"{v:g}" for v in extra)
+                raise BadInputFile(_source(label), f"label value(s) {found} not in the {scheme} scheme ({allowed})")
+            d[key] = self.maps[scheme](label)
+        return d
+
+
+class Pipeline(Compose):
+    """A MONAI ``Compose`` that knows the configuration it was built from, and raises the
+    project's user errors (a bad input file) as themselves: MONAI wraps every exception
+    of a transform in a ``RuntimeError``."""
+
+    def __init__(self, transforms: list, config: PreprocessConfig) -> None:
+        super().__init__(transforms)
+        self.config = config
+
+    def __call__(self, data, *args, **kwargs):
+        try:
+            return super().__call__(data, *args, **kwargs)
+        except RuntimeError as error:
+            cause = error.__cause__
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _source(image: Any) -> str:
+    meta = getattr(image, "meta", {})
+    return str(meta.get("filename_or_obj", "<image>"))
+
+
+def _prefix(cfg: PreprocessConfig, keys: list[str]) -> list:
+    """The deterministic, cacheable steps shared by all chains."""
+    has_label = "label" in keys
+    modes = ["bilinear", "nearest"][: len(keys)]
+    steps = [
+        LoadImaged(keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys),
+        CanonicalChannelsd("image"),
+        Orientationd(keys, axcodes=cfg.orientation, labels=None),
+        Spacingd(keys, pixdim=cfg.spacing, mode=modes),
+    ]
+    if has_label:
+        steps += [ToBrats2021d("label"), ConvertToMultiChannelBasedOnBratsClassesd("label")]
+    return steps + [
+        CropForegroundd(keys, source_key="image"),
+        NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+    ]
+
+
+def train_transforms(cfg: PreprocessConfig) -> Pipeline:
+    """Load, preprocess and draw ``cfg.num_samples`` augmented patches from a labelled case.
+
+    Output per patch: ``image`` float32 ``[4, *patch_size]``, ``label`` float32
+    ``[3, *patch_size]`` (TC, WT, ET in {0, 1}).
+    """
+    keys = ["image", "label"]
+    steps = _prefix(cfg, keys) + [
+        SpatialPadd(keys, spatial_size=cfg.patch_size),
+        # MONAI reads a multi-channel label as one-hot and drops channel 0 (TC): the
+        # positives are WT | ET = WT, i.e. patches centred on any tumour voxel.
+        RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=cfg.patch_size,
+            pos=cfg.pos_fraction,
+            neg=1.0 - cfg.pos_fraction,
+            num_samples=cfg.num_samples,
+        ),
+        *(RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)),
+        RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+        RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
+        *(
+            RandTorchIOd("image", ARTEFACTS[name], p=getattr(cfg, name))
+            for name in ARTEFACTS
+            if getattr(cfg, name) > 0
+        ),
+        # plain float tensors: torchio returns them for the patches it alters (and MONAI
+        # would not collate them with MetaTensors), and training needs no metadata
+        EnsureTyped(keys, dtype=torch.float32, track_meta=False),
+    ]
+    return Pipeline(steps, cfg)
+
+
+def val_transforms(cfg: PreprocessConfig) -> Pipeline:
+    """Load and preprocess a labelled case whole (cropped to its foreground)."""
+    keys = ["image", "label"]
+    return Pipeline(_prefix(cfg, keys) + [CastToTyped("label", dtype=np.float32)], cfg)
+
+
+def inference_transforms(cfg: PreprocessConfig) -> Pipeline:
+    """Load and preprocess the image of a case, recording every geometric step for
+    :func:`invert_prediction` (keep this instance to invert with)."""
+    return Pipeline(_prefix(cfg, ["image"]), cfg)
+
+
+def invert_prediction(
+    data: Mapping[Hashable, Any],
+    transforms: Compose,
+    key: str = "pred",
+    nearest: bool = False,
+) -> torch.Tensor:
+    """``data[key]`` (channels first, on the grid of ``data["image"]`` after
+    ``transforms``) resampled back to the input's original grid. ``data`` is one case,
+    not a batch (``monai.data.decollate_batch`` splits one).
+
+    Returns a MetaTensor whose spatial shape and ``affine`` are those of the input file.
+    ``nearest=True`` for label maps or masks; probabilities use linear interpolation.
+    """
+    inverted = Invertd(keys=key, transform=transforms, orig_keys="image", nearest_interp=nearest)(dict(data))
+    return inverted[key]
