@@ -18,6 +18,8 @@ install: $(BIN)/python
 
 demo: | $(BIN)/python
 	$(BIN)/python bench/imbalance.py --quick --out runs/demo
+	$(BIN)/brats-cggm phantom --out runs/demo/phantoms --cases 3 --size 96 --seed 0
+	$(BIN)/brats-cggm check runs/demo/phantoms
 
 test: | $(BIN)/python
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -27,6 +29,7 @@ test-slow: | $(BIN)/python
 
 bench: | $(BIN)/python
 	$(BIN)/python bench/imbalance.py --out bench/results
+	$(BIN)/python bench/data_throughput.py --out bench/results/data_throughput.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

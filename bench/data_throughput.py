@@ -4,8 +4,8 @@ forward/backward of the same patch size, measured side by side in one run::
     python bench/data_throughput.py                          # 5 cases 240x240x155, patches 128^3 and 96^3
     python bench/data_throughput.py --size 120,120,80 --patches 64 --cases 2 --steps 2   # quick
 
-It writes synthetic BraTS-2021-layout cases once (int16 sequences, labels 1/2/4,
-BraTS's LPS affine); for every patch size it fills a memory cache (:func:`make_dataset`,
+It writes phantom cases once (``brats_cggm.data.phantom``, BraTS 2021 layout); for every
+patch size it fills a memory cache (:func:`make_dataset`,
 timed), then for each ``--workers`` value measures, back to back:
 
 * **loader**: patches/s of :func:`make_loader` over the training chain, alone (after a
@@ -38,8 +38,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import monai
-import nibabel as nib
-import numpy as np
 import torch
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
@@ -48,13 +46,12 @@ from rich.table import Table
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.dataset import make_dataset, make_loader
-from brats_cggm.data.layouts import LAYOUTS, discover
+from brats_cggm.data.layouts import discover
+from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig, train_transforms
 from multimodal_general.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-#: the affine of BraTS 2021 files: 1 mm voxels, first two axes pointing left and posterior
-BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
 
 
 def _ints(text: str) -> list[int]:
@@ -80,53 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- data
-#: relative intensity change of each tumour label (1 NCR, 2 ED, 4 ET) per sequence
-SEQUENCE_CONTRAST = {
-    "flair": {2: 0.6, 1: 0.3, 4: 0.4},
-    "t1": {2: -0.1, 1: -0.3, 4: 0.0},
-    "t1ce": {2: 0.0, 1: -0.2, 4: 1.0},
-    "t2": {2: 0.5, 1: 0.8, 4: 0.3},
-}
-
-
-def write_cases(root: Path, count: int, size: tuple[int, int, int]) -> None:
-    """``count`` BraTS-2021-layout cases: an ellipsoid brain with sequence-specific tissue
-    contrast and a tumour (oedema shell, enhancing rim, necrotic core) at a random place."""
-    layout = LAYOUTS["brats2021"]
-    shape = np.array(size, dtype=float)
-    axes = [np.arange(n, dtype=np.float32) for n in size]
-    for index in range(count):
-        rng = np.random.default_rng(index)
-        case_id = f"BraTS2021_{index:05d}"
-        folder = root / case_id
-        folder.mkdir(parents=True)
-        radii = shape * rng.uniform(0.29, 0.36, 3)
-        centre = shape / 2 + rng.normal(0, 2, 3)
-        brain = sum(((a - c) / r)[_axis(i)] ** 2 for i, (a, c, r) in enumerate(zip(axes, centre, radii))) <= 1
-        t_centre = centre + rng.uniform(-0.4, 0.4, 3) * radii
-        t_radius = rng.uniform(0.12, 0.2) * min(size[:2])
-        distance = np.sqrt(sum(((a - c) ** 2)[_axis(i)] for i, (a, c) in enumerate(zip(axes, t_centre)))) / t_radius
-        label = np.zeros(size, np.uint8)
-        label[distance < 1.0] = 2
-        label[distance < 0.6] = 4
-        label[distance < 0.45] = 1
-        label[~brain] = 0
-        for k, modality in enumerate(MODALITIES):
-            image = (400 + 100 * k) * (1 + 0.05 * rng.standard_normal(size, dtype=np.float32))
-            for value, gain in SEQUENCE_CONTRAST[modality].items():
-                image[label == value] *= 1 + gain
-            image[~brain] = 0
-            path = folder / layout.file_name(case_id, modality)
-            nib.save(nib.Nifti1Image(image.astype(np.int16), BRATS_AFFINE), path)
-        nib.save(nib.Nifti1Image(label, BRATS_AFFINE), folder / layout.file_name(case_id, "seg"))
-
-
-def _axis(i: int) -> tuple:
-    return tuple(slice(None) if j == i else None for j in range(3))
-
-
-# --------------------------------------------------------------------------- measurements
+# ------------------------------------------------------------------------- network
 def network(device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     net = UNet(spatial_dims=3, in_channels=len(MODALITIES), out_channels=3,
                channels=(16, 32, 64, 128), strides=(2, 2, 2)).to(device)
@@ -181,7 +132,9 @@ def measure(args: argparse.Namespace, root: Path, console: Console) -> list[dict
     cases = discover(root, "brats2021").cases
     rows = []
     for patch in args.patches:
-        cfg = PreprocessConfig(patch_size=(patch,) * 3, num_samples=args.num_samples)
+        # the phantom's own voxel size (1 mm at the default 240x240x155): no resampling
+        spacing = tuple(fov / n for fov, n in zip((240.0, 240.0, 155.0), args.size))
+        cfg = PreprocessConfig(spacing=spacing, patch_size=(patch,) * 3, num_samples=args.num_samples)
         start = time.perf_counter()
         dataset = make_dataset(cases, train_transforms(cfg), cache="memory", num_workers=os.cpu_count())
         fill_s = time.perf_counter() - start
@@ -234,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="brats-throughput-") as tmp:
         start = time.perf_counter()
-        write_cases(Path(tmp), args.cases, args.size)
+        write_phantoms(Path(tmp), args.cases, args.size, layout="brats2021", seed=0)
         console.log(f"wrote {args.cases} cases in {time.perf_counter() - start:.1f} s")
         rows = measure(args, Path(tmp), console)
     console.print(table(rows, args))
