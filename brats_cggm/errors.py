@@ -11,20 +11,27 @@ from pathlib import Path
 from multimodal_general.errors import ConfigurationError, UserError
 
 
-class BadInputFile(UserError):
-    """A file that cannot serve as input: missing, not a NIfTI, truncated, wrong content."""
+class _PathError(UserError):
+    """``"<path>: <problem>"``; survives pickling and torch's DataLoader, which re-raises a
+    worker's exception as ``type(message)``."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        if problem is None:  # rebuilt from its message alone
+            line = str(path).rstrip().rsplit("\n", 1)[-1]
+            path, _, problem = line.partition(": ")
         self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):
+        return type(self), (str(self.path), self.problem)
 
-class InconsistentCase(UserError):
+
+class BadInputFile(_PathError):
+    """A file that cannot serve as input: missing, not a NIfTI, truncated, wrong content."""
+
+
+class InconsistentCase(_PathError):
     """Files of one case that disagree (shapes, affines, grids) or a case that is incomplete."""
-
-    def __init__(self, where: str | Path, problem: str) -> None:
-        self.path, self.problem = Path(where), problem
-        super().__init__(f"{where}: {problem}")
 
 
 class IncompatibleModel(UserError):

@@ -11,3 +11,7 @@ class RegistrationError(UserError, ValueError):
 
 class ConfigurationError(UserError, ValueError):
     """An option has a value that cannot work (unknown name, out-of-range number)."""
+
+
+class OutputError(UserError):
+    """An output cannot be written (permissions, a folder in the way, a full disk)."""

@@ -102,7 +102,9 @@ def run(preset: str) -> dict:
     result["initial_model"] = initial_model
     result["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result["heads"] = {k: v.detach().clone() for k, v in balancer.heads.state_dict().items()}
-    result["balancer_state"] = {k: v.detach().clone() for k, v in balancer.state_dict().items()}
+    result["balancer_state"] = {
+        k: v.detach().clone() for k, v in balancer.state_dict().items() if isinstance(v, torch.Tensor)
+    }
     return result
 
 

@@ -114,6 +114,11 @@ STEPS = 4
 BATCH = 8
 
 
+def tensors(state: dict) -> list[torch.Tensor]:
+    """The tensors of a state dict (a balancer's also holds its descriptive extra state)."""
+    return [v for v in state.values() if isinstance(v, torch.Tensor)]
+
+
 @pytest.mark.parametrize("metric", ["p_true", "accuracy"])
 @pytest.mark.parametrize("preset", ["paper", "stable"])
 def test_two_micro_batches_equal_one_batch(preset, metric):
@@ -121,8 +126,8 @@ def test_two_micro_batches_equal_one_batch(preset, metric):
     model1, bal1, criterion, opts1 = make(preset, lam=0.0, metric=metric, accumulation_steps=1)
     model2, bal2, _, opts2 = make(preset, lam=0.0, metric=metric, accumulation_steps=2)
     for a, b in zip(
-        list(model1.state_dict().values()) + list(bal1.state_dict().values()),
-        list(model2.state_dict().values()) + list(bal2.state_dict().values()),
+        list(model1.state_dict().values()) + tensors(bal1.state_dict()),
+        list(model2.state_dict().values()) + tensors(bal2.state_dict()),
         strict=True,
     ):
         assert torch.equal(a, b)

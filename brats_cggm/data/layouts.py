@@ -11,6 +11,7 @@ Every layout maps to the canonical sequence order ``flair, t1, t1ce, t2``.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -87,6 +88,25 @@ class Discovery:
     problems: list[InconsistentCase | BadInputFile]
 
 
+def _files(root: Path) -> list[Path]:
+    """Every file under ``root``, following linked folders (each real folder once);
+    hidden names (``.*``, macOS ``._`` forks) are skipped, an unreadable folder is an error."""
+
+    def fail(error: OSError) -> None:
+        raise BadInputFile(error.filename, f"cannot be listed ({error.strerror})")
+
+    seen, found = set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True, onerror=fail):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder, n) for n in sorted(names) if not n.startswith(".")]
+    return found
+
+
 def detect_layout(root: Path) -> str:
     """The layout of the data under ``root``; an error naming the folder when none fits
     or when files of two layouts are mixed."""
@@ -95,7 +115,7 @@ def detect_layout(root: Path) -> str:
         raise BadInputFile(root, "is not a folder")
     if (root / "dataset.json").is_file():
         return "msd"
-    names = [p.name for p in root.rglob("*") if NIFTI.search(p.name)]
+    names = [p.name for p in _files(root) if NIFTI.search(p.name)]
     counts = {
         name: sum(1 for n in names if layout.pattern().match(n))
         for name, layout in LAYOUTS.items()
@@ -114,21 +134,24 @@ def detect_layout(root: Path) -> str:
 def discover(root: str | Path, layout: str | None = None) -> Discovery:
     """Find every case under ``root`` (recursively), in ``layout`` or the detected one."""
     root = Path(root)
+    if not root.is_dir():
+        raise BadInputFile(root, "is not a folder")
     layout = layout or detect_layout(root)
     if layout not in LAYOUTS:
         raise ConfigurationError(f"unknown layout '{layout}'; choose one of {sorted(LAYOUTS)}")
-    if layout == "msd":
-        return _discover_msd(root)
-    return _discover_per_sequence(root, LAYOUTS[layout])
+    found = _discover_msd(root) if layout == "msd" else _discover_per_sequence(root, LAYOUTS[layout])
+    if not found.cases and not found.problems:
+        raise InconsistentCase(root, f"no {layout} cases found")
+    return found
 
 
 def _discover_per_sequence(root: Path, layout: Layout) -> Discovery:
     pattern = layout.pattern()
     part_of = {suffix: modality for modality, suffix in layout.suffixes.items()} | {layout.label_suffix: "seg"}
     groups: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
-    for path in sorted(root.rglob("*")):
+    for path in _files(root):
         match = pattern.match(path.name)
-        if match and path.is_file():
+        if match:
             groups[(path.parent, match["case"])][part_of[match["part"]]] = path
     seen: dict[str, Path] = {}
     cases, problems = [], []
@@ -152,15 +175,17 @@ def _discover_msd(root: Path) -> Discovery:
     manifest = root / "dataset.json"
     try:
         spec = json.loads(manifest.read_text())
-        channel_names = {int(k): v for k, v in spec["modality"].items()}
+        channel_names = {int(k): str(v) for k, v in spec["modality"].items()}
         entries = [(e["image"], e.get("label")) for e in spec.get("training", [])]
         entries += [(e if isinstance(e, str) else e["image"], None) for e in spec.get("test", [])]
+        if not all(isinstance(i, str) and isinstance(lab, (str, type(None))) for i, lab in entries):
+            raise TypeError("'image' and 'label' must be paths (strings)")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise BadInputFile(manifest, f"not a valid MSD dataset.json ({error.__class__.__name__}: {error})") from None
     channels = _msd_channels(manifest, channel_names)
     cases, problems, seen = [], [], {}
     for image, label in entries:
-        image_path = (root / image).resolve()
+        image_path = Path(os.path.normpath(root.absolute() / image))  # not resolve(): keep link names
         case_id = NIFTI.sub("", image_path.name)
         if case_id in seen:
             problems.append(InconsistentCase(image_path, f"duplicate case {case_id} in dataset.json"))
@@ -169,7 +194,7 @@ def _discover_msd(root: Path) -> Discovery:
         if not image_path.is_file():
             problems.append(BadInputFile(image_path, "listed in dataset.json but missing"))
             continue
-        label_path = (root / label).resolve() if label else None
+        label_path = Path(os.path.normpath(root.absolute() / label)) if label else None
         if label_path is not None and not label_path.is_file():
             problems.append(BadInputFile(label_path, "listed in dataset.json but missing"))
             continue
@@ -183,7 +208,11 @@ def _msd_channels(manifest: Path, names: dict[int, str]) -> tuple[int, ...]:
         modality = MSD_CHANNEL_NAMES.get(name.strip().lower())
         if modality is None:
             raise BadInputFile(manifest, f"unknown MRI sequence '{name}' in 'modality'")
+        if modality in by_modality:
+            raise BadInputFile(manifest, f"'modality' names {modality} twice (channels {by_modality[modality]} and {index})")
         by_modality[modality] = index
+    if sorted(names) != list(range(len(MODALITIES))):
+        raise BadInputFile(manifest, f"'modality' must number the channels 0..3, got {sorted(names)}")
     missing = [m for m in MODALITIES if m not in by_modality]
     if missing:
         raise BadInputFile(manifest, f"'modality' lacks {', '.join(missing)}")

@@ -59,11 +59,17 @@ def load_split(path: str | Path, known_ids: Sequence[str] | None = None) -> dict
     try:
         split = json.loads(path.read_text())
         folds = split["folds"]
+        if not isinstance(folds, list) or not folds:
+            raise TypeError("'folds' must be a non-empty list")
         for fold in folds:
-            if not all(isinstance(fold[k], list) for k in ("train", "val")):
-                raise TypeError("train/val must be lists")
+            for key in ("train", "val"):
+                ids = fold[key]
+                if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+                    raise TypeError(f"'{key}' must be a non-empty list of case ids")
     except FileNotFoundError:
         raise BadInputFile(path, "split file is missing") from None
+    except OSError as error:
+        raise BadInputFile(path, f"cannot be read ({error.strerror})") from None
     except (ValueError, KeyError, TypeError) as error:
         raise BadInputFile(path, f"not a split file: {{'folds': [{{'train': [...], 'val': [...]}}]}} expected ({error})") from None
     for index, fold in enumerate(folds):

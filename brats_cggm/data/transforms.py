@@ -199,9 +199,10 @@ class Pipeline(Compose):
     project's user errors (a bad input file) as themselves: MONAI wraps every exception
     of a transform in a ``RuntimeError``."""
 
-    def __init__(self, transforms: list, config: PreprocessConfig) -> None:
+    def __init__(self, transforms: list, config: PreprocessConfig, needs_label: bool) -> None:
         super().__init__(transforms)
         self.config = config
+        self.needs_label = needs_label
 
     def __call__(self, data, *args, **kwargs):
         try:
@@ -270,19 +271,19 @@ def train_transforms(cfg: PreprocessConfig) -> Pipeline:
         # would not collate them with MetaTensors), and training needs no metadata
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
     ]
-    return Pipeline(steps, cfg)
+    return Pipeline(steps, cfg, needs_label=True)
 
 
 def val_transforms(cfg: PreprocessConfig) -> Pipeline:
     """Load and preprocess a labelled case whole (cropped to its foreground)."""
     keys = ["image", "label"]
-    return Pipeline(_prefix(cfg, keys) + [CastToTyped("label", dtype=np.float32)], cfg)
+    return Pipeline(_prefix(cfg, keys) + [CastToTyped("label", dtype=np.float32)], cfg, needs_label=True)
 
 
 def inference_transforms(cfg: PreprocessConfig) -> Pipeline:
     """Load and preprocess the image of a case, recording every geometric step for
     :func:`invert_prediction` (keep this instance to invert with)."""
-    return Pipeline(_prefix(cfg, ["image"]), cfg)
+    return Pipeline(_prefix(cfg, ["image"]), cfg, needs_label=False)
 
 
 def invert_prediction(

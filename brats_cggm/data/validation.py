@@ -48,24 +48,48 @@ class _Volume:
 
 def _read(path: Path, problems: list) -> _Volume | None:
     """Load one NIfTI fully; on failure append the reason and return None."""
+    if path.is_dir():
+        problems.append(BadInputFile(path, "is a folder, not a NIfTI file"))
+        return None
     if not path.is_file():
         problems.append(BadInputFile(path, "file is missing"))
         return None
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for non-NIfTI content
-        reason = "is truncated or not gzip-compressed" if isinstance(error, (EOFError, gzip.BadGzipFile, zlib.error)) else "is not a NIfTI file"
-        problems.append(BadInputFile(path, f"{reason} ({error.__class__.__name__})"))
+        problems.append(BadInputFile(path, _load_failure(path, error)))
         return None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         problems.append(BadInputFile(path, f"is a {type(image).__name__}, not a NIfTI file"))
         return None
+    if not np.isfinite(image.affine).all() or abs(np.linalg.det(image.affine[:3, :3])) < 1e-9:
+        problems.append(BadInputFile(path, "has a degenerate affine (no voxel-to-world mapping)"))
+        return None
     try:
         data = np.asanyarray(image.dataobj)
+    except MemoryError:
+        problems.append(BadInputFile(path, f"header claims shape {image.shape}, too large to read: corrupt header?"))
+        return None
     except (EOFError, OSError, ValueError, zlib.error) as error:
         problems.append(BadInputFile(path, f"is truncated: its voxel data cannot be read ({error.__class__.__name__})"))
         return None
     return _Volume(path, data, image.affine)
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """Why nibabel could not open ``path``, in words a user can act on."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError as os_error:
+        return f"cannot be read ({os_error.strerror})"
+    if not head:
+        return "is empty (0 bytes)"
+    if path.name.endswith(".gz") and head != b"\x1f\x8b":
+        return "is named .gz but is not gzip-compressed"
+    if isinstance(error, (EOFError, gzip.BadGzipFile, zlib.error)) or "truncat" in str(error).lower():
+        return f"is truncated ({error.__class__.__name__})"
+    return f"is not a NIfTI file ({error.__class__.__name__})"
 
 
 def _check_values(volume: _Volume, what: str, problems: list) -> None:
@@ -83,7 +107,7 @@ def _sequences(case: Case, problems: list) -> list[_Volume]:
         volume = _read(case.images[0], problems)
         if volume is None:
             return []
-        if volume.data.ndim != 4 or volume.data.shape[3] < len(MODALITIES):
+        if volume.data.ndim != 4 or volume.data.shape[3] != len(MODALITIES):
             problems.append(BadInputFile(volume.path, f"expected a 4-D image with {len(MODALITIES)} sequences, got shape {volume.data.shape}"))
             return []
         return [_Volume(volume.path, volume.data[..., c], volume.affine) for c in case.channels]
@@ -92,8 +116,6 @@ def _sequences(case: Case, problems: list) -> list[_Volume]:
         volume = _read(path, problems)
         if volume is None:
             continue
-        if volume.data.ndim == 4 and volume.data.shape[3] == 1:
-            volume.data = volume.data[..., 0]
         if volume.data.ndim != 3:
             problems.append(BadInputFile(path, f"expected a 3-D {modality} image, got {volume.data.ndim}-D shape {volume.data.shape}"))
             continue

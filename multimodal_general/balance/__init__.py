@@ -32,7 +32,7 @@ def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balan
         ) from None
     # One configuration serves every balancer: each takes the options it declares, and
     # an option that no balancer declares is a mistake.
-    known = {p for c in BALANCERS.values() for p in inspect.signature(c.__init__).parameters}
+    known = {p for c in BALANCERS.values() for p in inspect.signature(c.__init__).parameters} - {"self", "modalities"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigurationError(f"unknown balancer option(s): {unknown}")

@@ -78,7 +78,7 @@ class Balancer(nn.Module):
         self.heads = nn.ModuleDict({m.name: m.head for m in modalities if m.head is not None})
         if self.heads and criterion is None:
             raise RegistrationError("heads are registered, so a criterion (task loss) is needed")
-        self.criterion = criterion
+        self._criterion = (criterion,)  # a tuple: an nn.Module loss must not become a submodule
         self.metric = resolve_metric(metric)
         self.accumulation_steps = accumulation_steps
         self.process_group = process_group
@@ -92,6 +92,20 @@ class Balancer(nn.Module):
         self.register_buffer("_sample_count", torch.zeros(m), persistent=False)
         self._micro_batches = 0
         self._head_losses: dict[str, Tensor] = {}
+
+    @property
+    def criterion(self) -> Criterion | None:
+        return self._criterion[0]
+
+    def get_extra_state(self) -> dict:
+        """Saved in ``state_dict``: what the buffers mean (their order follows the modalities)."""
+        return {"balancer": self.name, "modalities": list(self.modality_names)}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state != self.get_extra_state():
+            raise ConfigurationError(
+                f"balancer state was saved for {state}, but this balancer is {self.get_extra_state()}"
+            )
 
     # ------------------------------------------------------------------ loop API
     def extra_loss(

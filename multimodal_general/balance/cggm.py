@@ -151,6 +151,9 @@ class CGGM(Balancer):
         self._cosine: Tensor | None = None
         self._direction_loss: Tensor | None = None
 
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "preset": self.preset.name}
+
     @property
     def fused_weight(self) -> nn.Parameter:
         return self._fused_weight[0]

@@ -54,6 +54,9 @@ def validate_modalities(
             f"this balancer needs at least {min_count} modalities, got {len(modalities)}"
         )
     names = [m.name for m in modalities]
+    bad = [n for n in names if not isinstance(n, str) or not n or "." in n]
+    if bad:
+        raise RegistrationError(f"modality names must be non-empty strings without '.', got {bad}")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RegistrationError(f"modality names must be unique; repeated: {duplicates}")
