@@ -1,0 +1,141 @@
+"""Multi-branch 3-D U-Net: one encoder per MRI sequence, fused at every level."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from monai.networks.layers import Conv
+from torch import Tensor, nn
+
+from brats_cggm import MODALITIES
+from brats_cggm.errors import ConfigurationError
+from brats_cggm.network.branch_encoder import LEAKY_RELU, BranchEncoder
+from brats_cggm.network.decoder import FusedDecoder
+from brats_cggm.network.fusion import MaskedMeanFusion
+from brats_cggm.network.masking import (
+    as_voxel_mask,
+    check_image,
+    modality_dropout,
+    resolve_mask,
+)
+
+
+class MultiBranchUNet(nn.Module):
+    """One :class:`BranchEncoder` per sequence, a masked mean per level, one shared decoder.
+
+    Each branch sees one input channel. At every resolution level the features of the
+    branches that are switched on are averaged (:class:`MaskedMeanFusion`); the fused
+    pyramid feeds a U-Net decoder (:class:`FusedDecoder`) and a 1x1x1 convolution
+    (:attr:`output_conv`) gives one logit per region (TC, WT, ET; apply a sigmoid).
+
+    A branch switched off by ``modality_mask`` gets a zero input and is left out of
+    every mean: its input cannot change the output. With ``modality_dropout > 0`` the
+    network switches branches off at random in training (never all branches of a
+    sample), so that it learns to segment with a sequence missing. A sample with every
+    branch switched off gets the prediction of an all-zero fused pyramid.
+
+    Args:
+        modalities: sequence names, in the order of the image channels.
+        out_channels: region logits (3: TC, WT, ET).
+        channels: branch (and decoder) width per level, e.g. ``(16, 32, 64, 128)``.
+        strides: stride per level, same length; a first stride of 2 is the strided stem.
+            Spatial input sizes must be divisible by ``prod(strides)`` (:attr:`divisor`:
+            16 for four strides of 2, e.g. 64^3, 128^3 or 96x128x80), and in training the
+            deepest grid needs more than one voxel (instance norm).
+        num_res_units: convolutions per residual unit of the branch levels below the stem.
+        head_channels: features on the input grid that the output convolution reads.
+        modality_dropout: probability of switching a branch off per sample in training.
+        act, norm: MONAI activation and normalization names (with options).
+
+    Shapes: ``image [N, M, D, H, W]``, ``modality_mask [N, M]`` (bool or 0/1, optional)
+    -> logits ``[N, out_channels, D, H, W]``.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = MODALITIES,
+        out_channels: int = 3,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[int] = (2, 2, 2, 2),
+        *,
+        num_res_units: int = 2,
+        head_channels: int = 16,
+        modality_dropout: float = 0.0,
+        act: tuple | str = LEAKY_RELU,
+        norm: tuple | str = "instance",
+    ) -> None:
+        super().__init__()
+        if len(modalities) < 1 or len(set(modalities)) != len(modalities):
+            raise ConfigurationError(f"modalities must be unique names; got {list(modalities)}")
+        if len(channels) < 2 or len(channels) != len(strides):
+            raise ConfigurationError(
+                f"channels and strides need one entry per level (at least 2 levels); got "
+                f"{len(channels)} channels and {len(strides)} strides"
+            )
+        if min(channels) < 1 or min(strides) < 1 or head_channels < 1:
+            raise ConfigurationError("channels, strides and head_channels must be positive")
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ConfigurationError(f"modality_dropout must be in [0, 1); got {modality_dropout}")
+        self.modalities = tuple(modalities)
+        self.out_channels, self.head_channels = out_channels, head_channels
+        self.channels, self.strides = tuple(channels), tuple(strides)
+        self.modality_dropout = float(modality_dropout)
+        self.act, self.norm = act, norm
+        self.branches = nn.ModuleDict(
+            {name: BranchEncoder(channels, strides, num_res_units=num_res_units, act=act, norm=norm)
+             for name in self.modalities}
+        )
+        self.fusion = MaskedMeanFusion()
+        self.decoder = FusedDecoder(channels, strides, head_channels, act=act, norm=norm)
+        self.output_conv = Conv[Conv.CONV, 3](head_channels, out_channels, kernel_size=1)
+
+    @property
+    def divisor(self) -> int:
+        """Every spatial input size must be a multiple of this."""
+        return math.prod(self.strides)
+
+    def encoder(self, name: str) -> nn.Module:
+        """The branch of sequence ``name`` (what a balancer registers as its encoder)."""
+        if name not in self.branches:
+            raise ConfigurationError(
+                f"no branch named '{name}'; the branches are {list(self.modalities)}"
+            )
+        return self.branches[name]
+
+    def forward(self, image: Tensor, modality_mask: Tensor | None = None) -> Tensor:
+        return self.forward_with_features(image, modality_mask)[0]
+
+    def forward_with_features(
+        self, image: Tensor, modality_mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits and, per sequence, its branch's deepest feature map
+        ``[N, channels[-1], D / divisor, H / divisor, W / divisor]`` (with its graph; what
+        the CGGM heads read, detached). Modality dropout removes a branch from the fusion
+        only: its features are still those of its real input."""
+        available = resolve_mask(modality_mask, image)
+        branch_features = self.encode(image, available)
+        keep = available
+        if self.training and self.modality_dropout > 0:
+            keep = modality_dropout(available, self.modality_dropout)
+        logits = self.decode(branch_features, keep)
+        return logits, {name: levels[-1] for name, levels in zip(self.modalities, branch_features)}
+
+    def encode(self, image: Tensor, available: Tensor) -> list[list[Tensor]]:
+        """Every branch's feature pyramid; an unavailable branch of a sample sees zeros.
+
+        ``available`` is a bool ``[N, M]`` mask. Together with :meth:`decode` this lets a
+        caller encode once and decode under several masks (e.g. contribution maps).
+        """
+        check_image(image, self.modalities, self.divisor)
+        return [
+            self.branches[name](
+                image[:, index : index + 1].masked_fill(~as_voxel_mask(available[:, index]), 0.0)
+            )
+            for index, name in enumerate(self.modalities)
+        ]
+
+    def decode(self, branch_features: Sequence[Sequence[Tensor]], keep: Tensor) -> Tensor:
+        """Logits from the branch pyramids, fusing only the branches ``keep [N, M]`` keeps."""
+        fused = [self.fusion(level, keep) for level in zip(*branch_features)]
+        return self.output_conv(self.decoder(fused))
