@@ -25,19 +25,14 @@ The table goes to stdout; everything, with versions and the command line, to ``-
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import monai
 import torch
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
@@ -50,6 +45,7 @@ from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig, train_transforms
 from multimodal_general.io import atomic_write_text
+from multimodal_general.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,11 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = measure(args, Path(tmp), console)
     console.print(table(rows, args))
     payload = {
-        "command": shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                    "device": args.device, "torch": torch.__version__, "monai": monai.__version__},
+        **provenance("monai", "nibabel"),
+        "load_average_before": load_before,
+        "device": args.device,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }

@@ -32,13 +32,9 @@ hyperparameter is chosen on it here.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -61,6 +57,7 @@ from rich.table import Table
 
 from multimodal_general.balance import PRESETS
 from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.provenance import provenance
 from multimodal_general.tasks.imbalance import TASKS, RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -656,22 +653,6 @@ def json_safe(value):
     return value
 
 
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def command_line() -> str:
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    return shlex.join(argv)
-
-
 def render_markdown(meta: dict, table: dict, b_limit: float, plots: dict[str, str]) -> str:
     lines = [
         "# Does CGGM balance? Synthetic imbalance benchmark",
@@ -738,9 +719,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for task in args.tasks:
             for method in order:
                 plan.append((seed, task, method))
+    origin = provenance("numpy")
     meta = {
-        "command": command_line(),
-        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": origin["command"],
+        "started": origin["date"],
         "tasks": args.tasks,
         "methods": args.methods,
         "seeds": seeds,
@@ -751,10 +733,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "b_limit": args.b_limit,
         "rho": RunConfig.rho,
         "lam": RunConfig.lam,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "git": git_revision(),
+        "torch": origin["versions"]["torch"],
+        "python": origin["versions"]["python"],
+        "machine": origin["machine"],
+        "git": origin["git"],
         "runs_total": len(plan),
     }
     results: list[dict] = []

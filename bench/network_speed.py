@@ -33,18 +33,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime as _dt
 import json
 import os
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-import monai
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -52,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from brats_cggm.network import MultiBranchUNet, build_network, make_auxiliary_heads
 from multimodal_general.io import atomic_write_text
+from multimodal_general.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,12 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(speed_table(rows, args.threads))
     console.print(stage_table(rows))
     payload = {
-        "command": shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "malloc_tuned": malloc_tuned,
-                    "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                    "torch": torch.__version__, "monai": monai.__version__},
+        **provenance("monai"),
+        "load_average_before": load_before,
+        "malloc_tuned": malloc_tuned,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }
