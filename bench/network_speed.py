@@ -32,7 +32,6 @@ The tables go to stdout; everything, with versions and the command line, to ``--
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import time
@@ -48,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from brats_cggm.network import MultiBranchUNet, build_network, make_auxiliary_heads
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
+from multimodal_general.runtime import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,24 +86,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------- measuring
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve large blocks from the heap and keep freed memory (``mallopt``).
-
-    With glibc's defaults every activation of a 3-D network is a fresh ``mmap`` and its
-    release a ``munmap``, so each step page-faults its whole working set again; on these
-    VMs that made steps 1.4x slower, and up to 5x while other processes were busy.
-    Returns whether glibc accepted the settings."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return all(
-        libc.mallopt(option, value) == 1
-        for option, value in ((m_mmap_threshold, 2**30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**28))
-    )
-
-
 def build(label: str) -> tuple[torch.nn.Module, dict]:
     preset, overrides, _ = NETWORKS[label]
     torch.manual_seed(0)

@@ -13,3 +13,12 @@ def test_provenance_names_command_revision_machine_and_versions():
     assert record["versions"]["torch"] and record["versions"]["numpy"]
     assert record["versions"]["no-such-package-xyz"] is None
     assert versions("torch")["torch"].startswith("2.")
+
+
+def test_keep_freed_memory_is_accepted_by_glibc():
+    import platform
+
+    from multimodal_general.runtime import keep_freed_memory
+
+    accepted = keep_freed_memory()
+    assert accepted is (platform.libc_ver()[0] == "glibc")
