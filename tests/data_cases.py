@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_cggm.data.labels import SCHEMES
+from brats_cggm.data.labels import to_scheme
 from brats_cggm.data.layouts import LAYOUTS
 
 SHAPE = (24, 28, 20)
@@ -42,16 +42,9 @@ def write_case(root: Path, case_id: str, layout: str, seed: int = 0, label: bool
     for modality, image in zip(spec.suffixes, images):
         nib.save(nib.Nifti1Image(image, AFFINE), folder / spec.file_name(case_id, modality))
     if label:
-        seg = _renumber(seg, spec.label_scheme)
+        seg = to_scheme(seg, spec.label_scheme)
         nib.save(nib.Nifti1Image(seg, AFFINE), folder / spec.file_name(case_id, "seg"))
     return folder
-
-
-def _renumber(seg, scheme):
-    out = np.zeros_like(seg)
-    for value, target in SCHEMES[scheme].from_brats2021.items():
-        out[seg == value] = target
-    return out
 
 
 def write_msd(root: Path, case_ids, channel_names=("FLAIR", "T1w", "t1gd", "T2w")) -> Path:
@@ -68,7 +61,7 @@ def write_msd(root: Path, case_ids, channel_names=("FLAIR", "T1w", "t1gd", "T2w"
         volume = np.stack([images[j] for j in order], axis=-1)
         nib.save(nib.Nifti1Image(volume, AFFINE), root / "imagesTr" / f"{case_id}.nii.gz")
         if i < len(case_ids) - 1:
-            nib.save(nib.Nifti1Image(_renumber(seg, "msd"), AFFINE), root / "labelsTr" / f"{case_id}.nii.gz")
+            nib.save(nib.Nifti1Image(to_scheme(seg, "msd"), AFFINE), root / "labelsTr" / f"{case_id}.nii.gz")
             training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
     manifest = {
         "name": "BRATS", "modality": {str(i): n for i, n in enumerate(channel_names)},

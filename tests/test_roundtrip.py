@@ -8,7 +8,7 @@ import torch
 from monai.data import decollate_batch
 
 from brats_cggm.data.dataset import make_dataset, make_loader
-from brats_cggm.data.labels import SCHEMES, labels_from_regions
+from brats_cggm.data.labels import labels_from_regions, to_brats2021
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import (
@@ -33,11 +33,7 @@ def native_config(case) -> PreprocessConfig:
 
 
 def label_in_2021_numbering(case) -> np.ndarray:
-    label = np.asanyarray(nib.load(case.label).dataobj)
-    out = np.zeros_like(label)
-    for value, target in SCHEMES[case.label_scheme].to_brats2021.items():
-        out[label == value] = target
-    return out
+    return to_brats2021(np.asanyarray(nib.load(case.label).dataobj), case.label_scheme)
 
 
 @pytest.mark.parametrize("layout", ["brats2021", "brats2023", "msd"])

@@ -14,7 +14,7 @@ from monai.transforms import NormalizeIntensityd, RandomizableTrait
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.dataset import make_dataset, make_loader
-from brats_cggm.data.labels import SCHEMES
+from brats_cggm.data.labels import to_scheme
 from brats_cggm.data.layouts import LAYOUTS, discover
 from brats_cggm.data.transforms import (
     PreprocessConfig,
@@ -62,13 +62,6 @@ def phantom(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {m: v.astype(np.float32) for m, v in images.items()}, label
 
 
-def renumber(label: np.ndarray, scheme: str) -> np.ndarray:
-    out = np.zeros_like(label)
-    for brats2021, value in SCHEMES[scheme].from_brats2021.items():
-        out[label == brats2021] = value
-    return out
-
-
 def regions(label: np.ndarray) -> np.ndarray:
     """[TC, WT, ET] of a BraTS 2021 label map."""
     return np.stack([(label == 1) | (label == 4), label > 0, label == 4])
@@ -83,7 +76,7 @@ def write_per_sequence(root: Path, layout: str = "brats2021", affine=LPS_1MM, la
     spec = LAYOUTS[layout]
     for m in MODALITIES:
         nib.save(nib.Nifti1Image(images[m], affine), folder / spec.file_name(case_id, m))
-    label = renumber(reference, spec.label_scheme) if label is None else label
+    label = to_scheme(reference, spec.label_scheme) if label is None else label
     nib.save(nib.Nifti1Image(label, affine), folder / spec.file_name(case_id, "seg"))
     (case,) = discover(root, layout).cases
     return case, reference
@@ -95,7 +88,7 @@ def write_msd(root: Path, affine=LPS_1MM):
     (root / "labelsTr").mkdir()
     stacked = np.stack([images[MSD_CANONICAL[n.lower()]] for n in MSD_NAMES], axis=-1)
     nib.save(nib.Nifti1Image(stacked, affine), root / "imagesTr" / "BRATS_001.nii.gz")
-    nib.save(nib.Nifti1Image(renumber(label, "msd"), affine), root / "labelsTr" / "BRATS_001.nii.gz")
+    nib.save(nib.Nifti1Image(to_scheme(label, "msd"), affine), root / "labelsTr" / "BRATS_001.nii.gz")
     manifest = {
         "modality": {str(i): n for i, n in enumerate(MSD_NAMES)},
         "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],

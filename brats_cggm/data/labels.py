@@ -63,8 +63,22 @@ def labels_from_regions(regions: np.ndarray, scheme: str = "brats2021") -> np.nd
     label[wt | tc | et] = 2
     label[tc | et] = 1
     label[et] = 4
-    back = SCHEMES[scheme].from_brats2021
+    return to_scheme(label, scheme)
+
+
+def renumber(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """``label`` with every value in ``mapping`` replaced by its image; 0 elsewhere."""
     out = np.zeros_like(label)
-    for value in (1, 2, 4):
-        out[label == value] = back[value]
+    for source, target in mapping.items():
+        out[label == source] = target
     return out
+
+
+def to_scheme(label: np.ndarray, scheme: str) -> np.ndarray:
+    """A BraTS 2021 label map in ``scheme`` numbering (for writing files)."""
+    return renumber(label, SCHEMES[scheme].from_brats2021)
+
+
+def to_brats2021(label: np.ndarray, scheme: str) -> np.ndarray:
+    """A label map in ``scheme`` numbering, in BraTS 2021 numbering (1 NCR, 2 ED, 4 ET)."""
+    return renumber(label, SCHEMES[scheme].to_brats2021)

@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from brats_cggm import MODALITIES
-from brats_cggm.data.labels import SCHEMES
+from brats_cggm.data.labels import to_scheme
 from brats_cggm.data.layouts import LAYOUTS
 from brats_cggm.errors import ConfigurationError
 from multimodal_general.io import atomic_write, atomic_write_text
@@ -614,7 +614,7 @@ def _write_brats_case(out: Path, index: int, case: PhantomCase, layout: str) -> 
         )
     _write_nifti(
         folder / spec.file_name(case_id, "seg"),
-        _renumber(case.label, spec.label_scheme),
+        to_scheme(case.label, spec.label_scheme),
         case.affine,
     )
     return folder
@@ -625,7 +625,7 @@ def _write_msd_case(out: Path, number: int, case: PhantomCase) -> Path:
     image = np.stack(
         [case.images[m] for m in MODALITIES], axis=-1
     )  # Task01's channel order is canonical
-    _write_nifti(out / "labelsTr" / name, _renumber(case.label, "msd"), case.affine)
+    _write_nifti(out / "labelsTr" / name, to_scheme(case.label, "msd"), case.affine)
     return _write_nifti(out / "imagesTr" / name, image, case.affine)
 
 
@@ -644,14 +644,6 @@ def _write_msd_manifest(out: Path, images: list[Path]) -> None:
         "test": [],
     }
     atomic_write_text(out / "dataset.json", json.dumps(manifest, indent=4) + "\n")
-
-
-def _renumber(label: np.ndarray, scheme: str) -> np.ndarray:
-    mapping = SCHEMES[scheme].from_brats2021
-    lookup = np.zeros(256, np.uint8)
-    for brats2021, value in mapping.items():
-        lookup[brats2021] = value
-    return lookup[label]
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
