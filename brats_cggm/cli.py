@@ -139,6 +139,112 @@ def phantom(
     console.print(f"wrote {len(written)} {layout} case(s) of {'x'.join(map(str, grid))} voxels to {out}")
 
 
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="the run folder (config, checkpoints, metrics, plots)")],
+    data: Annotated[Path | None, typer.Option(help="folder with BraTS cases")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML configuration; these options override it")] = None,
+    preset: Annotated[str, typer.Option(help="starting configuration: cpu-small or gpu")] = "cpu-small",
+    balancer: Annotated[str | None, typer.Option(help="none or cggm")] = None,
+    cggm_preset: Annotated[str | None, typer.Option(help="CGGM variant: stable, paper or official")] = None,
+    network: Annotated[str | None, typer.Option(help="small, default or early_fusion")] = None,
+    epochs: Annotated[int | None, typer.Option(help="total epochs (with --resume: extends the run)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="any setting, e.g. --set optim.momentum=0.9 (repeatable)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+) -> None:
+    """Train the segmentation network with a balancer (CGGM by default).
+
+    Runs the same on a CPU, a GPU, or several GPUs/processes under
+    `torchrun --nproc_per_node=N $(which brats-cggm) train ...`. Ctrl-C saves a checkpoint;
+    `--resume` continues exactly where it stopped.
+    """
+    from brats_cggm.training import Trainer, resolve_config, start, stop
+    from brats_cggm.training.progress import EpochProgress
+
+    overrides = {
+        "data.dir": str(data) if data else None, "balancer.name": balancer, "balancer.preset": cggm_preset,
+        "network.preset": network, "optim.epochs": epochs, "optim.lr": lr, "seed": seed, "device": device,
+        **parse_settings(settings or []),
+    }
+    if resume:
+        changed = sorted(k for k, v in overrides.items() if v is not None and k != "optim.epochs")
+        if changed or config is not None:
+            raise ConfigurationError(f"--resume continues the run as configured; only --epochs may change (got {', '.join(changed) or '--config'})")
+        resolved = resolve_config("cpu-small", out / "config.yaml", overrides)
+    else:
+        resolved = resolve_config(preset, config, overrides)
+    place = start(resolved.device)
+    try:
+        main_console = console if place.is_main else Console(quiet=True)
+        if place.is_main:
+            main_console.print(f"training on {place.device} x {place.world_size} process(es); run folder {out}")
+        trainer = Trainer(resolved, out, place, resume=resume, report=main_console.print,
+                          progress=EpochProgress(main_console) if place.is_main else None)
+        if resume:
+            resolved.save(out / "config.yaml")  # --epochs may have changed
+        summary = trainer.fit()
+    finally:
+        stop()
+    if place.is_main:
+        best = summary["best_val_dice_mean"]
+        console.print(
+            f"[bold green]done[/]: best mean validation Dice {best:.3f} at epoch {summary['best_epoch']}; "
+            f"{out}/checkpoints/best.pt, plots in {out}/plots"
+        )
+
+
+def parse_settings(settings: list[str]) -> dict[str, object]:
+    """``["optim.lr=0.1", "network.overrides={channels: [8, 16, 32, 64]}"]`` -> a dict of
+    dotted names to YAML-parsed values."""
+    import yaml
+
+    parsed = {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigurationError(f"--set takes name=value (e.g. optim.lr=0.1), not '{item}'")
+        try:
+            parsed[name.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigurationError(f"--set {item}: the value is not valid YAML") from None
+    return parsed
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="a run folder written by `brats-cggm train`")],
+    data: Annotated[Path | None, typer.Option(help="folder with BraTS cases (default: the run's)")] = None,
+    split: Annotated[str, typer.Option(help="val (the run's validation cases), test (cases the run never saw) or all")] = "val",
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Score a trained run per case (Dice and HD95 of TC, WT, ET on each case's own grid)."""
+    from brats_cggm.evaluation import evaluate as run_evaluation
+    from brats_cggm.metrics import REGIONS
+
+    if checkpoint not in ("best", "last"):
+        raise ConfigurationError(f"--checkpoint must be best or last, not '{checkpoint}'")
+    with progress_bar() as bar:
+        rows, summary, folder = run_evaluation(
+            run, data, split, checkpoint, device, track=lambda items, text: bar.track(items, description=text)
+        )
+    metrics = summary["metrics"]
+    table = Table(title=f"{run.name}: {len(rows)} {split} case(s), {checkpoint} checkpoint")
+    table.add_column("region")
+    table.add_column("Dice (mean ± std)", justify="right")
+    table.add_column("HD95 mm (mean ± std)", justify="right")
+    for region in REGIONS:
+        dice, hd = metrics[f"dice/{region}"], metrics[f"hd95/{region}"]
+        table.add_row(region, f"{dice['mean']:.3f} ± {dice['std']:.3f}", f"{hd['mean']:.1f} ± {hd['std']:.1f}")
+    console.print(table)
+    console.print(f"per-case results: {folder / 'cases.csv'}; summary: {folder / 'summary.json'}")
+
+
 def join_size_values(argv: list[str]) -> list[str]:
     """``--size 96 128 80`` → ``--size 96x128x80`` (a Typer option takes one value)."""
     out, i = [], 0

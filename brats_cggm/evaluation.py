@@ -1,0 +1,116 @@
+"""Evaluate a trained run on whole cases, on each case's original grid.
+
+Each case goes through the inference chain of the run's preprocessing, sliding-window
+inference, and back to the grid of its files (:func:`invert_prediction`); the regions
+are then compared with the case's own label file at its own voxel size, as the BraTS
+challenge scores them. Writes ``RUN/evaluation/<split>/cases.csv`` (one row per case)
+and ``summary.json`` (mean, std, median per metric).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+from brats_cggm.data.labels import to_brats2021
+from brats_cggm.data.layouts import Case, discover
+from brats_cggm.data.splits import load_split
+from brats_cggm.data.transforms import case_to_dict, inference_transforms, invert_prediction
+from brats_cggm.data.validation import validate_case
+from brats_cggm.errors import BadInputFile, ConfigurationError
+from brats_cggm.metrics import summarize, region_metrics
+from brats_cggm.training.checkpoint import load_network
+from brats_cggm.training.config import TrainConfig
+from multimodal_general.io import atomic_write_text
+
+SPLITS = ("val", "test", "all")
+
+
+def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, split: str) -> list[Case]:
+    """``val``: the run's validation cases; ``test``: cases of the folder the run's split
+    does not name (never seen in training or model selection); ``all``: every case."""
+    if split not in SPLITS:
+        raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
+    folder = data_dir or (Path(config.data.dir) if config.data.dir else None)
+    if folder is None:
+        raise ConfigurationError("no data folder: give --data DIR")
+    found = discover(folder, config.data.layout if data_dir is None else None)
+    if found.problems:
+        raise found.problems[0]
+    fold = load_split(run_dir / "split.json")["folds"][config.data.fold]
+    used = set(fold["train"]) | set(fold["val"])
+    chosen = {
+        "val": [c for c in found.cases if c.case_id in set(fold["val"])],
+        "test": [c for c in found.cases if c.case_id not in used],
+        "all": found.cases,
+    }[split]
+    if not chosen:
+        raise BadInputFile(folder, f"no {split} cases of this run in the folder")
+    missing = [c.case_id for c in chosen if c.label is None]
+    if missing:
+        raise BadInputFile(folder, f"case {missing[0]} has no label map; evaluation needs one")
+    return chosen
+
+
+@torch.no_grad()
+def evaluate_case(net: torch.nn.Module, config: TrainConfig, case: Case, device: torch.device) -> dict[str, Any]:
+    """Metrics of one case, on its original grid."""
+    validate_case(case)
+    chain = inference_transforms(config.preprocessing)
+    data = chain(case_to_dict(case))
+    image = data["image"]
+    logits = sliding_window_inference(
+        image[None].to(device), config.preprocessing.patch_size, config.validation.sw_batch_size, net,
+        overlap=config.validation.overlap, mode="gaussian",
+    )
+    data["pred"] = torch.sigmoid(logits[0].float()).cpu()
+    probabilities = invert_prediction(data, chain)
+    label_file = nib.load(case.label)
+    label = to_brats2021(np.asanyarray(label_file.dataobj).astype(np.int16), case.label_scheme)
+    reference = torch.as_tensor(ConvertToMultiChannelBasedOnBratsClasses()(label))
+    spacing = [float(z) for z in label_file.header.get_zooms()[:3]]
+    row = {"case_id": case.case_id}
+    row.update(region_metrics(torch.as_tensor(probabilities) > 0.5, reference, spacing, hd95=True))
+    return row
+
+
+def evaluate(
+    run_dir: Path,
+    data_dir: Path | None = None,
+    split: str = "val",
+    checkpoint: str = "best",
+    device: str = "cpu",
+    track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+    """Evaluate ``RUN/checkpoints/<checkpoint>.pt``; returns the per-case rows, the summary
+    and the folder they were written to."""
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    net, config = load_network(path, device)
+    cases = choose_cases(run_dir, config, data_dir, split)
+    rows = [evaluate_case(net, config, case, torch.device(device)) for case in track(cases, f"evaluating {split}")]
+    summary = {
+        "run": str(run_dir), "checkpoint": str(path), "split": split, "cases": len(rows),
+        "metrics": summarize([{k: v for k, v in r.items() if k != "case_id"} for r in rows]),
+    }
+    out = run_dir / "evaluation" / split
+    atomic_write_text(out / "cases.csv", _csv(rows))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return rows, summary, out
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()

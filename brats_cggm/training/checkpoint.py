@@ -1,0 +1,86 @@
+"""Checkpoints of a run: ``last.pt`` resumes it exactly, ``best.pt`` holds the model that
+validated best. Both are written atomically: a run killed while saving keeps the
+previous file whole."""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brats_cggm import MODALITIES
+from brats_cggm.errors import BadInputFile, IncompatibleModel
+from multimodal_general.io import atomic_write
+
+FORMAT = "brats-cggm-checkpoint/1"
+
+
+@dataclass
+class Progress:
+    """Where the run is: ``epoch`` counts finished epochs, ``batch`` the batches done of
+    the epoch after it (non-zero only for a checkpoint written on Ctrl-C)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_dice: float = float("-inf")
+    best_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, payload: dict[str, Any]) -> Path:
+    """``payload`` plus the format tag and the modality order, written atomically."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "modalities": list(MODALITIES), **payload}, buffer)
+    return atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`save`; one-line errors for anything else."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise BadInputFile(path, "checkpoint is missing") from None
+    except Exception as error:  # torch raises many kinds for a damaged file
+        raise BadInputFile(path, f"not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise BadInputFile(path, f"not a {FORMAT} file")
+    if payload.get("modalities") != list(MODALITIES):
+        raise IncompatibleModel(
+            f"{path}: trained with sequences {payload.get('modalities')}, this version expects {list(MODALITIES)}"
+        )
+    return payload
+
+
+def load_network(path: Path, device: str | torch.device = "cpu"):
+    """The network of a checkpoint (``best.pt``, or ``last.pt``), in eval mode, with the
+    run's configuration: ``(net, TrainConfig)``."""
+    from brats_cggm.training.components import network_from_config
+    from brats_cggm.training.config import TrainConfig
+
+    payload = load(path, map_location=device)
+    config = TrainConfig.from_dict(payload["config"], str(path))
+    weights = payload["network"] if payload.get("kind") == "model" else payload["modules"]["net"]
+    net = network_from_config(config.network)
+    net.load_state_dict(weights)
+    return net.to(device).eval(), config

@@ -1,0 +1,101 @@
+"""What a training run is made of, built from its configuration: network, auxiliary heads,
+balancer, loss, optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceLoss
+from torch import Tensor, nn
+
+from brats_cggm.errors import ConfigurationError
+from brats_cggm.network import MultiBranchUNet, balancer_modalities, build_network, make_auxiliary_heads
+from brats_cggm.training.config import NetworkConfig, TrainConfig
+from multimodal_general.balance import Balancer, make_balancer
+
+
+class RegionLoss(nn.Module):
+    """Soft Dice (MONAI) plus binary cross-entropy on the TC/WT/ET logits, in float32.
+
+    MONAI's ``DiceCELoss`` applies a softmax cross-entropy to multi-channel inputs even with
+    ``sigmoid=True``; the regions overlap (ET is inside TC inside WT), so each channel
+    needs its own sigmoid cross-entropy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits, target = logits.float(), target.float()
+        return self.dice(logits, target) + self.bce(logits, target)
+
+
+@dataclass
+class Components:
+    net: nn.Module
+    criterion: RegionLoss
+    #: None for a network without per-sequence branches (early fusion)
+    balancer: Balancer | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def modules(self) -> dict[str, nn.Module]:
+        """What a checkpoint saves (the heads live in the balancer)."""
+        return {"net": self.net, **({"balancer": self.balancer} if self.balancer is not None else {})}
+
+
+def build_components(config: TrainConfig, total_steps: int, device: torch.device, process_group=None) -> Components:
+    """Everything a run trains, on ``device``; ``total_steps`` sets the schedule's length."""
+    net = network_from_config(config.network).to(device)
+    criterion = RegionLoss()
+    balancer = _balancer(config, net, criterion, process_group)
+    if balancer is not None:
+        balancer.to(device)
+    groups = [{"params": list(net.parameters())}]
+    if balancer is not None and any(True for _ in balancer.parameters()):
+        groups.append({"params": list(balancer.parameters()), "lr": config.optim.head_lr or config.optim.lr})
+    optimizer = _optimizer(config, groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim.schedule, total_steps))
+    return Components(net, criterion, balancer, optimizer, scheduler)
+
+
+def network_from_config(network: NetworkConfig) -> nn.Module:
+    return build_network(network.preset, modality_dropout=network.modality_dropout, **network.overrides)
+
+
+def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module, process_group) -> Balancer | None:
+    b = config.balancer
+    if not isinstance(net, MultiBranchUNet):
+        if b.name != "none":
+            raise ConfigurationError(
+                f"balancer '{b.name}' acts on per-sequence encoders, and the "
+                f"'{config.network.preset}' network has none; use balancer none with it"
+            )
+        return None
+    heads = make_auxiliary_heads(net)
+    return make_balancer(
+        b.name, balancer_modalities(net, heads), fused_last_layer=net.output_conv, criterion=criterion,
+        metric=b.metric, preset=b.preset, rho=b.rho, lam=b.lam, process_group=process_group,
+    )
+
+
+def _optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _schedule(name: str, total_steps: int):
+    """The learning-rate factor of optimizer step ``t`` (a function for ``LambdaLR``)."""
+    total = max(total_steps, 1)
+    if name == "poly":
+        return lambda t: (1 - min(t, total - 1) / total) ** 0.9
+    if name == "cosine":
+        return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+    return lambda t: 1.0

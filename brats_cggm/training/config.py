@@ -1,0 +1,269 @@
+"""The training configuration: presets, a YAML file, command-line overrides, in that order.
+
+A configuration file holds any subset of the sections below; what it leaves out comes
+from the preset (``cpu-small`` or ``gpu``)::
+
+    data:       {dir: data/phantoms, val_fraction: 0.2, cache: memory}
+    preprocess: {spacing: [3, 3, 3], patch_size: [48, 48, 48], num_samples: 2}
+    network:    {preset: small, modality_dropout: 0.0}
+    optim:      {optimizer: sgd, lr: 0.01, momentum: 0.99, schedule: poly, epochs: 30}
+    balancer:   {name: cggm, preset: stable, rho: 1.0, lam: 0.1, metric: soft_dice}
+    validation: {every: 2, overlap: 0.5}
+    seed: 0
+
+The resolved configuration is saved in the run folder as ``config.yaml``; ``brats-cggm
+train --config RUN/config.yaml`` repeats a run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from brats_cggm.data.dataset import CACHE_MODES
+from brats_cggm.data.transforms import PreprocessConfig
+from brats_cggm.errors import BadInputFile, ConfigurationError
+from multimodal_general.io import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    #: folder of BraTS cases (any supported layout)
+    dir: str | None = None
+    #: brats2021, brats2023 or msd; None: detected from the file names
+    layout: str | None = None
+    #: a split file (``brats-cggm split``); None: made from val_fraction and the seed below
+    split: str | None = None
+    fold: int = 0
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    #: memory, disk (in RUN/cache) or none
+    cache: str = "memory"
+    #: data-loader worker processes (0: load in the training process)
+    num_workers: int = 0
+
+
+@dataclass
+class NetworkConfig:
+    #: ``default``, ``small`` (multi-branch) or ``early_fusion`` (baseline)
+    preset: str = "small"
+    modality_dropout: float = 0.0
+    #: constructor arguments that replace the preset's (e.g. ``channels: [8, 16, 32, 64]``)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    #: sgd (momentum, Nesterov) or adamw
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    #: poly ((1 - t)^0.9, nnU-Net's) or cosine, per optimizer step; constant for none
+    schedule: str = "poly"
+    epochs: int = 30
+    #: cases per batch (each gives ``preprocess.num_samples`` patches)
+    batch_size: int = 1
+    #: learning rate of the training-only auxiliary heads (None: the same as lr)
+    head_lr: float | None = None
+    #: automatic mixed precision: auto (on a GPU), on, off
+    amp: str = "auto"
+
+
+@dataclass
+class BalancerConfig:
+    #: none or cggm
+    name: str = "cggm"
+    #: CGGM variant: stable, paper or official
+    preset: str = "stable"
+    rho: float = 1.0
+    lam: float = 0.1
+    #: how the auxiliary heads' utilization is scored
+    metric: str = "soft_dice"
+
+
+@dataclass
+class ValidationConfig:
+    #: validate every this many epochs (and after the last)
+    every: int = 2
+    #: sliding-window overlap and windows per forward pass
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    #: also compute the 95th-percentile Hausdorff distance (mm)
+    hd95: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    seed: int = 0
+    #: auto (cuda when available), cpu or cuda
+    device: str = "auto"
+
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.preprocess)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> TrainConfig:
+        config = _build(cls, values, source)
+        config.check()
+        config.preprocess = config.preprocessing.to_dict()  # every setting, written out
+        return config
+
+    def check(self) -> None:
+        """Reject values that cannot work, with the option's name."""
+        self.preprocessing  # noqa: B018 - PreprocessConfig validates itself
+        o, d, v = self.optim, self.data, self.validation
+        choices = {
+            "optim.optimizer": (o.optimizer, ("sgd", "adamw")),
+            "optim.schedule": (o.schedule, ("poly", "cosine", "none")),
+            "optim.amp": (o.amp, ("auto", "on", "off")),
+            "data.cache": (d.cache, CACHE_MODES),
+            "device": (self.device, ("auto", "cpu", "cuda")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+        positive = {"optim.lr": o.lr, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
+                    "validation.every": v.every, "validation.sw_batch_size": v.sw_batch_size}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be positive; got {value}")
+        if not 0 <= v.overlap < 1:
+            raise ConfigurationError(f"validation.overlap must lie in [0, 1); got {v.overlap}")
+        if not 0 < d.val_fraction < 1:
+            raise ConfigurationError(f"data.val_fraction must lie in (0, 1); got {d.val_fraction}")
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+#: The starting points of ``--preset``; a configuration file and options change them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Minutes on a 2-core CPU: phantoms (or BraTS) resampled to 3 mm, 48^3 patches that
+    # hold most of a brain at that spacing, the narrow network.
+    "cpu-small": {
+        "preprocess": {"spacing": [3.0, 3.0, 3.0], "patch_size": [48, 48, 48], "num_samples": 2},
+        "network": {"preset": "small"},
+        "optim": {"epochs": 30, "lr": 0.01},
+        "validation": {"every": 2, "sw_batch_size": 2},
+    },
+    # One GPU, full resolution: 1 mm, 128^3 patches, the default network (Optimus-style
+    # BraTS recipes train 300+ epochs; set optim.epochs for your budget).
+    "gpu": {
+        "preprocess": {"spacing": [1.0, 1.0, 1.0], "patch_size": [128, 128, 128], "num_samples": 2},
+        "network": {"preset": "default"},
+        "optim": {"epochs": 300, "lr": 0.01, "batch_size": 1},
+        "data": {"num_workers": 4},
+        "validation": {"every": 5, "sw_batch_size": 4},
+    },
+}
+
+
+def resolve_config(
+    preset: str = "cpu-small",
+    file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Preset, then the YAML ``file``, then ``overrides`` (dotted names such as
+    ``{"optim.epochs": 5, "balancer.name": "none"}``; None values are skipped)."""
+    if preset not in PRESETS:
+        raise ConfigurationError(f"unknown training preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    values = copy.deepcopy(PRESETS[preset])
+    source = "configuration"
+    if file is not None:
+        values = merge(values, read_yaml(file))
+        source = str(file)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            values = merge(values, _nest(dotted.split("."), value))
+    return TrainConfig.from_dict(values, source)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BadInputFile(path, "configuration file is missing") from None
+    except OSError as error:
+        raise BadInputFile(path, f"cannot be read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise BadInputFile(path, f"not valid YAML{where}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise BadInputFile(path, "a configuration file must hold a mapping of sections")
+    return values
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` written over it, section by section."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "overrides":
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    return {keys[0]: _nest(keys[1:], value) if len(keys) > 1 else value}
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigurationError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    built = {}
+    for name, value in values.items():
+        spec = known[name]
+        default = spec.default_factory() if callable(spec.default_factory) else spec.default
+        built[name] = _build(type(default), value, f"{where}: {name}") if is_dataclass(default) else _typed(default, value, f"{where}: {name}")
+    return cls(**built)
+
+
+def _typed(default: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the type of its default (a number where a number goes)."""
+    if default is None:  # optional settings (paths, head_lr) take what they are given
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigurationError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return float(value) if isinstance(default, float) else value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists, so the YAML is plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

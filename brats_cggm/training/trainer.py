@@ -1,0 +1,346 @@
+"""The training loop: patches in, balanced optimizer steps, validation, checkpoints.
+
+The loop itself is short; the rest lives in collaborators: :mod:`.components` (network,
+heads, balancer, optimizer), :mod:`.cases` (split and per-rank shards),
+:mod:`.validation`, :mod:`.checkpoint`, :mod:`.logbook` and :mod:`.plots`.
+
+A run folder::
+
+    RUN/config.yaml          the resolved configuration (repeat the run with --config)
+    RUN/split.json           the split it used
+    RUN/checkpoints/last.pt  everything needed to resume exactly (written every epoch, and on Ctrl-C)
+    RUN/checkpoints/best.pt  the model of the epoch with the best mean validation Dice
+    RUN/metrics.jsonl|csv    one row per epoch; RUN/telemetry.csv one row per optimizer step
+    RUN/tensorboard/         the same metrics for TensorBoard
+    RUN/plots/*.png          loss, validation Dice/HD95, and the balancer's coefficients
+    RUN/summary.json         the outcome (best epoch and its metrics)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from brats_cggm.data.dataset import make_dataset, make_loader
+from brats_cggm.data.splits import save_split
+from brats_cggm.data.transforms import train_transforms, val_transforms
+from brats_cggm.errors import ConfigurationError, UserError
+from brats_cggm.metrics import REGIONS, summarize
+from brats_cggm.training import checkpoint
+from brats_cggm.training.cases import select_cases, shard
+from brats_cggm.training.components import Components, build_components
+from brats_cggm.training.config import TrainConfig
+from brats_cggm.training.distributed import Place
+from brats_cggm.training.logbook import Logbook
+from brats_cggm.training.validation import validate_cases
+from multimodal_general.io import atomic_write_text
+from multimodal_general.provenance import provenance
+from multimodal_general.runtime import keep_freed_memory
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    telemetry: dict[str, float]
+
+
+class FeatureNet(nn.Module):
+    """``forward`` = the network's ``forward_with_features``, so that DDP wraps the call the
+    loop makes (DDP only intercepts ``forward``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.net.forward_with_features(image)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: Path, place: Place, resume: bool = False,
+                 report: Callable[[str], None] = print, progress=None) -> None:
+        self.config, self.run_dir, self.place = config, Path(run_dir), place
+        self.report, self.progress = report, progress
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if place.device.type == "cpu":
+            keep_freed_memory()
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        cases = select_cases(config.data)
+        self.cases = cases
+        pre = config.preprocessing
+        self.train_set = make_dataset(
+            shard(cases.train, place.rank, place.world_size, equal=True), train_transforms(pre),
+            cache=config.data.cache, cache_dir=self.run_dir / "cache",
+        )
+        self.val_set = make_dataset(
+            shard(cases.val, place.rank, place.world_size, equal=False), val_transforms(pre),
+            cache=config.data.cache, cache_dir=self.run_dir / "cache",
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_set) / config.optim.batch_size)
+        total = self.steps_per_epoch * config.optim.epochs
+        group = None  # the default group: the balancer combines statistics over all ranks
+        self.parts: Components = build_components(config, total, place.device, group)
+        model: nn.Module = FeatureNet(self.parts.net)
+        if place.distributed:
+            ids = [place.device.index] if place.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.amp_dtype = _amp_dtype(config.optim.amp, place.device)
+        self.scaler = torch.amp.GradScaler(place.device.type, enabled=self.amp_dtype == torch.float16)
+        self.state = checkpoint.Progress()
+        if resume:
+            self._resume()
+        elif (self.ckpt_dir / "last.pt").exists():
+            raise ConfigurationError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        self.logbook = Logbook(self.run_dir, place.is_main, resume_step=self.state.step if resume else None,
+                               resume_epoch=self.state.epoch if resume else None)
+        if place.is_main and not resume:
+            config.save(self.run_dir / "config.yaml")
+            save_split(cases.split, self.run_dir / "split.json")
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        epochs = self.config.optim.epochs
+        try:
+            while self.state.epoch < epochs:
+                self._train_epoch()
+        except KeyboardInterrupt:
+            self._save_last()
+            raise Interrupted(
+                f"interrupted in epoch {self.state.epoch + 1}; checkpoint saved in {self.ckpt_dir / 'last.pt'} "
+                f"(resume with: brats-cggm train --out {self.run_dir} --resume)"
+            ) from None
+        finally:
+            self.logbook.close()
+        return self._finish()
+
+    def _train_epoch(self) -> None:
+        epoch, started = self.state.epoch, time.perf_counter()
+        losses: list[float] = []
+        sums: dict[str, float] = {}
+        batches = self._batches(epoch)
+        task = self.progress.start(f"epoch {epoch + 1}/{self.config.optim.epochs}", self.steps_per_epoch,
+                                   self.state.batch) if self.progress else None
+        try:
+            for batch in batches:
+                lr = self._lr()
+                result = self._step(batch)
+                losses.append(result.loss)
+                for key, value in result.telemetry.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                self.state.batch += 1
+                self.state.step += 1
+                self.logbook.step({"step": self.state.step, "epoch": epoch + 1, "loss": result.loss,
+                                   "lr": lr, **result.telemetry})
+                if task is not None:
+                    self.progress.advance(task, result.loss)
+        finally:
+            if task is not None:
+                self.progress.finish(task)
+        self.state.epoch, self.state.batch = epoch + 1, 0
+        row = self._epoch_row(losses, sums, time.perf_counter() - started)
+        self._validate_if_due(row)
+        self.logbook.epoch(row)
+        self._save_last()
+        self.report(_epoch_line(row, self.config.optim.epochs, self.state))
+        if "val_dice/mean" in row or self.state.epoch == self.config.optim.epochs:
+            self._plot()
+
+    def _step(self, batch: dict[str, Tensor]) -> StepResult:
+        device, parts = self.place.device, self.parts
+        image = batch["image"].to(device, non_blocking=True)
+        target = batch["label"].to(device, non_blocking=True)
+        parts.optimizer.zero_grad(set_to_none=True)
+        autocast = self._autocast()
+        with autocast:
+            logits, features = self.model(image)
+            task_loss = parts.criterion(logits, target)
+            loss = task_loss
+            if parts.balancer is not None:
+                loss = loss + parts.balancer.extra_loss(features, logits, target, task_loss)
+        self._check_finite(task_loss)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(parts.optimizer)
+        telemetry = parts.balancer.modulate().as_dict() if parts.balancer is not None else {}
+        self.scaler.step(parts.optimizer)
+        self.scaler.update()
+        parts.scheduler.step()
+        telemetry.pop("step", None)
+        return StepResult(float(task_loss.detach()), telemetry)
+
+    def _batches(self, epoch: int) -> Iterator[dict[str, Tensor]]:
+        """The epoch's batches; the order and augmentation depend only on (seed, epoch,
+        rank), so a resumed epoch replays the batches it had already done and skips them."""
+        seed = zlib.crc32(f"{self.config.seed}/{epoch}/{self.place.rank}".encode())
+        self.train_set.transform.set_random_state(seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        loader = make_loader(self.train_set, batch_size=self.config.optim.batch_size, shuffle=True,
+                             num_workers=self.config.data.num_workers, generator=generator)
+        batches = iter(loader)
+        if self.state.batch:
+            rng = checkpoint.rng_state()  # replaying must not move the run's own random state
+            for _ in range(self.state.batch):
+                next(batches)
+            checkpoint.set_rng_state(rng)
+        return batches
+
+    def _check_finite(self, task_loss: Tensor) -> None:
+        bad = (~torch.isfinite(task_loss.detach())).float().reshape(1)
+        if self.place.all_sum(bad).item() > 0:
+            last = self.ckpt_dir / "last.pt"
+            kept = f"the last good checkpoint is {last} (epoch {self.state.epoch})" if last.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"the loss became NaN/Inf at epoch {self.state.epoch + 1}, step {self.state.step + 1}; "
+                f"the run stopped and {kept}. Lower optim.lr, or set optim.amp off"
+            )
+
+    # -------------------------------------------------------------- validation
+    def _validate_if_due(self, row: dict[str, Any]) -> None:
+        epoch, every = self.state.epoch, self.config.validation.every
+        if epoch % every and epoch != self.config.optim.epochs:
+            return
+        v = self.config.validation
+        heads = dict(self.parts.balancer.heads.items()) if self.parts.balancer is not None else {}
+        rows = validate_cases(
+            self.parts.net, heads, (self.val_set[i] for i in range(len(self.val_set))),
+            roi_size=self.config.preprocessing.patch_size, overlap=v.overlap,
+            sw_batch_size=v.sw_batch_size, hd95=v.hd95, autocast=self._autocast,
+        )
+        rows = self.place.gather(rows)
+        summary = summarize([{k: x for k, x in r.items() if k != "case_id"} for r in rows])
+        row.update({f"val_{key}": stats["mean"] for key, stats in summary.items()})
+        row["val_dice/mean"] = sum(row[f"val_dice/{r}"] for r in REGIONS) / len(REGIONS)
+        if row["val_dice/mean"] > self.state.best_dice:
+            self.state.best_dice, self.state.best_epoch = row["val_dice/mean"], epoch
+            if self.place.is_main:
+                checkpoint.save(self.ckpt_dir / "best.pt", self._model_payload(row, rows))
+        if self.place.is_main:
+            atomic_write_text(self.run_dir / "validation" / f"epoch{epoch:04d}.json", json.dumps(rows, indent=1))
+
+    # ------------------------------------------------------------ checkpoints
+    def _model_payload(self, row: dict[str, Any], cases: list[dict]) -> dict[str, Any]:
+        """What inference and evaluation need: the network, how to build and feed it."""
+        return {
+            "kind": "model",
+            "config": self.config.to_dict(),
+            "network": self.parts.net.state_dict(),
+            "epoch": self.state.epoch,
+            "metrics": {k: v for k, v in row.items() if k.startswith("val_")},
+            "val_cases": [c["case_id"] for c in cases],
+        }
+
+    def _save_last(self) -> None:
+        if not self.place.is_main:
+            return
+        modules = {name: module.state_dict() for name, module in self.parts.modules().items()}
+        checkpoint.save(self.ckpt_dir / "last.pt", {
+            "kind": "resume",
+            "config": self.config.to_dict(),
+            "modules": modules,
+            "optimizer": self.parts.optimizer.state_dict(),
+            "scheduler": self.parts.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": asdict(self.state),
+            "rng": checkpoint.rng_state(),
+            "world_size": self.place.world_size,
+        })
+
+    def _resume(self) -> None:
+        payload = checkpoint.load(self.ckpt_dir / "last.pt", map_location=self.place.device)
+        if payload.get("kind") != "resume":
+            raise ConfigurationError(f"{self.ckpt_dir / 'last.pt'}: not a resumable checkpoint")
+        if payload["world_size"] != self.place.world_size:
+            raise ConfigurationError(
+                f"{self.run_dir} was trained with {payload['world_size']} process(es); resume it with as many"
+            )
+        for name, module in self.parts.modules().items():
+            module.load_state_dict(payload["modules"][name])
+        self.parts.optimizer.load_state_dict(payload["optimizer"])
+        self.parts.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.state = checkpoint.Progress(**payload["progress"])
+        checkpoint.set_rng_state(payload["rng"])
+
+    # ------------------------------------------------------------------ output
+    def _epoch_row(self, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
+        n = max(len(losses), 1)
+        row: dict[str, Any] = {"epoch": self.state.epoch, "step": self.state.step, "lr": self._lr(),
+                               "train_loss": sum(losses) / n, "time_s": seconds, "step_s": seconds / n}
+        for key, total in sums.items():
+            name = key.replace("eps/", "head_dice/", 1)
+            row[name] = total / n
+        return row
+
+    def _finish(self) -> dict[str, Any]:
+        best = self.ckpt_dir / "best.pt"
+        summary = {
+            "run": str(self.run_dir),
+            "epochs": self.state.epoch,
+            "steps": self.state.step,
+            "best_epoch": self.state.best_epoch,
+            "best_val_dice_mean": self.state.best_dice,
+            "best_checkpoint": str(best),
+            "final": self.logbook.metrics()[-1] if self.place.is_main and self.logbook.metrics() else {},
+            "train_cases": len(self.cases.train),
+            "val_cases": len(self.cases.val),
+            "world_size": self.place.world_size,
+            "provenance": provenance("torch", "monai"),
+        }
+        if self.place.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def _plot(self) -> None:
+        if self.place.is_main:
+            from brats_cggm.training.plots import plot_run
+
+            plot_run(self.run_dir)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.place.device.type, dtype=self.amp_dtype)
+
+    def _lr(self) -> float:
+        return float(self.parts.optimizer.param_groups[0]["lr"])
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 where the device has it (no loss scaling needed), else float16."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _epoch_line(row: dict[str, Any], epochs: int, state: checkpoint.Progress) -> str:
+    line = f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  {row['step_s']:.2f} s/step"
+    if "val_dice/mean" in row:
+        dice = "  ".join(f"{r} {row[f'val_dice/{r}']:.3f}" for r in REGIONS)
+        line += f"  | val Dice {dice}  mean {row['val_dice/mean']:.3f} (best {state.best_dice:.3f} @ {state.best_epoch})"
+    return line
+
+
+__all__ = ["FeatureNet", "Interrupted", "Trainer", "TrainingDiverged"]
