@@ -16,10 +16,16 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
 
+# The demo: CGGM on the synthetic imbalance task (~20 s), then BraTS-like phantoms ->
+# a short CGGM training on the CPU -> evaluation of the validation cases (~5 min on 2 cores).
+DEMO := runs/demo
 demo: | $(BIN)/python
-	$(BIN)/python bench/imbalance.py --quick --out runs/demo
-	$(BIN)/brats-cggm phantom --out runs/demo/phantoms --cases 3 --size 96 --seed 0
-	$(BIN)/brats-cggm check runs/demo/phantoms
+	$(BIN)/python bench/imbalance.py --quick --out $(DEMO)/imbalance
+	rm -rf $(DEMO)/phantoms $(DEMO)/brats
+	$(BIN)/brats-cggm phantom --out $(DEMO)/phantoms --cases 20 --size 64 --seed 0
+	$(BIN)/brats-cggm check $(DEMO)/phantoms
+	$(BIN)/brats-cggm train --data $(DEMO)/phantoms --out $(DEMO)/brats --preset cpu-small $(DEMO_TRAIN)
+	$(BIN)/brats-cggm evaluate --run $(DEMO)/brats
 
 test: | $(BIN)/python
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -62,7 +62,7 @@ def summarize(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
         summary[key] = {
             "mean": float(values.mean()),
             "std": float(values.std()) if len(values) > 1 else 0.0,
-            "median": float(values.median()),
+            "median": float(values.quantile(0.5)),
             "n": len(values),
         }
     return summary

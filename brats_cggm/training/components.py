@@ -21,12 +21,14 @@ class RegionLoss(nn.Module):
 
     MONAI's ``DiceCELoss`` applies a softmax cross-entropy to multi-channel inputs even with
     ``sigmoid=True``; the regions overlap (ET is inside TC inside WT), so each channel
-    needs its own sigmoid cross-entropy.
+    needs its own sigmoid cross-entropy. The Dice is computed over the whole batch per
+    region (nnU-Net's "batch Dice" for 3-D): a patch without, say, enhancing tumour then
+    does not give that region a loss of 1 for every voxel predicted above zero.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -96,8 +96,6 @@ def read_telemetry(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 def _to_float(value: Any) -> float:
     """``value`` as a float; NaN for an empty cell, ``None`` or anything not a number."""
-    if isinstance(value, bool):
-        return float(value)
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -154,9 +152,10 @@ def _save(fig: Figure, path: Path) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def _figure(rows: int, title: str, sharex: bool = True) -> tuple[Figure, list[Axes]]:
+def _figure(rows: int, title: str) -> tuple[Figure, list[Axes]]:
+    """A figure of ``rows`` panels stacked on a shared x axis (steps or epochs)."""
     fig = Figure(figsize=(WIDTH, ROW_HEIGHT * rows + 0.4), dpi=DPI, layout="constrained")
-    axes = fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0]
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     fig.suptitle(title, fontsize=12)
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -231,34 +230,37 @@ def _loss_figure(name: str, telemetry: dict[str, np.ndarray],
 
 def _dice_figure(name: str, metrics: Sequence[dict[str, Any]]) -> Figure | None:
     """Validation Dice per region (and mean) vs epoch; HD95 per region on a second panel."""
-    rows = [row for row in metrics if any(str(k).startswith("val_") for k in row)]
-    keys = list(dict.fromkeys(str(k) for row in rows for k in row))
+    rows = [row for row in metrics if any(k.startswith("val_") for k in row)]
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     dice_regions, hd_regions = _suffixes(keys, "val_dice/"), _suffixes(keys, "val_hd95/")
     dice = {r: _column(rows, f"val_dice/{r}") for r in dice_regions}
     hd95 = {r: _column(rows, f"val_hd95/{r}") for r in hd_regions}
+    heads = {m: _column(rows, f"val_head_dice/{m}") for m in _suffixes(keys, "val_head_dice/")}
     dice = {r: v for r, v in dice.items() if _has_data(v)}
     hd95 = {r: v for r, v in hd95.items() if _has_data(v)}
-    if not dice and not hd95:
-        return None
-    epochs = _epoch_axis(rows)
-    fig, axes = _figure(int(bool(dice)) + int(bool(hd95)), f"{name}: validation")
+    heads = {m: v for m, v in heads.items() if _has_data(v)}
     panels = [(dice, "Dice", "Dice per region (higher is better)")] if dice else []
     if hd95:
         panels.append((hd95, "HD95 (mm)", "95th-percentile Hausdorff distance (lower is better)"))
+    if heads:
+        panels.append((heads, "Dice", "each sequence's auxiliary head alone (Dice, mean of regions)"))
+    if not panels:
+        return None
+    epochs = _epoch_axis(rows)
+    fig, axes = _figure(len(panels), f"{name}: validation")
     for ax, (series, ylabel, title) in zip(axes, panels):
         for i, (region, values) in enumerate(series.items()):
-            color = REGION_COLORS.get(region, MODALITY_PALETTE[(i + 4) % len(MODALITY_PALETTE)])
+            color = REGION_COLORS.get(region, MODALITY_PALETTE[(i if series is heads else i + 4) % len(MODALITY_PALETTE)])
             ax.plot(epochs, values, marker="o", ms=4, color=color, label=region,
                     lw=2.2 if region == "mean" else 1.5, ls="--" if region == "mean" else "-")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
-    if dice:
-        axes[0].set_ylim(-0.02, 1.02)
-    else:
-        axes[0].set_ylim(bottom=0)
-    if hd95:
-        axes[-1].set_ylim(bottom=0)
+    for ax, (series, ylabel, _) in zip(axes, panels):
+        if ylabel == "Dice":
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            ax.set_ylim(bottom=0)
     axes[-1].set_xlabel("epoch")
     return fig
 
