@@ -317,3 +317,24 @@ def test_throughput_benchmark_runs_and_writes_json(tmp_path):
                        "--epochs", "1", "--steps", "1", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["patch"] == 32 and row["loader_patches_per_s"] > 0 and row["ratio"] > 0
+
+
+def test_threads_sharing_one_loader_read_every_case_whole(tmp_path):
+    """MONAI's NibabelReader keeps the names of its last read on the instance; the threads
+    that fill a memory cache share it, and a one-file label read in between made a case
+    one channel. The pipelines' reader keeps them per thread."""
+    import pickle
+    from multiprocessing.pool import ThreadPool
+
+    from brats_cggm.data.phantom import write_phantoms
+    from brats_cggm.data.transforms import ThreadSafeNibabelReader, case_to_dict
+    from monai.transforms import LoadImaged
+
+    write_phantoms(tmp_path, 6, size=16, layout="brats2021", seed=3)
+    cases = [case_to_dict(c) for c in discover(tmp_path).cases] * 4
+    load = LoadImaged(["image", "label"], reader=ThreadSafeNibabelReader(), image_only=True)
+    with ThreadPool(4) as pool:
+        shapes = pool.map(lambda d: (tuple(load(d)["image"].shape), tuple(load(d)["label"].shape)), cases)
+    assert all(image == (4, 16, 16, 16) and label == (16, 16, 16) for image, label in shapes), shapes
+    copy = pickle.loads(pickle.dumps(load))  # data-loader workers get a copy
+    assert tuple(copy(cases[0])["image"].shape) == (4, 16, 16, 16)

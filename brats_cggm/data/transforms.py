@@ -21,12 +21,14 @@ picked by ``scheme``, so that data sets of different releases can be mixed).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import NibabelReader
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -194,6 +196,37 @@ class ToBrats2021d(MapTransform):
         return d
 
 
+class ThreadSafeNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` with the file names of a ``read`` kept per thread.
+
+    ``NibabelReader.read`` stores the names it read on the instance and ``get_data`` zips
+    the images with them, so when the threads that fill a ``CacheDataset`` share one reader
+    (they share the transform), a thread reading a one-file label map between another
+    thread's ``read`` and ``get_data`` of four sequences makes that case one channel
+    (MONAI 1.6.1; half the cache fills of 24 cases with 4 threads failed so). Here each
+    thread sees its own names.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._local = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def filenames(self):
+        return getattr(self._local, "filenames", ())
+
+    @filenames.setter
+    def filenames(self, names) -> None:
+        self._local.filenames = names
+
+    def __getstate__(self) -> dict:  # a thread-local cannot be pickled (worker processes)
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
 class Pipeline(Compose):
     """A MONAI ``Compose`` that knows the configuration it was built from, and raises the
     project's user errors (a bad input file) as themselves: MONAI wraps every exception
@@ -226,7 +259,7 @@ def _prefix(cfg: PreprocessConfig, keys: list[str]) -> list:
     has_label = "label" in keys
     modes = ["bilinear", "nearest"][: len(keys)]
     steps = [
-        LoadImaged(keys, reader="NibabelReader", image_only=True),
+        LoadImaged(keys, reader=ThreadSafeNibabelReader(), image_only=True),
         EnsureChannelFirstd(keys),
         CanonicalChannelsd("image"),
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
