@@ -197,6 +197,9 @@ def train(
             f"[bold green]done[/]: best mean validation Dice {best:.3f} at epoch {summary['best_epoch']}; "
             f"{out}/checkpoints/best.pt, plots in {out}/plots"
         )
+        if "ranks_consistent" in summary:
+            state = "identical on" if summary["ranks_consistent"] else "[bold red]DIFFERENT[/] across"
+            console.print(f"network and balancer state {state} all {place.world_size} processes")
 
 
 def parse_settings(settings: list[str]) -> dict[str, object]:
