@@ -145,7 +145,7 @@ def train(
     out: Annotated[Path, typer.Option(help="the run folder (config, checkpoints, metrics, plots)")],
     data: Annotated[Path | None, typer.Option(help="folder with BraTS cases")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration; these options override it")] = None,
-    preset: Annotated[str, typer.Option(help="starting configuration: cpu-small or gpu")] = "cpu-small",
+    preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default) or gpu")] = None,
     balancer: Annotated[str | None, typer.Option(help="none or cggm")] = None,
     cggm_preset: Annotated[str | None, typer.Option(help="CGGM variant: stable, paper or official")] = None,
     network: Annotated[str | None, typer.Option(help="small, default or early_fusion")] = None,
@@ -174,11 +174,12 @@ def train(
     }
     if resume:
         changed = sorted(k for k, v in overrides.items() if v is not None and k != "optim.epochs")
-        if changed or config is not None:
-            raise ConfigurationError(f"--resume continues the run as configured; only --epochs may change (got {', '.join(changed) or '--config'})")
+        changed += [name for name, given in (("--config", config), ("--preset", preset)) if given is not None]
+        if changed:
+            raise ConfigurationError(f"--resume continues the run as configured; only --epochs may change (got {', '.join(changed)})")
         resolved = resolve_config("cpu-small", out / "config.yaml", overrides)
     else:
-        resolved = resolve_config(preset, config, overrides)
+        resolved = resolve_config(preset or "cpu-small", config, overrides)
     place = start(resolved.device)
     try:
         main_console = console if place.is_main else Console(quiet=True)

@@ -120,12 +120,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> TrainConfig:
         config = _build(cls, values, source)
+        config.preprocess = _typed_section(PreprocessConfig(), config.preprocess, f"{source}: preprocess")
         config.check()
         config.preprocess = config.preprocessing.to_dict()  # every setting, written out
         return config
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name."""
+        from brats_cggm.network import PRESETS as NETWORKS
+        from multimodal_general.balance import BALANCERS
+
         self.preprocessing  # noqa: B018 - PreprocessConfig validates itself
         o, d, v = self.optim, self.data, self.validation
         choices = {
@@ -134,6 +138,8 @@ class TrainConfig:
             "optim.amp": (o.amp, ("auto", "on", "off")),
             "data.cache": (d.cache, CACHE_MODES),
             "device": (self.device, ("auto", "cpu", "cuda")),
+            "network.preset": (self.network.preset, tuple(NETWORKS)),
+            "balancer.name": (self.balancer.name, tuple(BALANCERS)),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -260,6 +266,22 @@ def _typed(default: Any, value: Any, where: str) -> Any:
     if not ok:
         raise ConfigurationError(f"{where}: expected {type(default).__name__}, got {value!r}")
     return float(value) if isinstance(default, float) else value
+
+
+def _typed_section(defaults: Any, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The settings of a dict-valued section, each checked against the type of its default
+    (a list of numbers where the default is a tuple); unknown names are left to the section."""
+    checked = {}
+    for name, value in values.items():
+        default = getattr(defaults, name, None)
+        if isinstance(default, tuple):
+            if not (isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ConfigurationError(f"{where}: {name}: expected a list of numbers, got {value!r}")
+            checked[name] = list(value)
+        else:
+            checked[name] = _typed(default, value, f"{where}: {name}")
+    return checked
 
 
 def _plain(value: Any) -> Any:

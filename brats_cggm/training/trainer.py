@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,31 +140,36 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         epoch, started = self.state.epoch, time.perf_counter()
-        losses: list[float] = []
-        sums: dict[str, float] = {}
-        batches = self._batches(epoch)
+        # the losses and telemetry sums of the batches done before a resume
+        partial = self.state.extra.setdefault("epoch", {"losses": [], "sums": {}, "seconds": 0.0})
+        losses: list[float] = partial["losses"]
+        sums: dict[str, float] = partial["sums"]
+        batches = self._batches(epoch) if self.state.batch < self.steps_per_epoch else iter(())
         task = self.progress.start(f"epoch {epoch + 1}/{self.config.optim.epochs}", self.steps_per_epoch,
                                    self.state.batch) if self.progress else None
         try:
             for batch in batches:
-                lr = self._lr()
-                result = self._step(batch)
-                losses.append(result.loss)
-                for key, value in result.telemetry.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                self.state.batch += 1
-                self.state.step += 1
-                self.logbook.step({"step": self.state.step, "epoch": epoch + 1, "loss": result.loss,
-                                   "lr": lr, **result.telemetry})
+                with _sigint_after_step():
+                    lr = self._lr()
+                    result = self._step(batch)
+                    losses.append(result.loss)
+                    for key, value in result.telemetry.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    self.state.batch += 1
+                    self.state.step += 1
+                    self.logbook.step({"step": self.state.step, "epoch": epoch + 1, "loss": result.loss,
+                                       "lr": lr, **result.telemetry})
                 if task is not None:
                     self.progress.advance(task, result.loss)
         finally:
             if task is not None:
                 self.progress.finish(task)
-        self.state.epoch, self.state.batch = epoch + 1, 0
-        row = self._epoch_row(losses, sums, time.perf_counter() - started)
-        self._validate_if_due(row)
+            partial["seconds"] += time.perf_counter() - started
+        row = self._epoch_row(epoch + 1, losses, sums, partial["seconds"])
+        self._validate_if_due(row, epoch + 1)
         self.logbook.epoch(row)
+        self.state.epoch, self.state.batch = epoch + 1, 0
+        self.state.extra.pop("epoch")
         self._save_last()
         self.report(_epoch_line(row, self.config.optim.epochs, self.state))
         if "val_dice/mean" in row or self.state.epoch == self.config.optim.epochs:
@@ -213,12 +220,12 @@ class Trainer:
             kept = f"the last good checkpoint is {last} (epoch {self.state.epoch})" if last.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"the loss became NaN/Inf at epoch {self.state.epoch + 1}, step {self.state.step + 1}; "
-                f"the run stopped and {kept}. Lower optim.lr, or set optim.amp off"
+                f"the run stopped and {kept}. Start a new run with a lower optim.lr (or optim.amp off)"
             )
 
     # -------------------------------------------------------------- validation
-    def _validate_if_due(self, row: dict[str, Any]) -> None:
-        epoch, every = self.state.epoch, self.config.validation.every
+    def _validate_if_due(self, row: dict[str, Any], epoch: int) -> None:
+        every = self.config.validation.every
         if epoch % every and epoch != self.config.optim.epochs:
             return
         v = self.config.validation
@@ -235,18 +242,18 @@ class Trainer:
         if row["val_dice/mean"] > self.state.best_dice:
             self.state.best_dice, self.state.best_epoch = row["val_dice/mean"], epoch
             if self.place.is_main:
-                checkpoint.save(self.ckpt_dir / "best.pt", self._model_payload(row, rows))
+                checkpoint.save(self.ckpt_dir / "best.pt", self._model_payload(row, rows, epoch))
         if self.place.is_main:
             atomic_write_text(self.run_dir / "validation" / f"epoch{epoch:04d}.json", json.dumps(rows, indent=1))
 
     # ------------------------------------------------------------ checkpoints
-    def _model_payload(self, row: dict[str, Any], cases: list[dict]) -> dict[str, Any]:
+    def _model_payload(self, row: dict[str, Any], cases: list[dict], epoch: int) -> dict[str, Any]:
         """What inference and evaluation need: the network, how to build and feed it."""
         return {
             "kind": "model",
             "config": self.config.to_dict(),
             "network": self.parts.net.state_dict(),
-            "epoch": self.state.epoch,
+            "epoch": epoch,
             "metrics": {k: v for k, v in row.items() if k.startswith("val_")},
             "val_cases": [c["case_id"] for c in cases],
         }
@@ -279,14 +286,20 @@ class Trainer:
             module.load_state_dict(payload["modules"][name])
         self.parts.optimizer.load_state_dict(payload["optimizer"])
         self.parts.scheduler.load_state_dict(payload["scheduler"])
+        # optim.epochs may have changed (the schedule's length): the next step's rate comes
+        # from the new schedule, not from the old one's end (equal when nothing changed)
+        scheduler = self.parts.scheduler
+        for group, base, factor in zip(self.parts.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.parts.optimizer.param_groups]
         self.scaler.load_state_dict(payload["scaler"])
         self.state = checkpoint.Progress(**payload["progress"])
         checkpoint.set_rng_state(payload["rng"])
 
     # ------------------------------------------------------------------ output
-    def _epoch_row(self, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
+    def _epoch_row(self, epoch: int, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
         n = max(len(losses), 1)
-        row: dict[str, Any] = {"epoch": self.state.epoch, "step": self.state.step, "lr": self._lr(),
+        row: dict[str, Any] = {"epoch": epoch, "step": self.state.step, "lr": self._lr(),
                                "train_loss": sum(losses) / n, "time_s": seconds, "step_s": seconds / n}
         for key, total in sums.items():
             name = key.replace("eps/", "head_dice/", 1)
@@ -340,6 +353,23 @@ class Trainer:
 
     def _lr(self) -> float:
         return float(self.parts.optimizer.param_groups[0]["lr"])
+
+
+@contextmanager
+def _sigint_after_step():
+    """Ctrl-C during a step (and its bookkeeping) raises KeyboardInterrupt once the step is
+    done, so that the checkpoint written on Ctrl-C holds whole steps only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -58,6 +58,8 @@ def validate_cases(
                     torch.as_tensor(image)[None].to(device), roi_size, sw_batch_size, predict,
                     overlap=overlap, mode="gaussian",
                 )
+            if isinstance(outputs, Tensor):  # MONAI returns a predictor's 1-tuple unpacked
+                outputs = (outputs,)
             target = torch.as_tensor(label)[None].to(device)
             spacing = [float(s) for s in image.pixdim] if hasattr(image, "pixdim") else [1.0, 1.0, 1.0]
             row = {"case_id": data["case_id"]}

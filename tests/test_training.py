@@ -1,0 +1,683 @@
+"""Training end to end on tiny phantoms: configuration, run folder, exact resume (after an
+extension, Ctrl-C, SIGKILL), divergence, the early-fusion baseline, the ``train`` and
+``evaluate`` commands, and two processes under torchrun.
+
+Every run uses the configuration of :data:`training_cases.TINY` (16^3 patches of 32^3
+phantoms, a 4-8-8 network): an epoch takes about a second on 2 CPU cores. The runs that
+several tests compare are module fixtures: ``straight`` trains 3 epochs (validated after
+epochs 2 and 3) without interruption, and the interrupted runs are resumed and compared
+with it bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from training_cases import (
+    CONSOLE_SCRIPT,
+    CPU,
+    EARLY_FUSION,
+    MODALITIES,
+    REPO,
+    TINY,
+    all_finite,
+    assert_same_training_state,
+    differences,
+    error_line,
+    load_last,
+    nested,
+    read_csv,
+    read_metrics,
+    run_cli,
+    start_cli,
+    subprocess_env,
+    tiny_config,
+    without_timing,
+)
+
+from brats_cggm import cli
+from brats_cggm.data.dataset import make_dataset
+from brats_cggm.data.layouts import discover
+from brats_cggm.data.phantom import write_phantoms
+from brats_cggm.data.transforms import PreprocessConfig, val_transforms
+from brats_cggm.errors import ConfigurationError
+from brats_cggm.metrics import REGIONS
+from brats_cggm.training import PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
+from brats_cggm.training import trainer as trainer_module
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def no_plots(patch: pytest.MonkeyPatch) -> None:
+    """Plots cost about a second each; only the tests of the run folder need them."""
+    patch.setattr(Trainer, "_plot", lambda self: None)
+
+
+def write_config(path: Path, data_dir: Path, **dotted) -> Path:
+    """The tiny configuration as a YAML file for ``--config``."""
+    values = {**TINY, "data.dir": str(data_dir), **dotted}
+    path.write_text(yaml.safe_dump(nested(values), sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: these tensors are tiny, and the CPUs are shared (spinning OpenMP
+    threads of two processes on 2 cores make a step 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """6 phantom cases of 32^3 voxels (7.5 x 7.5 x 4.8 mm): 4 train, 2 validation (~3 s)."""
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(out, 6, size=32, layout="brats2021", seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(phantoms, tmp_path_factory):
+    """3 epochs of CGGM training without interruption, with plots."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    config = tiny_config(phantoms)
+    lines: list[str] = []
+    summary = Trainer(config, run, CPU, report=lines.append).fit()
+    return SimpleNamespace(run=run, config=config, summary=summary, lines=lines)
+
+
+# ---------------------------------------------------------------- 1. configuration
+def test_preset_then_file_then_overrides(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump({
+        "optim": {"lr": 0.05, "epochs": 7},
+        "preprocess": {"num_samples": 3},
+        "network": {"overrides": {"channels": [8, 16, 32, 64], "head_channels": 4}},
+    }))
+    config = resolve_config("cpu-small", file, {"optim.epochs": 9, "optim.lr": None,
+                                                "network.overrides": {"head_channels": 2}})
+    preset = PRESETS["cpu-small"]
+    assert preset["optim"]["lr"] != 0.05 and preset["optim"]["epochs"] not in (7, 9)
+    assert config.optim.lr == 0.05  # the file over the preset; a None override is skipped
+    assert config.optim.epochs == 9  # the override over the file
+    assert config.optim.optimizer == preset["optim"]["optimizer"]  # the preset's, untouched
+    assert config.optim.momentum == 0.99  # the dataclass default, untouched
+    assert config.validation.every == preset["validation"]["every"]
+    assert config.preprocessing.num_samples == 3 and config.preprocessing.patch_size == (48, 48, 48)
+    assert config.network.overrides == {"head_channels": 2}  # overrides are replaced whole, not merged
+    gpu = resolve_config("gpu", file)
+    assert gpu.preprocessing.spacing == (1.0, 1.0, 1.0) and gpu.data.num_workers == 4
+    assert gpu.optim.lr == 0.05 and gpu.optim.epochs == 7
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"optim.lrr": 0.1}, "lrr"),
+    ({"bogus.x": 1}, "bogus"),
+    ({"preprocess.patch": [16, 16, 16]}, "patch"),
+])
+def test_unknown_settings_are_named(overrides, named):
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        resolve_config("cpu-small", overrides=overrides)
+
+
+def test_unknown_setting_in_a_file_names_the_file(tmp_path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("optim:\n  lr: 0.1\n  warmup: 5\n")
+    with pytest.raises(ConfigurationError) as info:
+        resolve_config("cpu-small", file)
+    assert str(file) in str(info.value) and "warmup" in str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optim.epochs", "3"),
+    ("optim.epochs", 2.5),
+    ("optim.epochs", True),
+    ("optim.lr", "fast"),
+    ("validation.hd95", "yes"),
+    ("data.val_fraction", [0.2]),
+    ("preprocess.patch_size", 2.5),
+    ("preprocess.num_samples", "2"),
+])
+def test_wrong_types_are_configuration_errors_naming_the_setting(key, value):
+    """A wrong type must be a one-line ConfigurationError naming the setting, never a
+    TypeError from deep inside (the CLI turns only user errors into one line)."""
+    with pytest.raises(ConfigurationError) as info:
+        resolve_config("cpu-small", overrides={key: value})
+    assert key.split(".")[-1] in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optim.optimizer", "adam"),
+    ("optim.schedule", "step"),
+    ("optim.amp", "yes"),
+    ("data.cache", "ram"),
+    ("device", "tpu"),
+    ("optim.lr", 0.0),
+    ("optim.epochs", 0),
+    ("validation.overlap", 1.0),
+    ("data.val_fraction", 1.0),
+])
+def test_bad_values_are_rejected_with_their_dotted_name(key, value):
+    with pytest.raises(ConfigurationError, match=re.escape(key)):
+        resolve_config("cpu-small", overrides={key: value})
+
+
+@pytest.mark.parametrize("key, value", [("balancer.name", "cgm"), ("network.preset", "tiny")])
+def test_component_names_are_checked_with_the_configuration(key, value):
+    """A misspelt balancer or network is a mistake of the configuration, reported when it
+    is resolved (as ``optim.optimizer`` is), not after the data set has been cached."""
+    with pytest.raises(ConfigurationError, match=re.escape(key)):
+        resolve_config("cpu-small", overrides={key: value})
+
+
+def test_saved_configuration_round_trips(straight):
+    saved = straight.run / "config.yaml"
+    assert resolve_config("cpu-small", saved).to_dict() == straight.config.to_dict()
+    # the file holds every setting: whatever preset it is read over, it gives the same run
+    assert resolve_config("gpu", saved).to_dict() == straight.config.to_dict()
+    assert load_last(straight.run)["config"] == straight.config.to_dict()
+
+
+# ----------------------------------------------------------------- 2. run folder
+def test_a_run_writes_its_folder(straight):
+    run = straight.run
+    for name in ("config.yaml", "split.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "metrics.jsonl", "metrics.csv", "telemetry.csv", "summary.json"):
+        assert (run / name).is_file(), name
+
+    fold = json.loads((run / "split.json").read_text())["folds"][0]
+    assert len(fold["train"]) == 4 and len(fold["val"]) == 2 and not set(fold["train"]) & set(fold["val"])
+
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["step"] for r in rows] == [4, 8, 12]
+    assert [r["epoch"] for r in rows if "val_dice/mean" in r] == [2, 3]  # validation.every 2, and the last
+    for row in rows:
+        for m in MODALITIES:
+            for key in (f"head_dice/{m}", f"B/{m}"):
+                assert math.isfinite(row[key]), (row["epoch"], key)
+        if "val_dice/mean" in row:
+            dice = [row[f"val_dice/{r}"] for r in REGIONS]
+            assert all(0 <= d <= 1 for d in dice) and row["val_dice/mean"] == pytest.approx(sum(dice) / 3)
+            assert all(f"val_head_dice/{m}" in row for m in MODALITIES)
+        else:
+            assert not any(k.startswith("val_") for k in row)
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+
+    table = read_csv(run / "metrics.csv")
+    assert [float(r["train_loss"]) for r in table] == [r["train_loss"] for r in rows]
+    assert table[0]["val_dice/mean"] == "" and float(table[2]["val_dice/mean"]) == rows[2]["val_dice/mean"]
+
+    telemetry = read_csv(run / "telemetry.csv")
+    assert [int(r["step"]) for r in telemetry] == list(range(1, 13))
+    assert [int(r["epoch"]) for r in telemetry] == [1] * 4 + [2] * 4 + [3] * 4
+    for m in MODALITIES:
+        b = [float(r[f"B/{m}"]) for r in telemetry]
+        assert all(math.isfinite(x) for x in b), b
+    assert any(float(r["B/flair"]) != 1.0 for r in telemetry)  # CGGM did modulate
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train_loss")] == [1, 2, 3]
+    assert [e.step for e in board.Scalars("val_dice/mean")] == [2, 3]
+    assert board.Scalars("train_loss")[0].value == pytest.approx(rows[0]["train_loss"])
+
+    plots = {p.name for p in (run / "plots").glob("*.png")}
+    assert plots == {"loss.png", "dice.png", "balance.png"}
+    for name in plots:
+        assert (run / "plots" / name).read_bytes()[:8] == PNG_SIGNATURE
+
+    for epoch, validated in ((1, False), (2, True), (3, True)):
+        path = run / "validation" / f"epoch{epoch:04d}.json"
+        assert path.exists() == validated
+        if validated:
+            assert sorted(r["case_id"] for r in json.loads(path.read_text())) == sorted(fold["val"])
+
+    summary = json.loads((run / "summary.json").read_text())
+    best = max((r for r in rows if "val_dice/mean" in r), key=lambda r: r["val_dice/mean"])
+    assert summary["best_val_dice_mean"] == best["val_dice/mean"]
+    assert summary["best_epoch"] == best["epoch"]
+    assert (summary["epochs"], summary["steps"], summary["train_cases"], summary["val_cases"],
+            summary["world_size"]) == (3, 12, 4, 2, 1)
+    assert summary["final"]["epoch"] == 3
+
+    best_pt = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    assert best_pt["kind"] == "model" and best_pt["epoch"] == best["epoch"]
+    assert best_pt["metrics"]["val_dice/mean"] == best["val_dice/mean"]
+    assert sorted(best_pt["val_cases"]) == sorted(fold["val"])
+    last = load_last(run)
+    assert last["progress"]["epoch"] == 3 and last["progress"]["batch"] == 0 and last["progress"]["step"] == 12
+    assert last["progress"]["best_dice"] == best["val_dice/mean"]
+    if best["epoch"] == 3:
+        assert not differences(best_pt["network"], last["modules"]["net"])
+    assert set(last["modules"]) == {"net", "balancer"}
+    assert not all_finite(last["modules"]["net"]) and not all_finite(last["modules"]["balancer"])
+
+    assert [line.split()[1] for line in straight.lines] == ["1/3", "2/3", "3/3"]
+    assert "val Dice" in straight.lines[1] and "val Dice" not in straight.lines[0]
+
+
+def test_a_second_run_in_place_is_refused_without_touching_the_first(straight, phantoms):
+    before = {p: p.read_bytes() for p in (straight.run / "metrics.jsonl", straight.run / "telemetry.csv")}
+    with pytest.raises(ConfigurationError, match="already holds a run"):
+        Trainer(straight.config, straight.run, CPU, report=quiet)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+# ------------------------------------------------------------ 3. exact resume
+def test_extending_a_finished_run_equals_training_longer(phantoms, tmp_path, monkeypatch):
+    """1 epoch, then resumed with epochs=2: the same bits as 2 epochs straight. (With a
+    constant learning rate: poly and cosine are stretched over the new length on resume.)"""
+    no_plots(monkeypatch)
+    longer = tiny_config(phantoms, optim__schedule="none", optim__epochs=2, validation__every=1)
+    shorter = tiny_config(phantoms, optim__schedule="none", optim__epochs=1, validation__every=1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(longer, a, CPU, report=quiet).fit()
+    Trainer(shorter, b, CPU, report=quiet).fit()
+    assert load_last(b)["progress"]["epoch"] == 1
+    Trainer(longer, b, CPU, resume=True, report=quiet).fit()
+    assert_same_training_state(a, b)
+    assert read_csv(a / "telemetry.csv") == read_csv(b / "telemetry.csv")
+    assert without_timing(read_metrics(a)) == without_timing(read_metrics(b))
+
+
+def test_extending_a_run_puts_every_later_step_on_the_new_schedule(phantoms, tmp_path, monkeypatch):
+    """Poly over 4 steps, then resumed with 2 epochs: steps 5-8 follow poly over 8 steps.
+    The first step after the resume must not keep the rate of the old schedule's end."""
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, optim__epochs=1)
+    assert config.optim.schedule == "poly"
+    Trainer(config, run, CPU, report=quiet).fit()
+    Trainer(tiny_config(phantoms, optim__epochs=2), run, CPU, resume=True, report=quiet).fit()
+    rates = [float(r["lr"]) for r in read_csv(run / "telemetry.csv")]
+    lr = config.optim.lr
+    before = [lr * (1 - min(t, 3) / 4) ** 0.9 for t in range(4)]
+    after = [lr * (1 - min(t, 7) / 8) ** 0.9 for t in range(4, 8)]
+    assert rates[:4] == pytest.approx(before, rel=1e-9)
+    assert rates[4:] == pytest.approx(after, rel=1e-9), f"steps 5-8 ran at {rates[4:]}, the new schedule says {after}"
+
+
+# -------------------------------------------------------------- 4. Ctrl-C
+DONE_BEFORE_CTRL_C = 6  # epoch 2, after its second batch
+
+
+@pytest.fixture(scope="module")
+def ctrl_c_between_steps(straight, tmp_path_factory):
+    """The straight run's configuration, Ctrl-C before the 7th step, then resumed."""
+    run = tmp_path_factory.mktemp("ctrl_c") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        no_plots(patch)
+        step, calls = Trainer._step, []
+
+        def step_until_ctrl_c(self, batch):
+            if len(calls) == DONE_BEFORE_CTRL_C:
+                raise KeyboardInterrupt
+            calls.append(None)
+            return step(self, batch)
+
+        patch.setattr(Trainer, "_step", step_until_ctrl_c)
+        trainer = Trainer(straight.config, run, CPU, report=quiet)
+        try:
+            trainer.fit()
+            error = None
+        except Interrupted as interrupted:
+            error = interrupted
+        saved = load_last(run)
+        patch.setattr(Trainer, "_step", step)
+        Trainer(straight.config, run, CPU, resume=True, report=quiet).fit()
+    return SimpleNamespace(run=run, error=error, saved=saved)
+
+
+def test_ctrl_c_saves_the_progress_within_the_epoch(ctrl_c_between_steps):
+    c = ctrl_c_between_steps
+    assert isinstance(c.error, Interrupted), "fit() did not raise Interrupted"
+    assert "epoch 2" in str(c.error) and "--resume" in str(c.error) and str(c.run) in str(c.error)
+    progress = c.saved["progress"]
+    assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 2, DONE_BEFORE_CTRL_C)
+    assert c.saved["scheduler"]["last_epoch"] == DONE_BEFORE_CTRL_C
+
+
+def test_resume_after_ctrl_c_within_an_epoch_is_exact(straight, ctrl_c_between_steps):
+    """Trainer._batches replays the 2 batches done and skips them: the same bits."""
+    assert_same_training_state(straight.run, ctrl_c_between_steps.run)
+    assert read_csv(straight.run / "telemetry.csv") == read_csv(ctrl_c_between_steps.run / "telemetry.csv")
+
+
+def test_resume_after_ctrl_c_within_an_epoch_logs_the_whole_epoch(straight, ctrl_c_between_steps):
+    """The row of the interrupted epoch averages all its 4 steps, not the 2 after the resume."""
+    got, expected = read_metrics(ctrl_c_between_steps.run), read_metrics(straight.run)
+    assert [r["epoch"] for r in got] == [1, 2, 3]
+    wrong = {k: (got[1][k], v) for k, v in without_timing(expected)[1].items() if got[1].get(k) != v}
+    assert not wrong, f"epoch 2 (resumed after 2 of 4 steps) logged, as (resumed, straight): {wrong}"
+
+
+def test_ctrl_c_inside_a_step_leaves_a_consistent_checkpoint(straight, tmp_path, monkeypatch):
+    """A real SIGINT arriving just after the 6th optimizer update (while _step finishes):
+    the checkpoint must not hold 6 updates with progress saying 5, which a resume would
+    turn into the 6th batch applied twice."""
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    trainer = Trainer(straight.config, run, CPU, report=quiet)
+    with pytest.MonkeyPatch.context() as patch:
+        scheduler_step, calls = torch.optim.lr_scheduler.LambdaLR.step, []
+
+        def step_then_sigint(self, *args, **kwargs):
+            scheduler_step(self, *args, **kwargs)
+            calls.append(None)
+            if len(calls) == DONE_BEFORE_CTRL_C:
+                signal.raise_signal(signal.SIGINT)
+
+        patch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_sigint)
+        with pytest.raises(Interrupted):
+            trainer.fit()
+    saved = load_last(run)
+    steps = (saved["progress"]["step"], saved["scheduler"]["last_epoch"], int(saved["modules"]["balancer"]["step_count"]))
+    assert steps[0] == steps[1] == steps[2], (
+        "checkpoint after Ctrl-C: (progress step, scheduler steps, balancer steps) = " + str(steps)
+    )
+    Trainer(straight.config, run, CPU, resume=True, report=quiet).fit()
+    assert_same_training_state(straight.run, run)
+
+
+def test_ctrl_c_during_validation_keeps_the_epoch(straight, tmp_path, monkeypatch):
+    """Ctrl-C while epoch 2 is being validated (whole cases: the slow part of an epoch on
+    real data): after the resume, epoch 2 has its metrics row and its validation."""
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    validate = trainer_module.validate_cases
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "validate_cases", interrupted)
+    with pytest.raises(Interrupted):
+        Trainer(straight.config, run, CPU, report=quiet).fit()
+    monkeypatch.setattr(trainer_module, "validate_cases", validate)
+    Trainer(straight.config, run, CPU, resume=True, report=quiet).fit()
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3], "an epoch's metrics row is missing"
+    assert (run / "validation" / "epoch0002.json").exists(), "epoch 2 was never validated"
+    assert without_timing(read_metrics(run)) == without_timing(read_metrics(straight.run))
+    assert_same_training_state(straight.run, run)  # weights, and the best epoch with them
+
+
+# ------------------------------------------------------------------ 6. NaN
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(phantoms, tmp_path, monkeypatch):
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(phantoms, optim__epochs=2), run, CPU, report=quiet)
+    criterion = trainer.parts.criterion
+    forward = criterion.forward
+
+    def nan_in_epoch_2(logits, target):
+        loss = forward(logits, target)
+        return loss * float("nan") if (trainer.state.epoch, trainer.state.batch) >= (1, 1) else loss
+
+    monkeypatch.setattr(criterion, "forward", nan_in_epoch_2)
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    last = run / "checkpoints" / "last.pt"
+    assert "epoch 2, step 6" in message and f"{last} (epoch 1)" in message, message
+    saved = load_last(run)
+    assert saved["progress"]["epoch"] == 1 and saved["progress"]["step"] == 4
+    for name, state in saved["modules"].items():
+        assert not all_finite(state), f"{name}: {all_finite(state)}"
+    optimizer_state = {f"{i}/{k}": v for i, state in saved["optimizer"]["state"].items() for k, v in state.items()}
+    assert optimizer_state and not all_finite(optimizer_state), all_finite(optimizer_state)
+    assert len(read_metrics(run)) == 1
+
+
+# ---------------------------------------------------------- 7. early fusion
+def test_early_fusion_trains_without_a_balancer(phantoms, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, network__preset="early_fusion", network__overrides=EARLY_FUSION,
+                         balancer__name="none", optim__epochs=1)
+    summary = Trainer(config, run, CPU, report=quiet).fit()
+    saved = load_last(run)
+    assert set(saved["modules"]) == {"net"} and not all_finite(saved["modules"]["net"])
+    assert math.isfinite(summary["best_val_dice_mean"]) and summary["best_epoch"] == 1
+    (row,) = read_metrics(run)
+    assert "val_dice/mean" in row and not any(k.startswith(("B/", "head_dice/")) for k in row)
+    assert list(read_csv(run / "telemetry.csv")[0]) == ["step", "epoch", "loss", "lr"]
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "dice.png"}
+
+
+def test_early_fusion_with_cggm_is_refused_naming_the_network(phantoms, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, network__preset="early_fusion", network__overrides=EARLY_FUSION,
+                         balancer__name="cggm")
+    with pytest.raises(ConfigurationError) as info:
+        Trainer(config, run, CPU, report=quiet)
+    assert "'early_fusion'" in str(info.value) and "none" in str(info.value)
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+# -------------------------------------------------------- 8, 9. the commands
+@pytest.fixture(scope="module")
+def cli_run(phantoms, tmp_path_factory):
+    """``brats-cggm train --config tiny.yaml --epochs 1`` in a subprocess."""
+    folder = tmp_path_factory.mktemp("cli")
+    config = write_config(folder / "tiny.yaml", phantoms)
+    run = folder / "run"
+    result = run_cli("train", "--config", config, "--out", run, "--epochs", "1")
+    return SimpleNamespace(run=run, config=config, result=result)
+
+
+def in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """``brats-cggm ARGV`` in this process: (exit status, stdout, stderr)."""
+    saved = sys.argv
+    sys.argv = ["brats-cggm", *map(str, argv)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command, words", [("train", ("--resume", "--config", "--set")),
+                                            ("evaluate", ("--run", "--split", "--checkpoint"))])
+def test_help_of_train_and_evaluate(command, words):
+    result = subprocess.run([str(CONSOLE_SCRIPT), command, "--help"], check=False, capture_output=True, text=True,
+                            timeout=60, env=subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert all(word in result.stdout for word in words), result.stdout
+
+
+def test_train_command_writes_a_run(cli_run):
+    assert cli_run.result.returncode == 0, cli_run.result.stdout + cli_run.result.stderr
+    assert "done" in cli_run.result.stdout and "best mean validation Dice" in cli_run.result.stdout
+    assert (cli_run.run / "checkpoints" / "best.pt").exists()
+    assert yaml.safe_load((cli_run.run / "config.yaml").read_text())["optim"]["epochs"] == 1
+
+
+def test_second_train_into_a_run_folder_is_an_error(cli_run, capsys):
+    before = {name: (cli_run.run / name).read_bytes() for name in ("metrics.jsonl", "telemetry.csv", "config.yaml")}
+    code, out, err = in_process(capsys, "train", "--config", cli_run.config, "--out", cli_run.run)
+    assert code == 2 and len(err.strip().splitlines()) == 1, f"exit status {code}: {out}{err}"
+    assert err.startswith("error: ") and "already holds a run" in err and "--resume" in err, err
+    assert {name: (cli_run.run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("option, named", [
+    (["--lr", "0.5"], "optim.lr"),
+    (["--set", "optim.momentum=0.9"], "optim.momentum"),
+    (["--balancer", "none"], "balancer.name"),
+    (["--data", "elsewhere"], "data.dir"),
+    (["--config", "tiny.yaml"], "--config"),
+    (["--preset", "gpu"], "--preset"),
+])
+def test_resume_refuses_changed_options(cli_run, capsys, option, named):
+    option = [str(cli_run.config) if o == "tiny.yaml" else o for o in option]
+    before = load_last(cli_run.run)["progress"]
+    code, out, err = in_process(capsys, "train", "--out", cli_run.run, "--resume", *option)
+    assert code == 2, f"exit status {code}: {out}{err}"
+    assert err.strip().startswith("error: ") and named in err and "--epochs" in err, err
+    assert load_last(cli_run.run)["progress"] == before
+
+
+def test_resume_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):
+    code, _, err = in_process(capsys, "train", "--out", tmp_path / "nothing", "--resume")
+    assert code == 2 and err.startswith("error: ") and "config.yaml" in err, err
+
+
+def test_evaluate_command_scores_the_validation_cases(cli_run):
+    assert cli_run.result.returncode == 0, cli_run.result.stderr
+    result = run_cli("evaluate", "--run", cli_run.run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for word in ("TC", "WT", "ET", "Dice", "HD95", "2 val case(s)"):
+        assert word in result.stdout, result.stdout
+    val = sorted(json.loads((cli_run.run / "split.json").read_text())["folds"][0]["val"])
+    folder = cli_run.run / "evaluation" / "val"
+    rows = read_csv(folder / "cases.csv")
+    assert sorted(r["case_id"] for r in rows) == val
+    for row in rows:
+        for region in REGIONS:
+            assert 0 <= float(row[f"dice/{region}"]) <= 1 and float(row[f"hd95/{region}"]) >= 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["cases"] == 2 and summary["split"] == "val"
+    assert summary["metrics"]["dice/WT"]["n"] == 2
+    mean = sum(float(r["dice/WT"]) for r in rows) / 2
+    assert summary["metrics"]["dice/WT"]["mean"] == pytest.approx(mean)
+
+
+def test_evaluate_test_split_without_held_out_cases_is_an_error(cli_run):
+    assert cli_run.result.returncode == 0, cli_run.result.stderr
+    line = error_line(run_cli("evaluate", "--run", cli_run.run, "--split", "test"))
+    assert "no test cases" in line
+    assert not (cli_run.run / "evaluation" / "test").exists()
+
+
+# --------------------------------------------------------------- 5. SIGKILL
+@pytest.mark.slow  # 40-70 s; the in-process resume tests above cover the same checkpoints cheaply
+def test_sigkill_then_resume_equals_an_uninterrupted_run(phantoms, tmp_path):
+    """Two `brats-cggm train` processes of one configuration (one thread each); one is
+    killed with SIGKILL after its first checkpoint and resumed with --resume."""
+    config = write_config(tmp_path / "tiny.yaml", phantoms, **{"optim.epochs": 4})
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    straight = start_cli("train", "--config", config, "--out", whole, log=tmp_path / "whole.log")
+    victim = start_cli("train", "--config", config, "--out", killed, log=tmp_path / "killed.log")
+    try:
+        last, deadline = killed / "checkpoints" / "last.pt", time.monotonic() + 120
+        while True:
+            assert victim.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            if last.exists() and load_last(killed)["progress"]["epoch"] >= 1:
+                break
+            time.sleep(0.05)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    epoch_at_kill = load_last(killed)["progress"]["epoch"]
+    assert 1 <= epoch_at_kill < 4
+    resumed = run_cli("train", "--out", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert straight.wait(180) == 0, (tmp_path / "whole.log").read_text()
+    assert load_last(killed)["progress"]["epoch"] == 4
+    assert_same_training_state(whole, killed)
+    assert read_csv(whole / "telemetry.csv") == read_csv(killed / "telemetry.csv")
+    assert without_timing(read_metrics(whole)) == without_timing(read_metrics(killed))
+
+
+# -------------------------------------------------- the data cache of a run
+def test_training_data_cache_filled_by_threads_keeps_every_case_whole(phantoms, monkeypatch):
+    """The memory cache of Trainer's data sets is filled by a thread per CPU, all through
+    one LoadImaged. MONAI's NibabelReader keeps the file names of its last read() on the
+    shared instance, so a thread that reads a case's four images while another reads a
+    label gets a 1-channel image. Here the first image read is held back 0.5 s so that the
+    other thread reads in between (without the delay: about 2 runs in 3 on 2 cores)."""
+    from monai.data.image_reader import NibabelReader
+
+    get_data, lock, calls = NibabelReader.get_data, threading.Lock(), []
+
+    def first_call_late(self, img):
+        with lock:
+            calls.append(None)
+            first = len(calls) == 1
+        if first:
+            time.sleep(0.5)
+        return get_data(self, img)
+
+    monkeypatch.setattr(NibabelReader, "get_data", first_call_late)
+    cases = discover(phantoms, None).cases[:2]
+    pre = PreprocessConfig(spacing=(7.5, 7.5, 7.5), patch_size=(16, 16, 16), num_samples=1)
+    dataset = make_dataset(cases, val_transforms(pre), cache="memory", num_workers=2)
+    assert [dataset[i]["image"].shape[0] for i in range(2)] == [4, 4]
+
+
+# ----------------------------------------------------------------- 10. DDP
+@pytest.mark.distributed
+def test_two_processes_train_one_run_with_identical_ranks(phantoms, tmp_path):
+    """``torchrun --nproc_per_node=2`` of the train command (gloo, CPU): each rank trains on
+    2 of the 4 training cases and validates 1 of the 2 validation cases. The worker dumps
+    each rank's final state: they must be bitwise equal (DDP averages the network's
+    gradients, the balancer all-reduces its statistics and averages the heads' gradients)."""
+    config = write_config(tmp_path / "tiny.yaml", phantoms, **{"optim.epochs": 2})
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).with_name("training_cases.py")), "train", "--config", str(config),
+               "--out", str(run)]
+    try:
+        done = subprocess.run(command, check=False, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun did not finish in 240 s\n{error.stdout}\n{error.stderr}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("done: best mean validation Dice") == 1, done.stdout
+
+    ranks = [torch.load(run / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+    for part in ("net", "balancer", "optimizer"):
+        found = differences(ranks[0][part], ranks[1][part], part)
+        assert not found, "ranks ended different:\n" + "\n".join(found[:20])
+    last = load_last(run)
+    assert last["world_size"] == 2 and last["progress"]["step"] == 4  # 2 epochs x 2 cases per rank
+    assert not differences(last["modules"]["net"], ranks[0]["net"])
+    assert not all_finite(last["modules"]["net"]) and not all_finite(last["modules"]["balancer"])
+
+    # one set of outputs, written by rank 0
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    telemetry = read_csv(run / "telemetry.csv")
+    assert [int(r["step"]) for r in telemetry] == [1, 2, 3, 4]
+    assert all(math.isfinite(float(r[f"B/{m}"])) for r in telemetry for m in MODALITIES)
+    val = sorted(json.loads((run / "split.json").read_text())["folds"][0]["val"])
+    validated = json.loads((run / "validation" / "epoch0002.json").read_text())
+    assert sorted(r["case_id"] for r in validated) == val  # gathered from both ranks
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["world_size"], summary["train_cases"], summary["val_cases"]) == (2, 4, 2)
+    if "ranks_consistent" in summary:  # the trainer's own digest of each rank's state
+        assert summary["ranks_consistent"] is True and len(summary["rank_state_checksums"]) == 2
+
+    # a run of 2 processes resumes only with 2
+    with pytest.raises(ConfigurationError, match="2 process"):
+        Trainer(resolve_config("cpu-small", run / "config.yaml"), run, CPU, resume=True, report=quiet)
