@@ -69,7 +69,7 @@ import torch
 
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import resolve_config
-from brats_cggm.training.trainer import FeatureNet
+from brats_cggm.training.trainer import FeatureNet, train_step
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
 from multimodal_general.runtime import keep_freed_memory
@@ -177,26 +177,9 @@ class Stepper:
         self.last_loss = float("nan")
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        parts = self.parts
-        image, target = batch["image"], batch["label"]
-        parts.optimizer.zero_grad(set_to_none=True)
-        # (the trainer's autocast context is a nullcontext here)
-        logits, features = self.model(image)
-        task_loss = parts.criterion(logits, target)
-        loss = task_loss
-        if parts.balancer is not None:
-            loss = loss + parts.balancer.extra_loss(features, logits, target, task_loss)
-        if (~torch.isfinite(task_loss.detach())).float().reshape(1).item() > 0:  # Trainer._check_finite
-            raise FloatingPointError("the loss became NaN/Inf")
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(parts.optimizer)
-        telemetry = parts.balancer.modulate().as_dict() if parts.balancer is not None else {}
-        self.scaler.step(parts.optimizer)
-        self.scaler.update()
-        parts.scheduler.step()
-        telemetry.pop("step", None)
-        self.last_loss = float(task_loss.detach())
-        return telemetry
+        result = train_step(self.model, self.parts, self.scaler, batch["image"], batch["label"])
+        self.last_loss = result.loss
+        return result.telemetry
 
 
 def parameter_counts(parts: Components) -> dict[str, int]:

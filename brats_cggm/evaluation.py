@@ -28,7 +28,7 @@ from brats_cggm.data.splits import load_split
 from brats_cggm.data.transforms import case_to_dict, inference_transforms, invert_prediction
 from brats_cggm.data.validation import validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError
-from brats_cggm.metrics import summarize, region_metrics
+from brats_cggm.metrics import region_metrics, summarize
 from brats_cggm.training.checkpoint import load_network
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write_text

@@ -326,9 +326,10 @@ def test_threads_sharing_one_loader_read_every_case_whole(tmp_path):
     import pickle
     from multiprocessing.pool import ThreadPool
 
+    from monai.transforms import LoadImaged
+
     from brats_cggm.data.phantom import write_phantoms
     from brats_cggm.data.transforms import ThreadSafeNibabelReader, case_to_dict
-    from monai.transforms import LoadImaged
 
     write_phantoms(tmp_path, 6, size=16, layout="brats2021", seed=3)
     cases = [case_to_dict(c) for c in discover(tmp_path).cases] * 4

@@ -11,7 +11,12 @@ from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from brats_cggm.errors import ConfigurationError
-from brats_cggm.network import MultiBranchUNet, balancer_modalities, build_network, make_auxiliary_heads
+from brats_cggm.network import (
+    MultiBranchUNet,
+    balancer_modalities,
+    build_network,
+    make_auxiliary_heads,
+)
 from brats_cggm.training.config import NetworkConfig, TrainConfig
 from multimodal_general.balance import Balancer, make_balancer
 

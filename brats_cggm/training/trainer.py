@@ -176,26 +176,11 @@ class Trainer:
             self._plot()
 
     def _step(self, batch: dict[str, Tensor]) -> StepResult:
-        device, parts = self.place.device, self.parts
+        device = self.place.device
         image = batch["image"].to(device, non_blocking=True)
         target = batch["label"].to(device, non_blocking=True)
-        parts.optimizer.zero_grad(set_to_none=True)
-        autocast = self._autocast()
-        with autocast:
-            logits, features = self.model(image)
-            task_loss = parts.criterion(logits, target)
-            loss = task_loss
-            if parts.balancer is not None:
-                loss = loss + parts.balancer.extra_loss(features, logits, target, task_loss)
-        self._check_finite(task_loss)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(parts.optimizer)
-        telemetry = parts.balancer.modulate().as_dict() if parts.balancer is not None else {}
-        self.scaler.step(parts.optimizer)
-        self.scaler.update()
-        parts.scheduler.step()
-        telemetry.pop("step", None)
-        return StepResult(float(task_loss.detach()), telemetry)
+        return train_step(self.model, self.parts, self.scaler, image, target,
+                          autocast=self._autocast, check_loss=self._check_finite)
 
     def _batches(self, epoch: int) -> Iterator[dict[str, Tensor]]:
         """The epoch's batches; the order and augmentation depend only on (seed, epoch,
@@ -355,6 +340,37 @@ class Trainer:
         return float(self.parts.optimizer.param_groups[0]["lr"])
 
 
+def train_step(
+    model: nn.Module,
+    parts: Components,
+    scaler: torch.amp.GradScaler,
+    image: Tensor,
+    target: Tensor,
+    autocast: Callable = nullcontext,
+    check_loss: Callable[[Tensor], None] = lambda loss: None,
+) -> StepResult:
+    """One optimizer step, following the balancer's loop contract: forward (``model``
+    returns logits and branch features), task loss + balancer terms, backward, unscale,
+    ``modulate`` (CGGM scales the encoders' gradients), optimizer and schedule step.
+    ``check_loss`` sees the task loss before backward (the trainer stops on NaN there)."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        logits, features = model(image)
+        task_loss = parts.criterion(logits, target)
+        loss = task_loss
+        if parts.balancer is not None:
+            loss = loss + parts.balancer.extra_loss(features, logits, target, task_loss)
+    check_loss(task_loss)
+    scaler.scale(loss).backward()
+    scaler.unscale_(parts.optimizer)
+    telemetry = parts.balancer.modulate().as_dict() if parts.balancer is not None else {}
+    scaler.step(parts.optimizer)
+    scaler.update()
+    parts.scheduler.step()
+    telemetry.pop("step", None)
+    return StepResult(float(task_loss.detach()), telemetry)
+
+
 @contextmanager
 def _sigint_after_step():
     """Ctrl-C during a step (and its bookkeeping) raises KeyboardInterrupt once the step is
@@ -389,4 +405,4 @@ def _epoch_line(row: dict[str, Any], epochs: int, state: checkpoint.Progress) ->
     return line
 
 
-__all__ = ["FeatureNet", "Interrupted", "Trainer", "TrainingDiverged"]
+__all__ = ["FeatureNet", "Interrupted", "Trainer", "TrainingDiverged", "train_step"]
