@@ -19,6 +19,7 @@ install: $(BIN)/python
 # The demo: CGGM on the synthetic imbalance task (~20 s), then BraTS-like phantoms ->
 # a short CGGM training on the CPU -> evaluation of the validation cases (~5 min on 2 cores).
 DEMO := runs/demo
+DEMO_TRAIN ?= --epochs 12
 demo: | $(BIN)/python
 	$(BIN)/python bench/imbalance.py --quick --out $(DEMO)/imbalance
 	rm -rf $(DEMO)/phantoms $(DEMO)/brats
