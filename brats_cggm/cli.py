@@ -267,9 +267,9 @@ def join_size_values(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    # Before torch starts OpenMP: idle threads sleep instead of spinning. On a shared or
-    # busy CPU spinning threads made training steps 1.1-22 s instead of 0.8-1.2 s
-    # (bench/results/training_speed*.md).
+    # Before torch starts OpenMP: idle threads sleep instead of spinning. On a busy 2-core
+    # machine (load 5) spinning threads made training steps take 1.1-22 s instead of
+    # 0.8-1.2 s (bench/training_speed.py with and without OMP_WAIT_POLICY=PASSIVE).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.argv[1:] = join_size_values(sys.argv[1:])
     run_app(app)
