@@ -58,6 +58,7 @@ from rich.table import Table
 from multimodal_general.balance import PRESETS
 from multimodal_general.io import atomic_write, atomic_write_text
 from multimodal_general.provenance import provenance
+from multimodal_general.series import moving_average
 from multimodal_general.tasks.imbalance import TASKS, RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,19 +139,6 @@ def _finite(x) -> bool:
 
 def series(telemetry: list[dict], key: str) -> np.ndarray:
     return np.array([row.get(key, np.nan) for row in telemetry], dtype=float)
-
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over the finite values (shorter windows at the ends)."""
-    values = np.asarray(values, dtype=float)
-    if window <= 1 or len(values) == 0:
-        return values.copy()
-    mask = np.isfinite(values)
-    kernel = np.ones(window)
-    total = np.convolve(np.where(mask, values, 0.0), kernel, mode="same")
-    count = np.convolve(mask.astype(float), kernel, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _smoothing_label(window: int) -> str:

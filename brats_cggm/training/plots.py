@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from brats_cggm.errors import BadInputFile
 from multimodal_general.io import atomic_write
+from multimodal_general.series import moving_average
 
 DPI = 110
 WIDTH, ROW_HEIGHT = 10.0, 4.0
@@ -106,20 +107,6 @@ def _to_float(value: Any) -> float:
 def smoothing_window(n: int) -> int:
     """Moving-average window for a series of ``n`` points: about 2 % of it, at least 5."""
     return max(1, min(n, max(5, n // 50)))
-
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over the finite values (shorter windows at the ends); NaN where
-    a window holds no finite value."""
-    values = np.asarray(values, dtype=float)
-    if window <= 1 or values.size == 0:
-        return np.where(np.isfinite(values), values, np.nan)
-    finite = np.isfinite(values)
-    kernel = np.ones(window)
-    total = np.convolve(np.where(finite, values, 0.0), kernel, mode="same")
-    count = np.convolve(finite.astype(float), kernel, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0.5, total / np.maximum(count, 1.0), np.nan)
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
