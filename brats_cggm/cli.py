@@ -168,7 +168,8 @@ def train(
     from brats_cggm.training.progress import EpochProgress
 
     overrides = {
-        "data.dir": str(data) if data else None, "balancer.name": balancer, "balancer.preset": cggm_preset,
+        "data.dir": str(data.resolve()) if data else None,  # absolute: resumable from anywhere
+        "balancer.name": balancer, "balancer.preset": cggm_preset,
         "network.preset": network, "optim.epochs": epochs, "optim.lr": lr, "seed": seed, "device": device,
         **parse_settings(settings or []),
     }
@@ -187,7 +188,7 @@ def train(
             main_console.print(f"training on {place.device} x {place.world_size} process(es); run folder {out}")
         trainer = Trainer(resolved, out, place, resume=resume, report=main_console.print,
                           progress=EpochProgress(main_console) if place.is_main else None)
-        if resume:
+        if resume and place.is_main:
             resolved.save(out / "config.yaml")  # --epochs may have changed
         summary = trainer.fit()
     finally:

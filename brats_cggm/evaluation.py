@@ -94,6 +94,10 @@ def evaluate(
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Evaluate ``RUN/checkpoints/<checkpoint>.pt``; returns the per-case rows, the summary
     and the folder they were written to."""
+    if split not in SPLITS:
+        raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigurationError(f"device '{device}' is not available here; use cpu" + (" or cuda" if torch.cuda.is_available() else ""))
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     net, config = load_network(path, device)
     cases = choose_cases(run_dir, config, data_dir, split)

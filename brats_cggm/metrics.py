@@ -66,7 +66,3 @@ def summarize(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
             "n": len(values),
         }
     return summary
-
-
-def mean_dice(row: dict[str, float]) -> float:
-    return sum(row[f"dice/{r}"] for r in REGIONS) / len(REGIONS)

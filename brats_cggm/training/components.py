@@ -55,11 +55,11 @@ class Components:
         return {"net": self.net, **({"balancer": self.balancer} if self.balancer is not None else {})}
 
 
-def build_components(config: TrainConfig, total_steps: int, device: torch.device, process_group=None) -> Components:
+def build_components(config: TrainConfig, total_steps: int, device: torch.device) -> Components:
     """Everything a run trains, on ``device``; ``total_steps`` sets the schedule's length."""
     net = network_from_config(config.network).to(device)
     criterion = RegionLoss()
-    balancer = _balancer(config, net, criterion, process_group)
+    balancer = _balancer(config, net, criterion)
     if balancer is not None:
         balancer.to(device)
     groups = [{"params": list(net.parameters())}]
@@ -74,7 +74,7 @@ def network_from_config(network: NetworkConfig) -> nn.Module:
     return build_network(network.preset, modality_dropout=network.modality_dropout, **network.overrides)
 
 
-def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module, process_group) -> Balancer | None:
+def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module) -> Balancer | None:
     b = config.balancer
     if not isinstance(net, MultiBranchUNet):
         if b.name != "none":
@@ -86,7 +86,7 @@ def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module, process
     heads = make_auxiliary_heads(net)
     return make_balancer(
         b.name, balancer_modalities(net, heads), fused_last_layer=net.output_conv, criterion=criterion,
-        metric=b.metric, preset=b.preset, rho=b.rho, lam=b.lam, process_group=process_group,
+        metric=b.metric, preset=b.preset, rho=b.rho, lam=b.lam,  # statistics over all ranks
     )
 
 

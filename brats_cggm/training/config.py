@@ -149,6 +149,13 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigurationError(f"{name} must be positive; got {value}")
+        not_negative = {"data.num_workers": d.num_workers, "optim.momentum": o.momentum,
+                        "optim.weight_decay": o.weight_decay, "data.fold": d.fold}
+        for name, value in not_negative.items():
+            if value < 0:
+                raise ConfigurationError(f"{name} must not be negative; got {value}")
+        if o.head_lr is not None and not o.head_lr > 0:
+            raise ConfigurationError(f"optim.head_lr must be positive; got {o.head_lr}")
         if not 0 <= v.overlap < 1:
             raise ConfigurationError(f"validation.overlap must lie in [0, 1); got {v.overlap}")
         if not 0 < d.val_fraction < 1:
@@ -247,14 +254,26 @@ def _build(cls: type, values: Any, where: str) -> Any:
     for name, value in values.items():
         spec = known[name]
         default = spec.default_factory() if callable(spec.default_factory) else spec.default
-        built[name] = _build(type(default), value, f"{where}: {name}") if is_dataclass(default) else _typed(default, value, f"{where}: {name}")
+        if is_dataclass(default):
+            built[name] = _build(type(default), value, f"{where}: {name}")
+        elif default is None:
+            built[name] = _optional(str(spec.type), value, f"{where}: {name}")
+        else:
+            built[name] = _typed(default, value, f"{where}: {name}")
     return cls(**built)
+
+
+def _optional(annotation: str, value: Any, where: str) -> Any:
+    """An optional setting (``str | None`` or ``float | None``): None or a value of its type."""
+    if value is None:
+        return None
+    if annotation.startswith("float"):
+        return _typed(0.0, value, where)
+    return _typed("", value, where)
 
 
 def _typed(default: Any, value: Any, where: str) -> Any:
     """``value`` checked against the type of its default (a number where a number goes)."""
-    if default is None:  # optional settings (paths, head_lr) take what they are given
-        return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):

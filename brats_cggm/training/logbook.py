@@ -74,9 +74,16 @@ class Logbook:
             self._tensorboard.close()
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The epoch rows written so far; a line cut short by a killed process is skipped."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
 
     # ---------------------------------------------------------------- internals
     def _writer(self):
@@ -109,9 +116,17 @@ class Logbook:
         if self.telemetry_path.exists():
             with self.telemetry_path.open(newline="") as handle:
                 reader = csv.DictReader(handle)
-                columns, rows = reader.fieldnames, [r for r in reader if float(r["step"]) <= step]
+                columns, rows = reader.fieldnames, [r for r in reader if _step_of(r) <= step]
             text = io.StringIO()
             writer = csv.DictWriter(text, columns or [])
             writer.writeheader()
             writer.writerows(rows)
             atomic_write_text(self.telemetry_path, text.getvalue())
+
+
+def _step_of(row: dict[str, Any]) -> float:
+    """The step of a telemetry row; infinity for a row cut short by a killed process."""
+    try:
+        return float(row["step"]) if None not in row.values() else math.inf
+    except (TypeError, ValueError):
+        return math.inf

@@ -26,7 +26,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,7 @@ class Trainer:
         )
         self.steps_per_epoch = math.ceil(len(self.train_set) / config.optim.batch_size)
         total = self.steps_per_epoch * config.optim.epochs
-        group = None  # the default group: the balancer combines statistics over all ranks
-        self.parts: Components = build_components(config, total, place.device, group)
+        self.parts: Components = build_components(config, total, place.device)
         model: nn.Module = FeatureNet(self.parts.net)
         if place.distributed:
             ids = [place.device.index] if place.device.type == "cuda" else None
@@ -110,6 +109,7 @@ class Trainer:
         self.amp_dtype = _amp_dtype(config.optim.amp, place.device)
         self.scaler = torch.amp.GradScaler(place.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = checkpoint.Progress()
+        self._interrupts, self._stop_agreed = DeferredInterrupt(), False
         if resume:
             self._resume()
         elif (self.ckpt_dir / "last.pt").exists():
@@ -126,13 +126,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         epochs = self.config.optim.epochs
         try:
-            while self.state.epoch < epochs:
-                self._train_epoch()
+            with self._interrupts:
+                while self.state.epoch < epochs:
+                    self._train_epoch()
         except KeyboardInterrupt:
             self._save_last()
+            launcher = "torchrun ... $(which brats-cggm)" if self.place.distributed else "brats-cggm"
             raise Interrupted(
                 f"interrupted in epoch {self.state.epoch + 1}; checkpoint saved in {self.ckpt_dir / 'last.pt'} "
-                f"(resume with: brats-cggm train --out {self.run_dir} --resume)"
+                f"(resume with: {launcher} train --out {self.run_dir} --resume)"
             ) from None
         finally:
             self.logbook.close()
@@ -149,18 +151,19 @@ class Trainer:
                                    self.state.batch) if self.progress else None
         try:
             for batch in batches:
-                with _sigint_after_step():
-                    lr = self._lr()
-                    result = self._step(batch)
-                    losses.append(result.loss)
-                    for key, value in result.telemetry.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    self.state.batch += 1
-                    self.state.step += 1
-                    self.logbook.step({"step": self.state.step, "epoch": epoch + 1, "loss": result.loss,
-                                       "lr": lr, **result.telemetry})
+                lr = self._lr()
+                result = self._step(batch)
+                losses.append(result.loss)
+                for key, value in result.telemetry.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                self.state.batch += 1
+                self.state.step += 1
+                self.logbook.step({"step": self.state.step, "epoch": epoch + 1, "loss": result.loss,
+                                   "lr": lr, **result.telemetry})
                 if task is not None:
                     self.progress.advance(task, result.loss)
+                if self._stop_agreed:
+                    raise KeyboardInterrupt
         finally:
             if task is not None:
                 self.progress.finish(task)
@@ -168,8 +171,8 @@ class Trainer:
         row = self._epoch_row(epoch + 1, losses, sums, partial["seconds"])
         self._validate_if_due(row, epoch + 1)
         self.logbook.epoch(row)
-        self.state.epoch, self.state.batch = epoch + 1, 0
         self.state.extra.pop("epoch")
+        self.state.epoch, self.state.batch = epoch + 1, 0
         self._save_last()
         self.report(_epoch_line(row, self.config.optim.epochs, self.state))
         if "val_dice/mean" in row or self.state.epoch == self.config.optim.epochs:
@@ -180,7 +183,7 @@ class Trainer:
         image = batch["image"].to(device, non_blocking=True)
         target = batch["label"].to(device, non_blocking=True)
         return train_step(self.model, self.parts, self.scaler, image, target,
-                          autocast=self._autocast, check_loss=self._check_finite)
+                          autocast=self._autocast, check_loss=self._check_step)
 
     def _batches(self, epoch: int) -> Iterator[dict[str, Tensor]]:
         """The epoch's batches; the order and augmentation depend only on (seed, epoch,
@@ -198,9 +201,14 @@ class Trainer:
             checkpoint.set_rng_state(rng)
         return batches
 
-    def _check_finite(self, task_loss: Tensor) -> None:
-        bad = (~torch.isfinite(task_loss.detach())).float().reshape(1)
-        if self.place.all_sum(bad).item() > 0:
+    def _check_step(self, loss: Tensor) -> None:
+        """Before backward, on every rank at once: stop on a NaN/Inf loss; and agree whether
+        Ctrl-C was pressed (on any rank), so that all ranks stop after this same step."""
+        flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
+                             torch.tensor(float(self._interrupts.pending), device=loss.device)])
+        bad, stop = self.place.all_sum(flags).tolist()
+        self._stop_agreed = stop > 0
+        if bad > 0:
             last = self.ckpt_dir / "last.pt"
             kept = f"the last good checkpoint is {last} (epoch {self.state.epoch})" if last.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(
@@ -244,6 +252,7 @@ class Trainer:
         }
 
     def _save_last(self) -> None:
+        rng = self.place.gather([checkpoint.rng_state()])  # each rank's own generators, by rank
         if not self.place.is_main:
             return
         modules = {name: module.state_dict() for name, module in self.parts.modules().items()}
@@ -255,7 +264,7 @@ class Trainer:
             "scheduler": self.parts.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": asdict(self.state),
-            "rng": checkpoint.rng_state(),
+            "rng": rng,
             "world_size": self.place.world_size,
         })
 
@@ -279,7 +288,7 @@ class Trainer:
         scheduler._last_lr = [group["lr"] for group in self.parts.optimizer.param_groups]
         self.scaler.load_state_dict(payload["scaler"])
         self.state = checkpoint.Progress(**payload["progress"])
-        checkpoint.set_rng_state(payload["rng"])
+        checkpoint.set_rng_state(payload["rng"][self.place.rank])
 
     # ------------------------------------------------------------------ output
     def _epoch_row(self, epoch: int, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
@@ -352,7 +361,7 @@ def train_step(
     """One optimizer step, following the balancer's loop contract: forward (``model``
     returns logits and branch features), task loss + balancer terms, backward, unscale,
     ``modulate`` (CGGM scales the encoders' gradients), optimizer and schedule step.
-    ``check_loss`` sees the task loss before backward (the trainer stops on NaN there)."""
+    ``check_loss`` sees the total loss before backward (the trainer stops on NaN there)."""
     parts.optimizer.zero_grad(set_to_none=True)
     with autocast():
         logits, features = model(image)
@@ -360,7 +369,7 @@ def train_step(
         loss = task_loss
         if parts.balancer is not None:
             loss = loss + parts.balancer.extra_loss(features, logits, target, task_loss)
-    check_loss(task_loss)
+    check_loss(loss)
     scaler.scale(loss).backward()
     scaler.unscale_(parts.optimizer)
     telemetry = parts.balancer.modulate().as_dict() if parts.balancer is not None else {}
@@ -371,21 +380,30 @@ def train_step(
     return StepResult(float(task_loss.detach()), telemetry)
 
 
-@contextmanager
-def _sigint_after_step():
-    """Ctrl-C during a step (and its bookkeeping) raises KeyboardInterrupt once the step is
-    done, so that the checkpoint written on Ctrl-C holds whole steps only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if pending:
-        raise KeyboardInterrupt
+class DeferredInterrupt:
+    """While active (main thread only), Ctrl-C sets :attr:`pending` instead of raising; the
+    loop stops after the step in which the ranks agree on it, so checkpoints hold whole
+    steps and every rank leaves the collective operations at the same point. A second
+    Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
