@@ -251,6 +251,31 @@ def evaluate(
     console.print(f"per-case results: {folder / 'cases.csv'}; summary: {folder / 'summary.json'}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="a run folder written by `brats-cggm train`")],
+    out: Annotated[Path, typer.Option(help="the ONNX file to write, e.g. models/NAME.onnx")],
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    parity_cases: Annotated[int, typer.Option(help="validation cases of the run to check parity on")] = 1,
+) -> None:
+    """Export the trained network (no auxiliary heads) to ONNX with its model card, after
+    checking the graph and its parity with torch."""
+    from brats_cggm.export import card_path, export_run, validation_patches
+    from brats_cggm.training.checkpoint import load_network
+
+    if checkpoint not in ("best", "last"):
+        raise ConfigurationError(f"--checkpoint must be best or last, not '{checkpoint}'")
+    _, config = load_network(run / "checkpoints" / f"{checkpoint}.pt")
+    with console.status("exporting to ONNX and checking parity"):
+        card = export_run(run, out, checkpoint, validation_patches(run, config, parity_cases))
+    parity = card["parity"]
+    console.print(
+        f"wrote {out} and {card_path(out)}: opset {card['opset']}, max |p_onnx - p_torch| = "
+        f"{parity['max_abs_diff_probabilities']:.1e} on {parity['random_batches']} random batch(es) and "
+        f"{parity['real_patches']} real patch(es)"
+    )
+
+
 def join_size_values(argv: list[str]) -> list[str]:
     """``--size 96 128 80`` → ``--size 96x128x80`` (a Typer option takes one value)."""
     out, i = [], 0

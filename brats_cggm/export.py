@@ -1,0 +1,186 @@
+"""Export a trained run to ONNX: the fused inference network only, with its model card.
+
+The graph takes ``image [N, 4, D, H, W]`` (float32, preprocessed as the card says) and
+``modality_mask [N, 4]`` (1 = sequence present, 0 = switched off) and returns region
+``logits [N, 3, D, H, W]`` (TC, WT, ET; apply a sigmoid). Batch and spatial axes are
+dynamic (spatial sizes must be multiples of the card's ``divisor``). The auxiliary heads
+are not part of it. The card is written beside the file (``NAME.card.json``) and into the
+ONNX metadata (``model_card``); export checks the graph with ``onnx.checker`` and its
+parity with torch on random and, when given, real patches, and records both in the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from brats_cggm import MODALITIES
+from brats_cggm.data.labels import REGIONS
+from brats_cggm.errors import ConfigurationError
+from brats_cggm.training.checkpoint import load, load_network
+from brats_cggm.training.config import TrainConfig
+from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.provenance import git_revision, versions
+
+OPSET = 18
+CARD_FORMAT = "brats-cggm-model-card/1"
+#: the largest difference of probabilities torch and ONNX Runtime may show
+PARITY_TOLERANCE = 1e-4
+
+
+class InferenceGraph(nn.Module):
+    """What is exported: the network's forward with an explicit modality mask."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor, modality_mask: Tensor) -> Tensor:
+        return self.net(image, modality_mask)
+
+
+def weights_sha256(net: nn.Module) -> str:
+    """A digest of the network's weights (names, shapes, values), for the card."""
+    digest = hashlib.sha256()
+    for name, value in net.state_dict().items():
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_card(run_dir: Path, checkpoint: Path, net: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """Everything inference needs to feed the model as in training, and where it came from."""
+    payload = load(checkpoint)
+    split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else None
+    fold = split["folds"][config.data.fold] if split else {"train": [], "val": []}
+    pre = config.preprocessing
+    return {
+        "format": CARD_FORMAT,
+        "modalities": list(MODALITIES),
+        "outputs": {"logits": list(REGIONS), "activation": "sigmoid", "threshold": 0.5},
+        "label_scheme": "brats2021",
+        "preprocessing": pre.to_dict(),
+        "inference": {"patch_size": list(pre.patch_size), "overlap": config.validation.overlap,
+                      "divisor": int(getattr(net, "divisor", 16))},
+        "network": {"preset": config.network.preset, "modality_dropout": config.network.modality_dropout,
+                    "overrides": config.network.overrides},
+        "training": {"balancer": config.balancer.name, "cggm_preset": config.balancer.preset,
+                     "epochs": payload.get("epoch"), "train_cases": len(fold["train"]),
+                     "val_cases": len(fold["val"]), "data": config.data.dir},
+        "validation_metrics": payload.get("metrics", {}),
+        "weights_sha256": weights_sha256(net),
+        "versions": versions("torch", "monai", "onnx", "onnxruntime", "brats-cggm"),
+        "git": git_revision(),
+        "opset": OPSET,
+    }
+
+
+def export_run(run_dir: Path, out: Path, checkpoint: str = "best",
+               patches: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+    """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
+
+    ``patches`` are extra preprocessed images ``[4, D, H, W]`` to check parity on.
+    """
+    if out.suffix != ".onnx":
+        raise ConfigurationError(f"{out}: the exported file must end in .onnx")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    net, config = load_network(path)
+    card = model_card(run_dir, path, net, config)
+    graph = InferenceGraph(net).eval()
+    model = _to_onnx(graph, config.preprocessing.patch_size, int(card["inference"]["divisor"]))
+    onnx.checker.check_model(model, full_check=True)
+    card["parity"] = _parity(graph, model, config.preprocessing.patch_size, patches)
+    onnx.helper.set_model_props(model, {"model_card": json.dumps(card)})
+    data = model.SerializeToString()
+    atomic_write(out, lambda handle: handle.write(data))
+    atomic_write_text(card_path(out), json.dumps(card, indent=1) + "\n")
+    return card
+
+
+def card_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".card.json")
+
+
+def _to_onnx(graph: nn.Module, patch: Sequence[int], divisor: int) -> onnx.ModelProto:
+    dim = torch.export.Dim
+    example = (torch.zeros(1, len(MODALITIES), *patch), torch.ones(1, len(MODALITIES)))
+    spatial = {axis + 2: divisor * dim(name, min=1) for axis, name in enumerate(("d", "h", "w"))}
+    batch = dim("batch")
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _quiet_exporter():
+        target = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            graph, example, target, input_names=["image", "modality_mask"], output_names=["logits"],
+            dynamic_shapes={"image": {0: batch, **spatial}, "modality_mask": {0: batch}},
+            opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+        )
+        return onnx.load(io.BytesIO(target.read_bytes()))
+
+
+@contextmanager
+def _quiet_exporter():
+    """The exporter's notes (optional torchvision ops it skips, deprecations inside torch)
+    say nothing about the user's model; a failed export still raises."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _parity(graph: nn.Module, model: onnx.ModelProto, patch: Sequence[int],
+            patches: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Maximum absolute difference of the probabilities of torch and ONNX Runtime, on a
+    random batch with one sequence switched off and on each real patch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(2, len(MODALITIES), *patch, generator=generator), torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1]]))]
+    inputs += [(torch.as_tensor(p, dtype=torch.float32)[None], torch.ones(1, len(MODALITIES))) for p in patches]
+    differences = []
+    for image, mask in inputs:
+        with torch.no_grad():
+            expected = torch.sigmoid(graph(image, mask.float())).numpy()
+        logits = session.run(None, {"image": image.numpy(), "modality_mask": mask.float().numpy()})[0]
+        differences.append(float(np.abs(1 / (1 + np.exp(-logits)) - expected).max()))
+    worst = max(differences)
+    if not worst <= PARITY_TOLERANCE:
+        raise ConfigurationError(
+            f"ONNX Runtime and torch disagree by {worst:.2e} on probabilities (tolerance {PARITY_TOLERANCE:g}); not exported"
+        )
+    return {"max_abs_diff_probabilities": worst, "random_batches": 1, "real_patches": len(patches),
+            "tolerance": PARITY_TOLERANCE, "provider": "CPUExecutionProvider"}
+
+
+def validation_patches(run_dir: Path, config: TrainConfig, count: int = 1) -> list[np.ndarray]:
+    """Preprocessed images of up to ``count`` of the run's validation cases, padded or
+    cropped about their centre to the patch size (real data for the parity check)."""
+    from monai.transforms import ResizeWithPadOrCrop
+
+    from brats_cggm.data.layouts import discover
+    from brats_cggm.data.transforms import case_to_dict, inference_transforms
+
+    split_file = run_dir / "split.json"
+    if count < 1 or config.data.dir is None or not Path(config.data.dir).is_dir() or not split_file.exists():
+        return []
+    wanted = set(json.loads(split_file.read_text())["folds"][config.data.fold]["val"])
+    cases = [c for c in discover(config.data.dir, config.data.layout).cases if c.case_id in wanted][:count]
+    chain, fit = inference_transforms(config.preprocessing), ResizeWithPadOrCrop(config.preprocessing.patch_size)
+    return [np.asarray(fit(chain(case_to_dict(case))["image"])) for case in cases]

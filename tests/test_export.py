@@ -1,0 +1,90 @@
+"""ONNX export of a trained run: graph check, parity with torch, model card, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from training_cases import CPU, error_line, run_cli, tiny_config
+
+from brats_cggm.data.phantom import write_phantoms
+from brats_cggm.errors import ConfigurationError
+from brats_cggm.export import (
+    PARITY_TOLERANCE,
+    card_path,
+    export_run,
+    validation_patches,
+    weights_sha256,
+)
+from brats_cggm.training import Trainer
+from brats_cggm.training.checkpoint import load_network
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
+    run = root / "run"
+    Trainer(tiny_config(root / "data", optim__epochs=2), run, CPU).fit()
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    out = trained.parent / "models" / "tiny.onnx"
+    _, config = load_network(trained / "checkpoints" / "best.pt")
+    card = export_run(trained, out, patches=validation_patches(trained, config, 1))
+    return out, card
+
+
+def test_the_graph_passes_the_checker_and_carries_its_card(exported, trained):
+    out, card = exported
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["image", "modality_mask"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    embedded = json.loads({p.key: p.value for p in model.metadata_props}["model_card"])
+    assert embedded == json.loads(card_path(out).read_text()) == card
+    net, config = load_network(trained / "checkpoints" / "best.pt")
+    assert card["weights_sha256"] == weights_sha256(net)
+    assert card["modalities"] == ["flair", "t1", "t1ce", "t2"]
+    assert card["preprocessing"] == config.preprocessing.to_dict()
+    assert card["parity"]["real_patches"] == 1
+    assert 0 <= card["parity"]["max_abs_diff_probabilities"] <= PARITY_TOLERANCE
+    assert not any(n.name.startswith("head") for n in model.graph.initializer)  # no auxiliary heads
+
+
+def test_onnx_runtime_matches_torch_on_other_shapes_and_masks(exported, trained):
+    out, _ = exported
+    net, _ = load_network(trained / "checkpoints" / "best.pt")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(5)
+    for shape, mask in [((1, 4, 24, 16, 32), [[1, 1, 1, 1]]), ((3, 4, 16, 16, 16), [[1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0]])]:
+        image = torch.randn(*shape, generator=generator)
+        mask = torch.tensor(mask, dtype=torch.float32)
+        with torch.no_grad():
+            expected = torch.sigmoid(net(image, mask)).numpy()
+        logits = session.run(None, {"image": image.numpy(), "modality_mask": mask.numpy()})[0]
+        assert logits.shape == expected.shape
+        assert np.abs(1 / (1 + np.exp(-logits)) - expected).max() <= PARITY_TOLERANCE
+
+
+def test_a_file_name_without_onnx_suffix_is_refused(trained, tmp_path):
+    with pytest.raises(ConfigurationError, match=r"\.onnx"):
+        export_run(trained, tmp_path / "model.bin")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_command(trained, tmp_path):
+    out = tmp_path / "cli.onnx"
+    done = run_cli("export", "--run", str(trained), "--out", str(out), "--parity-cases", "0")
+    assert done.returncode == 0, done.stderr
+    assert out.exists() and card_path(out).exists() and "max |p_onnx - p_torch|" in done.stdout.replace("\n", " ")
+    missing = run_cli("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.onnx"))
+    assert missing.returncode == 2 and "checkpoint is missing" in error_line(missing)
+    assert not (tmp_path / "x.onnx").exists()
