@@ -11,7 +11,6 @@ parity with torch on random and, when given, real patches, and records both in t
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS
 from brats_cggm.errors import ConfigurationError
-from brats_cggm.training.checkpoint import load, load_network
+from brats_cggm.training.checkpoint import load, load_network, state_sha256
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write, atomic_write_text
 from multimodal_general.provenance import git_revision, versions
@@ -54,11 +53,7 @@ class InferenceGraph(nn.Module):
 
 def weights_sha256(net: nn.Module) -> str:
     """A digest of the network's weights (names, shapes, values), for the card."""
-    digest = hashlib.sha256()
-    for name, value in net.state_dict().items():
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_sha256(net)
 
 
 def model_card(run_dir: Path, checkpoint: Path, net: nn.Module, config: TrainConfig) -> dict[str, Any]:

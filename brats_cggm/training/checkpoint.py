@@ -4,6 +4,7 @@ previous file whole."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_sha256(*modules: torch.nn.Module) -> str:
+    """A digest of the modules' state (names, shapes, dtypes and values of every tensor)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, value in module.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save(path: Path, payload: dict[str, Any]) -> Path:

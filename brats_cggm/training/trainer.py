@@ -18,7 +18,6 @@ A run folder::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -316,23 +315,14 @@ class Trainer:
             "provenance": provenance("torch", "monai"),
         }
         if self.place.distributed:
-            checksums = self.place.gather([self._state_checksum()])
+            # equal on all ranks exactly when every rank applied the same updates (e.g. the
+            # same CGGM coefficients at every step)
+            checksums = self.place.gather([checkpoint.state_sha256(*self.parts.modules().values())[:16]])
             summary["rank_state_checksums"] = checksums
             summary["ranks_consistent"] = len(set(checksums)) == 1
         if self.place.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
-
-    def _state_checksum(self) -> str:
-        """A digest of the network's and the balancer's state: equal on all ranks exactly when
-        every rank applied the same updates (e.g. the same CGGM coefficients every step)."""
-        digest = hashlib.sha256()
-        for module in self.parts.modules().values():
-            for key, value in module.state_dict().items():
-                if isinstance(value, Tensor):
-                    digest.update(key.encode())
-                    digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
 
     def _plot(self) -> None:
         if self.place.is_main:
