@@ -29,7 +29,7 @@ from brats_cggm.data.transforms import case_to_dict, inference_transforms, inver
 from brats_cggm.data.validation import validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import region_metrics, summarize
-from brats_cggm.training.checkpoint import load_network
+from brats_cggm.training.checkpoint import load_network, run_checkpoint
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write_text
 
@@ -39,8 +39,6 @@ SPLITS = ("val", "test", "all")
 def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, split: str) -> list[Case]:
     """``val``: the run's validation cases; ``test``: cases of the folder the run's split
     does not name (never seen in training or model selection); ``all``: every case."""
-    if split not in SPLITS:
-        raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
     folder = data_dir or (Path(config.data.dir) if config.data.dir else None)
     if folder is None:
         raise ConfigurationError("no data folder: give --data DIR")
@@ -98,7 +96,7 @@ def evaluate(
         raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ConfigurationError(f"device '{device}' is not available here; use cpu" + (" or cuda" if torch.cuda.is_available() else ""))
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = run_checkpoint(run_dir, checkpoint)
     net, config = load_network(path, device)
     cases = choose_cases(run_dir, config, data_dir, split)
     rows = [evaluate_case(net, config, case, torch.device(device)) for case in track(cases, f"evaluating {split}")]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS
 from brats_cggm.errors import ConfigurationError
-from brats_cggm.training.checkpoint import load, load_network, state_sha256
+from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint, state_sha256
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write, atomic_write_text
 from multimodal_general.provenance import git_revision, versions
@@ -56,9 +56,9 @@ def weights_sha256(net: nn.Module) -> str:
     return state_sha256(net)
 
 
-def model_card(run_dir: Path, checkpoint: Path, net: nn.Module, config: TrainConfig) -> dict[str, Any]:
-    """Everything inference needs to feed the model as in training, and where it came from."""
-    payload = load(checkpoint)
+def model_card(run_dir: Path, payload: dict[str, Any], net: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """Everything inference needs to feed the model as in training, and where it came from
+    (``payload``: the checkpoint, as :func:`load` read it)."""
     split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else None
     fold = split["folds"][config.data.fold] if split else {"train": [], "val": []}
     pre = config.preprocessing
@@ -83,20 +83,22 @@ def model_card(run_dir: Path, checkpoint: Path, net: nn.Module, config: TrainCon
     }
 
 
-def export_run(run_dir: Path, out: Path, checkpoint: str = "best",
-               patches: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+def export_run(run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1) -> dict[str, Any]:
     """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
 
-    ``patches`` are extra preprocessed images ``[4, D, H, W]`` to check parity on.
+    Parity is also checked on ``parity_cases`` of the run's validation cases (when its data
+    folder is still there).
     """
     if out.suffix != ".onnx":
         raise ConfigurationError(f"{out}: the exported file must end in .onnx")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    net, config = load_network(path)
-    card = model_card(run_dir, path, net, config)
+    path = run_checkpoint(run_dir, checkpoint)
+    payload = load(path)
+    net, config = network_from_payload(payload, path)
+    card = model_card(run_dir, payload, net, config)
     graph = InferenceGraph(net).eval()
     model = _to_onnx(graph, config.preprocessing.patch_size, int(card["inference"]["divisor"]))
     onnx.checker.check_model(model, full_check=True)
+    patches = validation_patches(run_dir, config, parity_cases)
     card["parity"] = _parity(graph, model, config.preprocessing.patch_size, patches)
     onnx.helper.set_model_props(model, {"model_card": json.dumps(card)})
     data = model.SerializeToString()

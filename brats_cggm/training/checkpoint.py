@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from brats_cggm import MODALITIES
-from brats_cggm.errors import BadInputFile, IncompatibleModel
+from brats_cggm.errors import BadInputFile, ConfigurationError, IncompatibleModel
 from multimodal_general.io import atomic_write
 
 FORMAT = "brats-cggm-checkpoint/1"
@@ -84,13 +84,27 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     return payload
 
 
+CHECKPOINTS = ("best", "last")
+
+
+def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """``RUN/checkpoints/best.pt`` or ``last.pt``; another name is an error."""
+    if which not in CHECKPOINTS:
+        raise ConfigurationError(f"--checkpoint must be best or last, not '{which}'")
+    return Path(run_dir) / "checkpoints" / f"{which}.pt"
+
+
 def load_network(path: Path, device: str | torch.device = "cpu"):
     """The network of a checkpoint (``best.pt``, or ``last.pt``), in eval mode, with the
     run's configuration: ``(net, TrainConfig)``."""
+    return network_from_payload(load(path, map_location=device), path, device)
+
+
+def network_from_payload(payload: dict[str, Any], path: Path, device: str | torch.device = "cpu"):
+    """:func:`load_network` for a checkpoint already read with :func:`load`."""
     from brats_cggm.training.components import network_from_config
     from brats_cggm.training.config import TrainConfig
 
-    payload = load(path, map_location=device)
     config = TrainConfig.from_dict(payload["config"], str(path))
     weights = payload["network"] if payload.get("kind") == "model" else payload["modules"]["net"]
     net = network_from_config(config.network)

@@ -301,6 +301,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         best = self.ckpt_dir / "best.pt"
+        rows = self.logbook.metrics() if self.place.is_main else []
         summary = {
             "run": str(self.run_dir),
             "epochs": self.state.epoch,
@@ -308,7 +309,7 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "best_val_dice_mean": self.state.best_dice,
             "best_checkpoint": str(best),
-            "final": self.logbook.metrics()[-1] if self.place.is_main and self.logbook.metrics() else {},
+            "final": rows[-1] if rows else {},
             "train_cases": len(self.cases.train),
             "val_cases": len(self.cases.val),
             "world_size": self.place.world_size,
