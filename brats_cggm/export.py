@@ -29,13 +29,14 @@ from torch import Tensor, nn
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS
 from brats_cggm.errors import ConfigurationError
+from brats_cggm.inference.card import CARD_FORMAT, METADATA_KEY, card_path, check_card, graph_sha256
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint, state_sha256
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write, atomic_write_text
 from multimodal_general.provenance import git_revision, versions
 
 OPSET = 18
-CARD_FORMAT = "brats-cggm-model-card/1"
+INTENDED_USE = "research and demonstration; not a medical device, not for clinical use"
 #: the largest difference of probabilities torch and ONNX Runtime may show
 PARITY_TOLERANCE = 1e-4
 
@@ -56,7 +57,9 @@ def weights_sha256(net: nn.Module) -> str:
     return state_sha256(net)
 
 
-def model_card(run_dir: Path, payload: dict[str, Any], net: nn.Module, config: TrainConfig) -> dict[str, Any]:
+def model_card(
+    run_dir: Path, payload: dict[str, Any], net: nn.Module, config: TrainConfig, description: str = ""
+) -> dict[str, Any]:
     """Everything inference needs to feed the model as in training, and where it came from
     (``payload``: the checkpoint, as :func:`load` read it)."""
     split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else None
@@ -64,6 +67,8 @@ def model_card(run_dir: Path, payload: dict[str, Any], net: nn.Module, config: T
     pre = config.preprocessing
     return {
         "format": CARD_FORMAT,
+        "description": description,
+        "intended_use": INTENDED_USE,
         "modalities": list(MODALITIES),
         "outputs": {"logits": list(REGIONS), "activation": "sigmoid", "threshold": 0.5},
         "label_scheme": "brats2021",
@@ -83,7 +88,9 @@ def model_card(run_dir: Path, payload: dict[str, Any], net: nn.Module, config: T
     }
 
 
-def export_run(run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1) -> dict[str, Any]:
+def export_run(
+    run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = ""
+) -> dict[str, Any]:
     """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
 
     Parity is also checked on ``parity_cases`` of the run's validation cases (when its data
@@ -94,21 +101,18 @@ def export_run(run_dir: Path, out: Path, checkpoint: str = "best", parity_cases:
     path = run_checkpoint(run_dir, checkpoint)
     payload = load(path)
     net, config = network_from_payload(payload, path)
-    card = model_card(run_dir, payload, net, config)
+    card = check_card(model_card(run_dir, payload, net, config, description), path)
     graph = InferenceGraph(net).eval()
     model = _to_onnx(graph, config.preprocessing.patch_size, int(card["inference"]["divisor"]))
     onnx.checker.check_model(model, full_check=True)
+    card["graph_sha256"] = graph_sha256(model)
     patches = validation_patches(run_dir, config, parity_cases)
     card["parity"] = _parity(graph, model, config.preprocessing.patch_size, patches)
-    onnx.helper.set_model_props(model, {"model_card": json.dumps(card)})
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(card)})
     data = model.SerializeToString()
     atomic_write(out, lambda handle: handle.write(data))
     atomic_write_text(card_path(out), json.dumps(card, indent=1) + "\n")
     return card
-
-
-def card_path(model_path: Path) -> Path:
-    return model_path.with_suffix(".card.json")
 
 
 def _to_onnx(graph: nn.Module, patch: Sequence[int], divisor: int) -> onnx.ModelProto:

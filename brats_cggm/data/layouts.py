@@ -61,12 +61,13 @@ class Case:
 
     ``images`` holds four files (``flair, t1, t1ce, t2``) or, for ``msd``, one 4-D file
     whose channels ``channels`` lists in canonical order (``channels[i]`` is the channel
-    index of ``MODALITIES[i]``).
+    index of ``MODALITIES[i]``). Only cases found for inference (``discover(...,
+    partial=True)``) may lack sequences: ``None`` in their place.
     """
 
     case_id: str
     layout: str
-    images: tuple[Path, ...]
+    images: tuple[Path | None, ...]
     label: Path | None = None
     channels: tuple[int, ...] = (0, 1, 2, 3)
 
@@ -76,7 +77,12 @@ class Case:
 
     @property
     def files(self) -> tuple[Path, ...]:
-        return (*self.images, *((self.label,) if self.label else ()))
+        return (*(p for p in self.images if p is not None), *((self.label,) if self.label else ()))
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The sequences this case lacks."""
+        return tuple(m for m, p in zip(MODALITIES, self.images) if p is None) if len(self.images) > 1 else ()
 
 
 @dataclass
@@ -131,21 +137,24 @@ def detect_layout(root: Path) -> str:
     raise InconsistentCase(root, f"files of several layouts ({', '.join(found)}): pass --layout")
 
 
-def discover(root: str | Path, layout: str | None = None) -> Discovery:
-    """Find every case under ``root`` (recursively), in ``layout`` or the detected one."""
+def discover(root: str | Path, layout: str | None = None, partial: bool = False) -> Discovery:
+    """Find every case under ``root`` (recursively), in ``layout`` or the detected one.
+
+    ``partial``: a case folder that lacks some sequences is still a case (for inference with
+    a model that allows missing sequences), not a problem."""
     root = Path(root)
     if not root.is_dir():
         raise BadInputFile(root, "is not a folder")
     layout = layout or detect_layout(root)
     if layout not in LAYOUTS:
         raise ConfigurationError(f"unknown layout '{layout}'; choose one of {sorted(LAYOUTS)}")
-    found = _discover_msd(root) if layout == "msd" else _discover_per_sequence(root, LAYOUTS[layout])
+    found = _discover_msd(root) if layout == "msd" else _discover_per_sequence(root, LAYOUTS[layout], partial)
     if not found.cases and not found.problems:
         raise InconsistentCase(root, f"no {layout} cases found")
     return found
 
 
-def _discover_per_sequence(root: Path, layout: Layout) -> Discovery:
+def _discover_per_sequence(root: Path, layout: Layout, partial: bool = False) -> Discovery:
     pattern = layout.pattern()
     part_of = {suffix: modality for modality, suffix in layout.suffixes.items()} | {layout.label_suffix: "seg"}
     groups: dict[tuple[Path, str], dict[str, Path]] = defaultdict(dict)
@@ -161,12 +170,12 @@ def _discover_per_sequence(root: Path, layout: Layout) -> Discovery:
             continue
         seen[case_id] = folder
         missing = [m for m in MODALITIES if m not in parts]
-        if missing:
+        if missing and not (partial and len(missing) < len(MODALITIES)):
             names = ", ".join(layout.file_name(case_id, m) for m in missing)
             problems.append(InconsistentCase(folder / case_id, f"missing sequence file(s) {names}"))
             continue
         cases.append(
-            Case(case_id, layout.name, tuple(parts[m] for m in MODALITIES), parts.get("seg"))
+            Case(case_id, layout.name, tuple(parts.get(m) for m in MODALITIES), parts.get("seg"))
         )
     return Discovery(layout.name, cases, problems)
 

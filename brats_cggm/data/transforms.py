@@ -256,16 +256,22 @@ def _source(image: Any) -> str:
 
 def _prefix(cfg: PreprocessConfig, keys: list[str]) -> list:
     """The deterministic, cacheable steps shared by all chains."""
-    has_label = "label" in keys
-    modes = ["bilinear", "nearest"][: len(keys)]
-    steps = [
+    loading = [
         LoadImaged(keys, reader=ThreadSafeNibabelReader(), image_only=True),
         EnsureChannelFirstd(keys),
         CanonicalChannelsd("image"),
+    ]
+    return loading + _geometry_and_intensity(cfg, keys)
+
+
+def _geometry_and_intensity(cfg: PreprocessConfig, keys: list[str]) -> list:
+    """The steps after loading: orientation, spacing, (labels), crop, normalisation."""
+    modes = ["bilinear", "nearest"][: len(keys)]
+    steps = [
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
         Spacingd(keys, pixdim=cfg.spacing, mode=modes),
     ]
-    if has_label:
+    if "label" in keys:
         steps += [ToBrats2021d("label"), ConvertToMultiChannelBasedOnBratsClassesd("label")]
     return steps + [
         CropForegroundd(keys, source_key="image"),
@@ -317,6 +323,14 @@ def inference_transforms(cfg: PreprocessConfig) -> Pipeline:
     """Load and preprocess the image of a case, recording every geometric step for
     :func:`invert_prediction` (keep this instance to invert with)."""
     return Pipeline(_prefix(cfg, ["image"]), cfg, needs_label=False)
+
+
+def image_transforms(cfg: PreprocessConfig) -> Pipeline:
+    """The inference chain for an image already in memory: ``{"image": MetaTensor [4,
+    X, Y, Z]}`` in canonical channel order, with its affine (what the segmenter loads from
+    files or takes as arrays) -> network input, recording every geometric step for
+    :func:`invert_prediction`."""
+    return Pipeline(_geometry_and_intensity(cfg, ["image"]), cfg, needs_label=False)
 
 
 def invert_prediction(

@@ -40,13 +40,16 @@ class CaseReport:
 
 
 @dataclass
-class _Volume:
+class Volume:
+    """One 3-D sequence (or label map) as read from its file."""
+
     path: Path
     data: np.ndarray
     affine: np.ndarray
+    header: nib.Nifti1Header | None = None
 
 
-def _read(path: Path, problems: list) -> _Volume | None:
+def _read(path: Path, problems: list) -> Volume | None:
     """Load one NIfTI fully; on failure append the reason and return None."""
     if path.is_dir():
         problems.append(BadInputFile(path, "is a folder, not a NIfTI file"))
@@ -73,7 +76,7 @@ def _read(path: Path, problems: list) -> _Volume | None:
     except (EOFError, OSError, ValueError, zlib.error) as error:
         problems.append(BadInputFile(path, f"is truncated: its voxel data cannot be read ({error.__class__.__name__})"))
         return None
-    return _Volume(path, data, image.affine)
+    return Volume(path, data, image.affine, image.header)
 
 
 def _load_failure(path: Path, error: Exception) -> str:
@@ -92,7 +95,7 @@ def _load_failure(path: Path, error: Exception) -> str:
     return f"is not a NIfTI file ({error.__class__.__name__})"
 
 
-def _check_values(volume: _Volume, what: str, problems: list) -> None:
+def _check_values(volume: Volume, what: str, problems: list) -> None:
     data = volume.data
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
@@ -101,29 +104,30 @@ def _check_values(volume: _Volume, what: str, problems: list) -> None:
         problems.append(BadInputFile(volume.path, f"the {what} is all zero"))
 
 
-def _sequences(case: Case, problems: list) -> list[_Volume]:
-    """The case's four sequences as 3-D volumes (split from the 4-D file for ``msd``)."""
+def _sequences(case: Case, problems: list) -> dict[str, Volume]:
+    """The case's sequences as 3-D volumes (split from the 4-D file for ``msd``), by
+    modality; a sequence the case lacks (``None`` in ``images``) is left out."""
     if len(case.images) == 1:
         volume = _read(case.images[0], problems)
         if volume is None:
-            return []
+            return {}
         if volume.data.ndim != 4 or volume.data.shape[3] != len(MODALITIES):
             problems.append(BadInputFile(volume.path, f"expected a 4-D image with {len(MODALITIES)} sequences, got shape {volume.data.shape}"))
-            return []
-        return [_Volume(volume.path, volume.data[..., c], volume.affine) for c in case.channels]
-    volumes = []
+            return {}
+        return {m: Volume(volume.path, volume.data[..., c], volume.affine, volume.header) for m, c in zip(MODALITIES, case.channels)}
+    volumes = {}
     for modality, path in zip(MODALITIES, case.images):
-        volume = _read(path, problems)
+        volume = _read(path, problems) if path is not None else None
         if volume is None:
             continue
         if volume.data.ndim != 3:
             problems.append(BadInputFile(path, f"expected a 3-D {modality} image, got {volume.data.ndim}-D shape {volume.data.shape}"))
             continue
-        volumes.append(volume)
+        volumes[modality] = volume
     return volumes
 
 
-def _same_grid(reference: _Volume, other: _Volume, what: str, problems: list) -> bool:
+def _same_grid(reference: Volume, other: Volume, what: str, problems: list) -> bool:
     if other.data.shape[:3] != reference.data.shape[:3]:
         problems.append(InconsistentCase(other.path, f"{what} shape {other.data.shape[:3]} differs from {reference.path.name} {reference.data.shape[:3]}"))
         return False
@@ -137,25 +141,42 @@ def _same_grid(reference: _Volume, other: _Volume, what: str, problems: list) ->
 def inspect_case(case: Case) -> CaseReport:
     """Every problem of ``case``, plus what a reader wants to see (shape, spacing, ...)."""
     report = CaseReport(case.case_id)
-    problems = report.problems
-    volumes = _sequences(case, problems)
-    if volumes:
-        reference = volumes[0]
+    volumes = _checked_sequences(case, report.problems)
+    reference = next(iter(volumes.values()), None)
+    if reference is not None:
         report.shape = tuple(int(s) for s in reference.data.shape)
         report.spacing = tuple(float(s) for s in np.round(np.linalg.norm(reference.affine[:3, :3], axis=0), 3))
         report.orientation = "".join(nib.aff2axcodes(reference.affine))
-        for modality, volume in zip(MODALITIES, volumes):
-            _check_values(volume, f"{modality} sequence" if len(case.images) > 1 else "image", problems)
-        for volume in volumes[1:]:
-            _same_grid(reference, volume, "sequence", problems)
     if case.label is not None:
-        label = _read(case.label, problems)
+        label = _read(case.label, report.problems)
         if label is not None:
-            _check_label(case, label, volumes[0] if volumes else None, report)
+            _check_label(case, label, reference, report)
     return report
 
 
-def _check_label(case: Case, label: _Volume, reference: _Volume | None, report: CaseReport) -> None:
+def _checked_sequences(case: Case, problems: list) -> dict[str, Volume]:
+    volumes = _sequences(case, problems)
+    for modality, volume in volumes.items():
+        _check_values(volume, f"{modality} sequence" if len(case.images) > 1 else "image", problems)
+    reference = next(iter(volumes.values()), None)
+    for volume in list(volumes.values())[1:]:
+        _same_grid(reference, volume, "sequence", problems)
+    return volumes
+
+
+def load_sequences(case: Case) -> dict[str, Volume]:
+    """The sequences of ``case`` (those it has: ``None`` in ``images`` marks a missing one)
+    as checked 3-D volumes on one grid, by modality; raises the first problem."""
+    problems: list = []
+    volumes = _checked_sequences(case, problems)
+    if problems:
+        raise problems[0]
+    if not volumes:
+        raise InconsistentCase(case.case_id, "has no image")
+    return volumes
+
+
+def _check_label(case: Case, label: Volume, reference: Volume | None, report: CaseReport) -> None:
     problems = report.problems
     if label.data.ndim != 3:
         problems.append(BadInputFile(label.path, f"expected a 3-D label map, got shape {label.data.shape}"))

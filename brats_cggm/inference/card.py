@@ -1,0 +1,110 @@
+"""Model cards: what a model needs to be fed as in training, checked before it is used.
+
+A card is a JSON object written beside each exported model (``NAME.card.json``) and into
+its ONNX metadata (``model_card``). :func:`check_card` refuses a card that this program
+cannot honour (another format, other sequences, an unknown label scheme, preprocessing it
+does not implement); :func:`read_onnx` also refuses a model whose weights no longer match
+the digest its card recorded, or whose card beside the file disagrees with the embedded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import numpy_helper
+
+from brats_cggm import MODALITIES
+from brats_cggm.data.labels import REGIONS, SCHEMES
+from brats_cggm.errors import ConfigurationError, IncompatibleModel
+
+CARD_FORMAT = "brats-cggm-model-card/1"
+METADATA_KEY = "model_card"
+
+
+def card_path(model_path: Path) -> Path:
+    """Where the card of ``model_path`` lies: ``NAME.card.json`` beside ``NAME.onnx``."""
+    return Path(model_path).with_suffix(".card.json")
+
+
+def graph_sha256(model: onnx.ModelProto) -> str:
+    """A digest of the weights inside an ONNX graph (every initializer's name, type, shape
+    and values, in name order); the metadata, and so the card itself, is not part of it."""
+    digest = hashlib.sha256()
+    for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
+        values = numpy_helper.to_array(tensor)
+        digest.update(f"{tensor.name}|{values.dtype}|{values.shape}|".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def check_card(card: Any, source: str | Path) -> dict[str, Any]:
+    """``card`` if this program can feed the model as the card says; otherwise an
+    :class:`IncompatibleModel` naming ``source`` and the first disagreement."""
+    from brats_cggm.data.transforms import PreprocessConfig
+
+    def refuse(problem: str) -> IncompatibleModel:
+        return IncompatibleModel(f"{source}: {problem}")
+
+    if not isinstance(card, dict):
+        raise refuse("the model card is not a JSON object")
+    if card.get("format") != CARD_FORMAT:
+        raise refuse(f"model card format {card.get('format')!r} is not {CARD_FORMAT!r}")
+    modalities = card.get("modalities")
+    if modalities != list(MODALITIES):
+        count = len(modalities) if isinstance(modalities, list) else "?"
+        raise refuse(
+            f"the model takes {count} sequence(s) ({', '.join(map(str, modalities or []))}); "
+            f"this program feeds {len(MODALITIES)} ({', '.join(MODALITIES)}) in that order"
+        )
+    if card.get("label_scheme") not in SCHEMES:
+        raise refuse(f"unknown label scheme {card.get('label_scheme')!r} (known: {', '.join(SCHEMES)})")
+    outputs = card.get("outputs") or {}
+    if outputs.get("logits") != list(REGIONS) or outputs.get("activation") != "sigmoid":
+        raise refuse(f"the model's outputs {outputs.get('logits')} are not sigmoid logits of {', '.join(REGIONS)}")
+    try:
+        PreprocessConfig.from_dict(card.get("preprocessing") or {})
+        inference = card["inference"]
+        if len(inference["patch_size"]) != 3 or not 0 <= float(inference["overlap"]) < 1 or int(inference["divisor"]) < 1:
+            raise ValueError("patch_size, overlap or divisor out of range")
+    except (ConfigurationError, KeyError, TypeError, ValueError) as error:
+        raise refuse(f"the card's preprocessing/inference settings are unusable ({error})") from None
+    return card
+
+
+def read_onnx(path: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The model at ``path`` and its checked card (see the module's docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IncompatibleModel(f"{path}: model file not found")
+    try:
+        model = onnx.load(path)
+    except Exception as error:  # protobuf raises several types for a file that is not ONNX
+        raise IncompatibleModel(f"{path}: not an ONNX model ({error.__class__.__name__})") from None
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in metadata:
+        raise IncompatibleModel(f"{path}: no model card in the ONNX metadata; export models with `brats-cggm export`")
+    try:
+        card = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise IncompatibleModel(f"{path}: the model card in the ONNX metadata is not valid JSON") from None
+    beside = card_path(path)
+    if beside.exists():
+        try:
+            if json.loads(beside.read_text()) != card:
+                raise IncompatibleModel(f"{beside}: disagrees with the model card inside {path.name}")
+        except json.JSONDecodeError:
+            raise IncompatibleModel(f"{beside}: not valid JSON") from None
+    check_card(card, path)
+    recorded = card.get("graph_sha256")
+    if recorded != graph_sha256(model):
+        raise IncompatibleModel(
+            f"{path}: the weights do not match the digest in the model card (file altered or card from another model)"
+        )
+    channels = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    if channels and channels != len(MODALITIES):
+        raise IncompatibleModel(f"{path}: the graph takes {channels} input channels, the card {len(MODALITIES)} sequences")
+    return model, card

@@ -1,0 +1,252 @@
+"""The segmenter: one object that turns a case into a label map, for the CLI, the web app
+and pipelines.
+
+>>> segmenter = Segmenter.load("models/brats_cggm_phantom_demo.onnx")     # or a run folder
+>>> result = segmenter.predict_case(case, tta=True, contributions="occlusion")
+>>> result.labels.shape == result.shape, result.volumes_ml()["WT"]
+
+Steps: read the sequences (a missing one becomes a zero channel switched off through
+``modality_mask``, when the model was trained with modality dropout) -> the model card's
+preprocessing (orientation, spacing, foreground crop, z-score) -> MONAI sliding-window
+inference with Gaussian blending of the windows' probabilities (optionally averaged over
+the 8 mirrorings of each window, and with the coalitions that contribution maps need) ->
+every map resampled back to the input's own grid -> regions at the card's threshold ->
+a label map in BraTS 2021 (or 2023) numbering.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from torch import Tensor
+
+from brats_cggm import MODALITIES
+from brats_cggm.data.labels import REGIONS, SCHEMES, labels_from_regions, to_brats2021
+from brats_cggm.data.layouts import Case
+from brats_cggm.data.transforms import PreprocessConfig, image_transforms, invert_prediction
+from brats_cggm.data.validation import load_sequences
+from brats_cggm.errors import ConfigurationError, IncompatibleModel, InconsistentCase
+from brats_cggm.inference.backends import OnnxBackend, TorchBackend, check_device, model_kind
+from brats_cggm.inference.card import read_onnx
+from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan, region_shares
+
+#: the shipped demonstration model (see models/README.md); BRATS_CGGM_MODEL overrides it
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "brats_cggm_phantom_demo.onnx"
+OUTPUT_SCHEMES = ("brats2021", "brats2023")
+#: every mirroring of a 3-D window (nnU-Net's test-time augmentation), identity first
+MIRRORS = tuple(axes for n in range(4) for axes in combinations((2, 3, 4), n))
+
+
+def default_model() -> Path:
+    return Path(os.environ.get("BRATS_CGGM_MODEL") or DEFAULT_MODEL)
+
+
+@dataclass
+class Prediction:
+    """One case's result, on the grid of its input (``shape``, ``affine``)."""
+
+    case_id: str
+    #: label map in ``label_scheme`` numbering, uint8
+    labels: np.ndarray
+    label_scheme: str
+    #: ``[3, *shape]`` float32 probabilities of TC, WT, ET
+    probabilities: np.ndarray
+    affine: np.ndarray
+    #: the header of the input file the outputs copy (None for arrays)
+    header: nib.Nifti1Header | None
+    sequences_used: tuple[str, ...]
+    tta: bool = False
+    #: sequence -> ``[3, *shape]`` float32 contribution to TC, WT, ET (see contributions.py)
+    contributions: dict[str, np.ndarray] = field(default_factory=dict)
+    contribution_method: str | None = None
+    seconds: float = 0.0
+    inputs: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.labels.shape)
+
+    @property
+    def regions(self) -> np.ndarray:
+        """``[3, *shape]`` bool masks of TC, WT, ET, nested as in the label map."""
+        brats2021 = self.labels if self.label_scheme == "brats2021" else to_brats2021(self.labels, self.label_scheme)
+        return np.stack([np.isin(brats2021, (1, 4)), brats2021 > 0, brats2021 == 4])
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def volumes_ml(self) -> dict[str, float]:
+        """Volume of each region (TC, WT, ET) and of each label, in millilitres."""
+        volumes = {region: float(mask.sum()) * self.voxel_ml for region, mask in zip(REGIONS, self.regions)}
+        for value, name in SCHEMES[self.label_scheme].labels.items():
+            volumes[f"label {value} {name}"] = float((self.labels == value).sum()) * self.voxel_ml
+        return volumes
+
+    def shares(self) -> dict[str, dict[str, float]]:
+        """Each sequence's share of TC, WT and ET (empty without contribution maps)."""
+        return region_shares(self.contributions, self.regions) if self.contributions else {}
+
+    def summary(self) -> dict[str, Any]:
+        """What the case's JSON holds (everything but the voxel maps)."""
+        return {
+            "case_id": self.case_id,
+            "label_scheme": self.label_scheme,
+            "labels": {str(v): n for v, n in SCHEMES[self.label_scheme].labels.items()},
+            "shape": list(self.shape),
+            "voxel_size_mm": [round(float(v), 6) for v in np.linalg.norm(self.affine[:3, :3], axis=0)],
+            "volumes_ml": {k: round(v, 4) for k, v in self.volumes_ml().items()},
+            "sequences_used": list(self.sequences_used),
+            "sequences_missing": [m for m in MODALITIES if m not in self.sequences_used],
+            "inputs": self.inputs,
+            "tta": self.tta,
+            "contributions": None if not self.contributions else {
+                "method": self.contribution_method, "shares": self.shares(),
+                "mean_in_region": {
+                    region: {seq: float(m[r][self.regions[r]].mean()) if self.regions[r].any() else 0.0
+                             for seq, m in self.contributions.items()}
+                    for r, region in enumerate(REGIONS)
+                },
+            },
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Segmenter:
+    """A model and its card; ``predict_*`` run the whole chain for one case."""
+
+    def __init__(self, backend: Callable[[Tensor, Tensor], Tensor], card: dict[str, Any], source: str | Path,
+                 sw_batch_size: int = 2) -> None:
+        self.backend, self.card, self.source = backend, card, str(source)
+        self.preprocessing = PreprocessConfig.from_dict(card["preprocessing"])
+        self.patch_size = tuple(int(v) for v in card["inference"]["patch_size"])
+        self.overlap = float(card["inference"]["overlap"])
+        self.threshold = float(card["outputs"].get("threshold", 0.5))
+        self.sw_batch_size = sw_batch_size
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, provider: str = "cpu", device: str = "cpu",
+             checkpoint: str = "best", threads: int | None = None) -> Segmenter:
+        """An exported ``.onnx`` (ONNX Runtime on ``provider``) or a run folder (torch on
+        ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped model."""
+        path = Path(model) if model is not None else default_model()
+        if model is None and not path.is_file():
+            raise IncompatibleModel(f"{path}: the default model is missing; pass --model FILE.onnx or a run folder")
+        if model_kind(path) == "onnx":
+            onnx_model, card = read_onnx(path)
+            return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path)
+        from brats_cggm.export import model_card
+        from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
+
+        file = run_checkpoint(path, checkpoint)
+        payload = load(file)
+        net, config = network_from_payload(payload, file)
+        return cls(TorchBackend(net, check_device(device)), model_card(path, payload, net, config), file)
+
+    @property
+    def allows_missing(self) -> bool:
+        """Whether a sequence may be missing (the model was trained with modality dropout)."""
+        return float(self.card.get("network", {}).get("modality_dropout", 0.0)) > 0
+
+    def predict_case(self, case: Case, **options: Any) -> Prediction:
+        """Predict a case found on disk (every layout; ``None`` images are missing sequences)."""
+        volumes = load_sequences(case)
+        reference = next(iter(volumes.values()))
+        inputs = {m: (str(volumes[m].path) if m in volumes else None) for m in MODALITIES}
+        return self._predict(case.case_id, {m: v.data for m, v in volumes.items()}, reference.affine,
+                             reference.header, inputs=inputs, **options)
+
+    def predict_arrays(self, arrays: Mapping[str, np.ndarray], affine: np.ndarray, case_id: str = "case",
+                       header: nib.Nifti1Header | None = None, **options: Any) -> Prediction:
+        """Predict from 3-D arrays by sequence name (any subset of ``flair, t1, t1ce, t2``)
+        on one grid with the voxel-to-world ``affine`` (4 x 4, RAS+ mm, as nibabel's)."""
+        unknown = sorted(set(arrays) - set(MODALITIES))
+        if unknown:
+            raise InconsistentCase(case_id, f"unknown sequence(s) {', '.join(unknown)} (expected {', '.join(MODALITIES)})")
+        shapes = {np.shape(a) for a in arrays.values()}
+        if len(shapes) != 1 or len(next(iter(shapes), ())) != 3:
+            raise InconsistentCase(case_id, f"the sequences must be 3-D arrays of one shape; got {sorted(shapes)}")
+        affine = np.asarray(affine, dtype=float)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            raise InconsistentCase(case_id, "the affine must be a finite, invertible 4 x 4 matrix")
+        for name, array in arrays.items():
+            if not np.isfinite(array).all():
+                raise InconsistentCase(case_id, f"NaN/Inf voxels in {name}")
+        return self._predict(case_id, dict(arrays), affine, header, **options)
+
+    def _predict(self, case_id: str, arrays: dict[str, np.ndarray], affine: np.ndarray,
+                 header: nib.Nifti1Header | None, tta: bool = False, contributions: str | None = None,
+                 label_scheme: str = "brats2021", inputs: dict[str, str | None] | None = None) -> Prediction:
+        if label_scheme not in OUTPUT_SCHEMES:
+            raise ConfigurationError(f"label scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
+        start = time.perf_counter()
+        present = [m in arrays for m in MODALITIES]
+        missing = [m for m in MODALITIES if m not in arrays]
+        if missing and not self.allows_missing:
+            raise IncompatibleModel(
+                f"{case_id}: {', '.join(missing)} missing, and {self.source} was trained without modality "
+                "dropout: it needs all four sequences"
+            )
+        plan = coalition_plan(present, contributions)
+        shape = next(iter(arrays.values())).shape
+        image = np.zeros((len(MODALITIES), *shape), dtype=np.float32)
+        for i, m in enumerate(MODALITIES):
+            if m in arrays:
+                image[i] = arrays[m]
+        chain = image_transforms(self.preprocessing)
+        data = chain({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine, dtype=torch.float64))})
+        outputs = sliding_window_inference(
+            data["image"].as_tensor()[None], self.patch_size, self.sw_batch_size,
+            self._window_predictor(plan, tta), overlap=self.overlap, mode="gaussian",
+            sw_device=self.backend.device, device=torch.device("cpu"),
+        )
+        data["pred"] = MetaTensor(outputs[0])  # Invertd inverts MetaTensors only
+        maps = invert_prediction(data, chain).as_tensor().numpy().astype(np.float32, copy=False)
+        probabilities = np.clip(maps[:3], 0.0, 1.0)
+        labels = labels_from_regions(probabilities > self.threshold, label_scheme)
+        return Prediction(
+            case_id, labels, label_scheme, probabilities, affine, header,
+            tuple(m for m in MODALITIES if m in arrays), tta,
+            {seq: maps[3 + 3 * i: 6 + 3 * i] for i, seq in enumerate(plan.sequences)}, contributions,
+            time.perf_counter() - start, inputs or {m: ("array" if m in arrays else None) for m in MODALITIES},
+        )
+
+    def _window_predictor(self, plan: CoalitionPlan, tta: bool) -> Callable[[Tensor], Tensor]:
+        """``window [B, 4, *patch] -> [B, 3 + 3k, *patch]``: the probabilities with every
+        present sequence on, then each sequence's contribution (linear in the coalitions'
+        probabilities), averaged over the mirrorings when ``tta``."""
+        masks = torch.as_tensor(plan.masks, dtype=torch.float32)
+        weights = plan.weights
+
+        def predict(window: Tensor) -> Tensor:
+            total = None
+            mirrors = MIRRORS if tta else ((),)
+            for axes in mirrors:
+                x = window.flip(axes) if axes else window
+                full, parts = None, [None] * len(plan.sequences)
+                for s, mask in enumerate(masks):
+                    p = torch.sigmoid(self.backend(x, mask.expand(x.shape[0], -1)))
+                    if s == plan.full:
+                        full = p
+                    for i in range(len(parts)):
+                        if weights[i, s]:
+                            term = float(weights[i, s]) * p
+                            parts[i] = term if parts[i] is None else parts[i] + term
+                out = torch.cat([full, *parts], dim=1)
+                out = out.flip(axes) if axes else out
+                total = out if total is None else total + out
+            return total / len(mirrors)
+
+        return predict
+
