@@ -270,6 +270,75 @@ def export(
     )
 
 
+@app.command()
+def predict(
+    inputs: Annotated[
+        list[Path], typer.Option("--input", help="a folder of cases (any layout), or the files of one case (repeat --input)")
+    ],
+    out: Annotated[Path, typer.Option(help="folder for the label maps and their JSON summaries")],
+    model: Annotated[
+        Path | None, typer.Option(help="an exported .onnx file or a run folder (default: the shipped demo model)")
+    ] = None,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu or cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="torch device for a run folder: cpu or cuda")] = "cpu",
+    tta: Annotated[bool, typer.Option(help="average over the 8 mirrorings of each window (8x slower)")] = False,
+    contributions: Annotated[bool, typer.Option(help="write each sequence's contribution map and shares")] = False,
+    method: Annotated[str, typer.Option(help="contribution method: occlusion (1 + k passes) or shapley (2^k passes, exact)")] = "occlusion",
+    probabilities: Annotated[bool, typer.Option(help="also write the TC/WT/ET probability maps")] = False,
+    label_scheme: Annotated[str, typer.Option(help="numbering of the label map: brats2021 (1, 2, 4) or brats2023 (1, 2, 3)")] = "brats2021",
+    overwrite: Annotated[bool, typer.Option(help="redo cases whose results are already in --out")] = False,
+    layout: LayoutOption = None,
+) -> None:
+    """Segment one case or a folder of cases; results keep each input's grid and header.
+
+    Writes CASE.nii.gz (labels), CASE.json (volumes in ml, sequences used, contribution
+    shares) and, when asked, probability and contribution maps. A case that fails is
+    reported and the others go on; the exit status is 1 if any failed.
+    """
+    from brats_cggm.errors import UserError
+    from brats_cggm.inference.contributions import METHODS
+    from brats_cggm.inference.inputs import find_cases
+    from brats_cggm.inference.outputs import is_done, write_prediction
+    from brats_cggm.inference.segmenter import OUTPUT_SCHEMES, Segmenter
+
+    if method not in METHODS:
+        raise ConfigurationError(f"--method must be one of {', '.join(METHODS)}; got '{method}'")
+    if label_scheme not in OUTPUT_SCHEMES:
+        raise ConfigurationError(f"--label-scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
+    segmenter = Segmenter.load(model, provider=provider, device=device)
+    cases, problems = find_cases(inputs, layout)
+    model_info = {"source": segmenter.source, "description": segmenter.card.get("description", ""),
+                  "graph_sha256": segmenter.card.get("graph_sha256"), "weights_sha256": segmenter.card.get("weights_sha256")}
+    failures = [str(p) for p in problems]
+    done, skipped = [], []
+    with progress_bar() as bar:
+        for case in bar.track(cases, description="segmenting"):
+            if not overwrite and is_done(out, case.case_id):
+                skipped.append(case.case_id)
+                continue
+            try:
+                prediction = segmenter.predict_case(
+                    case, tta=tta, contributions=method if contributions else None, label_scheme=label_scheme)
+                done.append(write_prediction(prediction, out, probabilities, model_info))
+            except UserError as error:
+                failures.append(str(error))
+                console.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
+    if done:
+        table = Table(title=f"{len(done)} case(s) segmented into {out}")
+        for column in ("case", "WT ml", "TC ml", "ET ml", "sequences", "s"):
+            table.add_column(column, justify="left" if column in ("case", "sequences") else "right")
+        for row in done:
+            ml = row["volumes_ml"]
+            table.add_row(row["case_id"], f"{ml['WT']:.1f}", f"{ml['TC']:.1f}", f"{ml['ET']:.1f}",
+                          ", ".join(row["sequences_used"]), f"{row['seconds']:.1f}")
+        console.print(table)
+    if skipped:
+        console.print(f"skipped {len(skipped)} case(s) already in {out} (--overwrite redoes them)")
+    if failures:
+        console.print(f"[bold red]{len(failures)} case(s) failed[/]")
+        raise typer.Exit(1)
+
+
 def join_size_values(argv: list[str]) -> list[str]:
     """``--size 96 128 80`` → ``--size 96x128x80`` (a Typer option takes one value)."""
     out, i = [], 0

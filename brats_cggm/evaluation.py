@@ -1,8 +1,8 @@
 """Evaluate a trained run on whole cases, on each case's original grid.
 
-Each case goes through the inference chain of the run's preprocessing, sliding-window
-inference, and back to the grid of its files (:func:`invert_prediction`); the regions
-are then compared with the case's own label file at its own voxel size, as the BraTS
+Each case goes through the segmenter (the run's preprocessing, sliding-window inference,
+back to the grid of its files), the same code as ``brats-cggm predict``; the regions are
+then compared with the case's own label file at its own voxel size, as the BraTS
 challenge scores them. Writes ``RUN/evaluation/<split>/cases.csv`` (one row per case)
 and ``summary.json`` (mean, std, median per metric).
 """
@@ -19,17 +19,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
 from brats_cggm.data.labels import to_brats2021
 from brats_cggm.data.layouts import Case, discover
 from brats_cggm.data.splits import load_split
-from brats_cggm.data.transforms import case_to_dict, inference_transforms, invert_prediction
 from brats_cggm.data.validation import validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import region_metrics, summarize
-from brats_cggm.training.checkpoint import load_network, run_checkpoint
+from brats_cggm.inference.backends import check_device
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write_text
 
@@ -60,25 +59,16 @@ def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, spli
     return chosen
 
 
-@torch.no_grad()
-def evaluate_case(net: torch.nn.Module, config: TrainConfig, case: Case, device: torch.device) -> dict[str, Any]:
+def evaluate_case(segmenter: Segmenter, case: Case) -> dict[str, Any]:
     """Metrics of one case, on its original grid."""
     validate_case(case)
-    chain = inference_transforms(config.preprocessing)
-    data = chain(case_to_dict(case))
-    image = data["image"]
-    logits = sliding_window_inference(
-        image[None].to(device), config.preprocessing.patch_size, config.validation.sw_batch_size, net,
-        overlap=config.validation.overlap, mode="gaussian",
-    )
-    data["pred"] = torch.sigmoid(logits[0].float()).cpu()
-    probabilities = invert_prediction(data, chain)
+    prediction = segmenter.predict_case(case)
     label_file = nib.load(case.label)
     label = to_brats2021(np.asanyarray(label_file.dataobj).astype(np.int16), case.label_scheme)
     reference = torch.as_tensor(ConvertToMultiChannelBasedOnBratsClasses()(label))
     spacing = [float(z) for z in label_file.header.get_zooms()[:3]]
     row = {"case_id": case.case_id}
-    row.update(region_metrics(torch.as_tensor(probabilities) > 0.5, reference, spacing, hd95=True))
+    row.update(region_metrics(torch.as_tensor(prediction.regions), reference, spacing, hd95=True))
     return row
 
 
@@ -94,12 +84,10 @@ def evaluate(
     and the folder they were written to."""
     if split not in SPLITS:
         raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise ConfigurationError(f"device '{device}' is not available here; use cpu" + (" or cuda" if torch.cuda.is_available() else ""))
-    path = run_checkpoint(run_dir, checkpoint)
-    net, config = load_network(path, device)
-    cases = choose_cases(run_dir, config, data_dir, split)
-    rows = [evaluate_case(net, config, case, torch.device(device)) for case in track(cases, f"evaluating {split}")]
+    segmenter = Segmenter.load(run_dir, device=check_device(device), checkpoint=checkpoint)
+    path = Path(segmenter.source)
+    cases = choose_cases(run_dir, segmenter.train_config, data_dir, split)
+    rows = [evaluate_case(segmenter, case) for case in track(cases, f"evaluating {split}")]
     summary = {
         "run": str(run_dir), "checkpoint": str(path), "split": split, "cases": len(rows),
         "metrics": summarize([{k: v for k, v in r.items() if k != "case_id"} for r in rows]),

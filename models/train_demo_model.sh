@@ -13,13 +13,14 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 WORK=${WORK:-runs/demo_model}
 BALANCER=${BALANCER:-cggm}
-EPOCHS=${EPOCHS:-40}
+EPOCHS=${EPOCHS:-30}
+LR=${LR:-1e-3}
 SEED=${SEED:-0}
 OUT=${OUT:-models/brats_cggm_phantom_demo.onnx}
 
 [ -f "$WORK/phantoms/BraTS2021_00029/BraTS2021_00029_seg.nii.gz" ] ||
     "$BIN/brats-cggm" phantom --out "$WORK/phantoms" --cases 30 --size 96 --seed 0
 "$BIN/brats-cggm" train --data "$WORK/phantoms" --out "$WORK/$BALANCER-seed$SEED" --preset cpu-small \
-    --balancer "$BALANCER" --epochs "$EPOCHS" --seed "$SEED" --set network.modality_dropout=0.25
+    --balancer "$BALANCER" --epochs "$EPOCHS" --lr "$LR" --seed "$SEED" --set network.modality_dropout=0.25
 "$BIN/brats-cggm" export --run "$WORK/$BALANCER-seed$SEED" --out "$OUT" --parity-cases 2 \
     --description "Demonstration model trained on 30 synthetic phantom cases (brats-cggm phantom, 96^3), never on patient data. NOT for clinical use."

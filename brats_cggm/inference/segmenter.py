@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -127,8 +127,10 @@ class Segmenter:
     """A model and its card; ``predict_*`` run the whole chain for one case."""
 
     def __init__(self, backend: Callable[[Tensor, Tensor], Tensor], card: dict[str, Any], source: str | Path,
-                 sw_batch_size: int = 2) -> None:
+                 sw_batch_size: int = 2, train_config: Any = None) -> None:
         self.backend, self.card, self.source = backend, card, str(source)
+        #: the run's TrainConfig when loaded from a run folder (None for an ONNX file)
+        self.train_config = train_config
         self.preprocessing = PreprocessConfig.from_dict(card["preprocessing"])
         self.patch_size = tuple(int(v) for v in card["inference"]["patch_size"])
         self.overlap = float(card["inference"]["overlap"])
@@ -152,7 +154,8 @@ class Segmenter:
         file = run_checkpoint(path, checkpoint)
         payload = load(file)
         net, config = network_from_payload(payload, file)
-        return cls(TorchBackend(net, check_device(device)), model_card(path, payload, net, config), file)
+        card = model_card(path, payload, net, config)
+        return cls(TorchBackend(net, check_device(device)), card, file, train_config=config)
 
     @property
     def allows_missing(self) -> bool:
