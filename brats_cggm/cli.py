@@ -311,6 +311,8 @@ def predict(
     model_info = {"source": segmenter.source, "description": segmenter.card.get("description", ""),
                   "graph_sha256": segmenter.card.get("graph_sha256"), "weights_sha256": segmenter.card.get("weights_sha256")}
     failures = [str(p) for p in problems]
+    for problem in failures:
+        console.print(f"[red]failed:[/] {problem}", highlight=False, soft_wrap=True)
     done, skipped = [], []
     with progress_bar() as bar:
         for case in bar.track(cases, description="segmenting"):

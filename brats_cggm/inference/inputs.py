@@ -63,12 +63,14 @@ def case_from_files(paths: Sequence[Path], case_id: str | None = None,
 
 
 def _common_stem(paths: Sequence[Path]) -> str:
-    """``BraTS2021_00000_flair.nii.gz, BraTS2021_00000_t1.nii.gz`` -> ``BraTS2021_00000``."""
-    stems = [NIFTI.sub("", p.name) for p in paths]
-    prefix = os.path.commonprefix(stems) if len(stems) > 1 else stems[0]
-    if len(stems) == 1 and sequence_from_name(paths[0].name):
-        prefix = re.sub(r"[-_.]?[A-Za-z0-9]+$", "", prefix)
-    return prefix.rstrip("-_. ") or "case"
+    """``BraTS2021_00000_flair.nii.gz, BraTS2021_00000_t1.nii.gz`` -> ``BraTS2021_00000``:
+    each name without its sequence part, then what they share."""
+    stems = []
+    for path in paths:
+        stem = NIFTI.sub("", path.name)
+        last = _TOKEN.split(stem.lower())[-1]
+        stems.append(re.sub(r"[^A-Za-z0-9]*[A-Za-z0-9]+$", "", stem) if last in SEQUENCE_NAMES else stem)
+    return os.path.commonprefix(stems).rstrip("-_. ") or "case"
 
 
 def find_cases(inputs: Sequence[Path], layout: str | None = None) -> tuple[list[Case], list[UserError]]:
