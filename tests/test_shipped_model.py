@@ -1,0 +1,57 @@
+"""The demo model in models/: it loads (card and weight digest checked), says what it is,
+and segments phantom cases it never saw, also with a sequence missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import nibabel as nib
+import pytest
+import torch
+
+from brats_cggm.data.layouts import Case, discover
+from brats_cggm.data.phantom import write_phantoms
+from brats_cggm.inference.segmenter import DEFAULT_MODEL, Segmenter
+from brats_cggm.metrics import region_metrics
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.set_num_threads(1)
+    return Segmenter.load()  # the default: models/brats_cggm_phantom_demo.onnx
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unseen")
+    write_phantoms(root, 2, size=64, layout="brats2021", seed=100)  # the model saw seed 0
+    return discover(root).cases
+
+
+def wt_dice(prediction, case) -> float:
+    reference = np.asarray(nib.load(case.label).dataobj)
+    regions = torch.as_tensor(prediction.regions)
+    truth = torch.as_tensor(np.stack([np.isin(reference, (1, 4)), reference > 0, reference == 4]))
+    return region_metrics(regions, truth, [1.0, 1.0, 1.0], hd95=False)["dice/WT"]
+
+
+def test_the_default_model_is_the_shipped_one_and_says_what_it_is(segmenter):
+    assert segmenter.source == str(DEFAULT_MODEL)
+    card = segmenter.card
+    assert "phantom" in card["description"] and "NOT for clinical use" in card["description"]
+    assert "not for clinical use" in card["intended_use"]
+    assert segmenter.allows_missing  # trained with modality dropout
+    assert card["parity"]["max_abs_diff_probabilities"] <= card["parity"]["tolerance"]
+    assert DEFAULT_MODEL.stat().st_size < 8 * 2**20  # small enough to ship
+
+
+def test_it_finds_the_tumour_of_unseen_phantoms(segmenter, cases):
+    dice = [wt_dice(segmenter.predict_case(case), case) for case in cases]
+    assert np.mean(dice) > 0.5, dice
+
+
+def test_it_segments_with_a_sequence_missing(segmenter, cases):
+    case = cases[0]
+    without_t1 = Case(case.case_id, case.layout, (case.images[0], None, *case.images[2:]), case.label)
+    prediction = segmenter.predict_case(without_t1)
+    assert prediction.sequences_used == ("flair", "t1ce", "t2")
+    assert wt_dice(prediction, case) > 0.4
