@@ -93,14 +93,15 @@ def figure(case, prediction, reference: np.ndarray, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="ONNX file or run folder (default: the shipped model)")
-    parser.add_argument("--data", type=Path, default=None, help="phantom cases (default: OUT/phantoms, written with seed 100)")
+    parser.add_argument("--data", type=Path, default=Path("runs/phantoms_seed100"),
+                        help="phantom cases (written with seed 100 when missing: cases the shipped model never saw)")
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--method", default="shapley", choices=("shapley", "occlusion"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/contributions_phantoms"))
     args = parser.parse_args()
 
-    data = args.data or args.out / "phantoms"
+    data = args.data
     if not data.is_dir():  # seed 100: cases the shipped model (phantom seed 0) never saw
         write_phantoms(data, args.cases, size=args.size, layout="brats2021", seed=100)
     segmenter = Segmenter.load(args.model)

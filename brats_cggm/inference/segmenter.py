@@ -100,6 +100,7 @@ class Prediction:
 
     def summary(self) -> dict[str, Any]:
         """What the case's JSON holds (everything but the voxel maps)."""
+        regions = self.regions
         return {
             "case_id": self.case_id,
             "label_scheme": self.label_scheme,
@@ -112,9 +113,9 @@ class Prediction:
             "inputs": self.inputs,
             "tta": self.tta,
             "contributions": None if not self.contributions else {
-                "method": self.contribution_method, "shares": self.shares(),
+                "method": self.contribution_method, "shares": region_shares(self.contributions, regions),
                 "mean_in_region": {
-                    region: {seq: float(m[r][self.regions[r]].mean()) if self.regions[r].any() else 0.0
+                    region: {seq: float(m[r][regions[r]].mean()) if regions[r].any() else 0.0
                              for seq, m in self.contributions.items()}
                     for r, region in enumerate(REGIONS)
                 },
