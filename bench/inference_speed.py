@@ -120,7 +120,7 @@ from brats_cggm.network.presets import build_network
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
-from multimodal_general.runtime import keep_freed_memory
+from multimodal_general.runtime import keep_freed_memory, memory_kib, reset_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "diag_lam0"
@@ -515,42 +515,22 @@ def time_config(args: argparse.Namespace, name: str, entry: dict[str, Any], case
 
 
 # ------------------------------------------------------------------------- memory
-def _vm_kib(field: str) -> int | None:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's ``VmHWM`` to its current resident set (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def measure_memory_here(args: argparse.Namespace) -> dict[str, Any]:
     """In a fresh process (everything imported): load one backend, predict the case once."""
-    imports = _vm_kib("VmRSS")
+    imports = memory_kib("VmRSS")
     if imports is None:
         raise RuntimeError("the memory measurement reads /proc/self/status (Linux only)")
     name, backend = args.one.split(":")
     spec = json.loads(args.spec.read_text())
     segmenter = make_segmenter(spec["configs"][name], backend, args.threads, args.sw_batch_size)
     case = discover(spec["case"]).cases[0]
-    loaded, load_peak = _vm_kib("VmRSS"), _vm_kib("VmHWM")
-    reset = _reset_peak()
-    before = _vm_kib("VmRSS")
+    loaded, load_peak = memory_kib("VmRSS"), memory_kib("VmHWM")
+    reset = reset_peak_memory()
+    before = memory_kib("VmRSS")
     start = time.perf_counter()
     segmenter.predict_case(case)
     seconds = time.perf_counter() - start
-    case_peak = _vm_kib("VmHWM")
+    case_peak = memory_kib("VmHWM")
     peak = max(load_peak, case_peak) if reset else case_peak
     return {
         "rss_after_imports_mib": imports / 1024,

@@ -72,7 +72,7 @@ from brats_cggm.training.config import resolve_config
 from brats_cggm.training.trainer import FeatureNet, train_step
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
-from multimodal_general.runtime import keep_freed_memory
+from multimodal_general.runtime import keep_freed_memory, memory_kib, reset_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_EARLY_FUSION = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}
@@ -219,26 +219,6 @@ def time_steps(args: argparse.Namespace, log) -> tuple[dict[str, dict], list[lis
     return measured, order_log
 
 
-def _vm_kib(field: str) -> int | None:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's ``VmHWM`` to its current resident set (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def measure_memory_here(args: argparse.Namespace) -> dict:
     """In a fresh process: the resident set just before the steps and its high-water mark
     over them.
@@ -249,13 +229,13 @@ def measure_memory_here(args: argparse.Namespace) -> dict:
     """
     stepper = Stepper(build(args.one, args.patch))
     batch = make_batch(args.patch, args.batch, seed=0)
-    reset = _reset_peak()
-    before = _vm_kib("VmRSS")
+    reset = reset_peak_memory()
+    before = memory_kib("VmRSS")
     if before is None:
         raise RuntimeError("the memory measurement reads /proc/self/status (Linux only)")
     for _ in range(args.memory_steps):
         stepper(batch)
-    peak = _vm_kib("VmHWM")
+    peak = memory_kib("VmHWM")
     return {
         "rss_before_mib": before / 1024,
         "peak_rss_mib": peak / 1024,

@@ -23,3 +23,26 @@ def keep_freed_memory() -> bool:
         libc.mallopt(option, value) == 1
         for option, value in ((m_mmap_threshold, 2**30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**28))
     )
+
+
+def memory_kib(field: str) -> int | None:
+    """``VmRSS`` (resident set) or ``VmHWM`` (its high-water mark) of this process in KiB,
+    from ``/proc/self/status`` (Linux); None elsewhere. (``getrusage().ru_maxrss`` cannot
+    serve: Linux carries it over ``fork`` + ``exec``.)"""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Reset this process's ``VmHWM`` to its current resident set (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
