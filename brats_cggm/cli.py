@@ -315,13 +315,16 @@ def predict(
         console.print(f"[red]failed:[/] {problem}", highlight=False, soft_wrap=True)
     done, skipped = [], []
     with progress_bar() as bar:
+        windows = bar.add_task("windows", total=None, visible=False)
         for case in bar.track(cases, description="segmenting"):
             if not overwrite and is_done(out, case.case_id):
                 skipped.append(case.case_id)
                 continue
+            bar.reset(windows, total=None, visible=True, description=f"  {case.case_id}: windows")
             try:
                 prediction = segmenter.predict_case(
-                    case, tta=tta, contributions=method if contributions else None, label_scheme=label_scheme)
+                    case, tta=tta, contributions=method if contributions else None, label_scheme=label_scheme,
+                    progress=lambda done, total: bar.update(windows, completed=done, total=total))
                 done.append(write_prediction(prediction, out, probabilities, model_info))
             except UserError as error:
                 failures.append(str(error))

@@ -652,3 +652,22 @@ def test_tta_leaves_a_mirror_symmetric_model_unchanged(segmenter):
     assert np.allclose(mirrored.probabilities, plain.probabilities, atol=1e-5)
     assert np.array_equal(mirrored.labels, plain.labels)
     assert len(np.unique(plain.labels)) > 1  # the map is not trivially uniform
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 70), (16, 16, 16), (100, 90, 49), (47, 200, 13)])
+def test_the_window_count_is_monais(shape):
+    from monai.inferers import sliding_window_inference
+
+    from brats_cggm.inference.segmenter import window_count
+
+    seen = []
+    sliding_window_inference(torch.zeros(1, 1, *shape), (16, 16, 16), 3,
+                             lambda x: seen.append(x.shape[0]) or x, overlap=0.5)
+    assert window_count(shape, (16, 16, 16), 0.5) == sum(seen)
+
+
+def test_progress_reaches_every_window(segmenter, inputs):
+    case = discover(inputs / "brats2021").cases[0]
+    calls = []
+    segmenter.predict_case(case, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)

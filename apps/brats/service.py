@@ -184,7 +184,8 @@ class Runner:
         progress(0.15, f"Segmenting with {', '.join(DISPLAY_NAMES[m] for m in images)} ({passes} network pass(es) per window)")
         prediction = self.segmenter.predict_arrays(
             images, reference.affine, case.case_id, reference.header, contributions=contributions,
-            inputs={m: (volumes[m].path.name if m in volumes else None) for m in MODALITIES})
+            inputs={m: (volumes[m].path.name if m in volumes else None) for m in MODALITIES},
+            progress=lambda done, total: progress(0.15 + 0.7 * done / total, f"Segmenting: window {done} of {total}"))
         progress(0.85, "Writing the label map and the contribution maps")
         out.mkdir(parents=True, exist_ok=True)
         summary = write_prediction(prediction, out, model=self.model_info)

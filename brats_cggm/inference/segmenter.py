@@ -16,9 +16,10 @@ a label map in BraTS 2021 (or 2023) numbering.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -191,7 +192,9 @@ class Segmenter:
 
     def _predict(self, case_id: str, arrays: dict[str, np.ndarray], affine: np.ndarray,
                  header: nib.Nifti1Header | None, tta: bool = False, contributions: str | None = None,
-                 label_scheme: str = "brats2021", inputs: dict[str, str | None] | None = None) -> Prediction:
+                 label_scheme: str = "brats2021", inputs: dict[str, str | None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """``progress(done, total)`` is called after each batch of sliding windows."""
         if label_scheme not in OUTPUT_SCHEMES:
             raise ConfigurationError(f"label scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
         start = time.perf_counter()
@@ -210,9 +213,12 @@ class Segmenter:
                 image[i] = arrays[m]
         chain = image_transforms(self.preprocessing)
         data = chain({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine, dtype=torch.float64))})
+        image_t = data["image"].as_tensor()[None]
+        predictor = self._window_predictor(plan, tta)
+        if progress is not None:
+            predictor = _counting(predictor, window_count(image_t.shape[2:], self.patch_size, self.overlap), progress)
         outputs = sliding_window_inference(
-            data["image"].as_tensor()[None], self.patch_size, self.sw_batch_size,
-            self._window_predictor(plan, tta), overlap=self.overlap, mode="gaussian",
+            image_t, self.patch_size, self.sw_batch_size, predictor, overlap=self.overlap, mode="gaussian",
             sw_device=self.backend.device, device=torch.device("cpu"),
         )
         data["pred"] = MetaTensor(outputs[0])  # Invertd inverts MetaTensors only
@@ -254,3 +260,28 @@ class Segmenter:
 
         return predict
 
+
+
+def window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits on a grid of ``shape`` (padded to
+    at least ``patch``), with steps of ``patch * (1 - overlap)`` as MONAI takes them."""
+    total = 1
+    for size, roi in zip(shape, patch):
+        size = max(int(size), int(roi))
+        step = int(roi) if size == roi else max(int(roi * (1 - overlap)), 1)
+        total *= math.ceil((size - roi) / step) + 1
+    return total
+
+
+def _counting(predict: Callable[[Tensor], Tensor], total: int,
+              progress: Callable[[int, int], None]) -> Callable[[Tensor], Tensor]:
+    done = 0
+
+    def counted(window: Tensor) -> Tensor:
+        nonlocal done
+        out = predict(window)
+        done = min(done + window.shape[0], total)
+        progress(done, total)
+        return out
+
+    return counted
