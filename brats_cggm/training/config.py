@@ -30,6 +30,10 @@ from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.errors import BadInputFile, ConfigurationError
 from multimodal_general.io import atomic_write_text
 
+#: the balancers that serve segmentation (the other baselines of multimodal_general are
+#: classification methods or not wired to the BraTS network; modality dropout is a network setting)
+SEGMENTATION_BALANCERS = ("none", "cggm")
+
 
 @dataclass
 class DataConfig:
@@ -128,7 +132,6 @@ class TrainConfig:
     def check(self) -> None:
         """Reject values that cannot work, with the option's name."""
         from brats_cggm.network import PRESETS as NETWORKS
-        from multimodal_general.balance import BALANCERS
 
         self.preprocessing  # noqa: B018 - PreprocessConfig validates itself
         o, d, v = self.optim, self.data, self.validation
@@ -139,8 +142,10 @@ class TrainConfig:
             "data.cache": (d.cache, CACHE_MODES),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "network.preset": (self.network.preset, tuple(NETWORKS)),
-            "balancer.name": (self.balancer.name, tuple(BALANCERS)),
+            "balancer.name": (self.balancer.name, SEGMENTATION_BALANCERS),
         }
+        if self.balancer.name == "modality_dropout":
+            raise ConfigurationError("modality dropout is a network setting here: --set network.modality_dropout=0.25")
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")

@@ -15,11 +15,14 @@ from multimodal_general.balance.base import Balancer
 from multimodal_general.balance.cggm import CGGM, PRESETS, CGGMPreset
 from multimodal_general.balance.joint import JointTraining
 from multimodal_general.balance.metrics import METRICS, resolve_metric
+from multimodal_general.balance.modality_dropout import ModalityDropout, drop_mask
+from multimodal_general.balance.mslr import MSLR
+from multimodal_general.balance.ogm_ge import OGMGE
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError
 
-BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (JointTraining, CGGM)}
+BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (JointTraining, CGGM, OGMGE, ModalityDropout, MSLR)}
 
 
 def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balancer:
@@ -44,12 +47,16 @@ __all__ = [
     "BALANCERS",
     "CGGM",
     "METRICS",
+    "MSLR",
+    "OGMGE",
     "PRESETS",
     "Balancer",
     "CGGMPreset",
     "JointTraining",
     "Modality",
+    "ModalityDropout",
     "StepTelemetry",
+    "drop_mask",
     "make_balancer",
     "resolve_metric",
 ]
