@@ -11,10 +11,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+from multimodal_general.balance.agm import AGM, concat_unimodal_output
 from multimodal_general.balance.base import Balancer
 from multimodal_general.balance.cggm import CGGM, PRESETS, CGGMPreset
 from multimodal_general.balance.joint import JointTraining
 from multimodal_general.balance.metrics import METRICS, resolve_metric
+from multimodal_general.balance.mmpareto import MMPareto
 from multimodal_general.balance.modality_dropout import ModalityDropout, drop_mask
 from multimodal_general.balance.mslr import MSLR
 from multimodal_general.balance.ogm_ge import OGMGE
@@ -22,7 +24,9 @@ from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError
 
-BALANCERS: dict[str, type[Balancer]] = {cls.name: cls for cls in (JointTraining, CGGM, OGMGE, ModalityDropout, MSLR)}
+BALANCERS: dict[str, type[Balancer]] = {
+    cls.name: cls for cls in (JointTraining, CGGM, OGMGE, MMPareto, AGM, ModalityDropout, MSLR)
+}
 
 
 def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balancer:
@@ -44,6 +48,7 @@ def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balan
 
 
 __all__ = [
+    "AGM",
     "BALANCERS",
     "CGGM",
     "METRICS",
@@ -53,9 +58,11 @@ __all__ = [
     "Balancer",
     "CGGMPreset",
     "JointTraining",
+    "MMPareto",
     "Modality",
     "ModalityDropout",
     "StepTelemetry",
+    "concat_unimodal_output",
     "drop_mask",
     "make_balancer",
     "resolve_metric",

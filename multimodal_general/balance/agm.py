@@ -98,7 +98,7 @@ class AGM(Balancer):
         self,
         modalities: Sequence[Modality],
         *,
-        unimodal_output: UnimodalOutput,
+        unimodal_output: UnimodalOutput | None = None,
         criterion: Criterion | None = None,
         metric: str | UtilizationMetric = "accuracy",
         task_kind: str = "classification",
@@ -116,6 +116,11 @@ class AGM(Balancer):
             accumulation_steps=accumulation_steps,
             process_group=process_group,
         )
+        if unimodal_output is None:
+            raise ConfigurationError(
+                "agm needs unimodal_output(features, keep) -> the fused output with only modality "
+                "'keep' on (for late fusion by concatenation: concat_unimodal_output(fused_head, order))"
+            )
         if task_kind != "classification":
             raise ConfigurationError(
                 f"agm supports classification only (true-class probability of mono-modal "

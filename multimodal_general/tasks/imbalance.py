@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance import Balancer, Modality, make_balancer
+from multimodal_general.balance import Balancer, Modality, concat_unimodal_output, make_balancer
 from multimodal_general.loop import balanced_step
 from multimodal_general.probe import probe_accuracy, probe_mae
 
@@ -192,6 +192,8 @@ def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
         preset=config.preset,
         rho=config.rho,
         lam=config.lam,
+        unimodal_output=concat_unimodal_output(model.head, list(model.encoders)),  # AGM's mono-modal responses
+        task_kind=task.kind,
     )
     return model, balancer, criterion
 
