@@ -23,7 +23,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance import Balancer, Modality, concat_unimodal_output, make_balancer
+from multimodal_general.balance import (
+    Balancer,
+    Modality,
+    ModalityDropout,
+    concat_unimodal_output,
+    make_balancer,
+)
+from multimodal_general.errors import ConfigurationError
 from multimodal_general.loop import balanced_step
 from multimodal_general.probe import probe_accuracy, probe_mae
 
@@ -126,27 +133,46 @@ def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
+FUSION_HEADS = ("mlp", "linear")
+
+
 class LateFusionNet(nn.Module):
-    """One MLP encoder per modality, concatenation, and a two-layer fused head.
+    """One MLP encoder per modality, concatenation, and a fused head.
+
+    ``fusion_head="mlp"`` (default): a two-layer head (hidden layer of ``feature_dim``).
+    ``fusion_head="linear"``: one ``nn.Linear`` over the concatenated features, the late
+    fusion OGM-GE needs (its per-modality contributions ``W_i h_i + b / M``).
 
     ``forward(inputs)`` returns ``(output, features)``: the fused prediction
-    ``[N, out_dim]`` and each modality's features ``[N, feature_dim]``.
+    ``[N, out_dim]`` and each modality's features ``[N, feature_dim]``. With
+    ``feature_dropout`` (e.g. :meth:`ModalityDropout.drop_features`) the features are passed
+    through it before the fused head; the returned ``features`` are the undropped ones.
     """
 
-    def __init__(self, input_dims: dict[str, int], out_dim: int, hidden: int = 64, feature_dim: int = 32):
+    def __init__(
+        self, input_dims: dict[str, int], out_dim: int, hidden: int = 64, feature_dim: int = 32,
+        fusion_head: str = "mlp",
+    ):
         super().__init__()
+        if fusion_head not in FUSION_HEADS:
+            raise ConfigurationError(f"unknown fusion_head {fusion_head!r}; choose one of {list(FUSION_HEADS)}")
         self.encoders = nn.ModuleDict(
             {name: nn.Sequential(mlp(dim, hidden, feature_dim), nn.ReLU()) for name, dim in input_dims.items()}
         )
-        self.head = mlp(feature_dim * len(input_dims), feature_dim, out_dim)
+        fused_dim = feature_dim * len(input_dims)
+        self.head = mlp(fused_dim, feature_dim, out_dim) if fusion_head == "mlp" else nn.Linear(fused_dim, out_dim)
 
     @property
     def last_layer(self) -> nn.Linear:
-        return self.head[-1]
+        return self.head if isinstance(self.head, nn.Linear) else self.head[-1]
 
-    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def fuse(self, features: dict[str, Tensor]) -> Tensor:
+        return self.head(torch.cat(list(features.values()), dim=1))
+
+    def forward(self, inputs: dict[str, Tensor], feature_dropout=None) -> tuple[Tensor, dict[str, Tensor]]:
         features = {name: encoder(inputs[name]) for name, encoder in self.encoders.items()}
-        return self.head(torch.cat(list(features.values()), dim=1)), features
+        fused = features if feature_dropout is None else feature_dropout(features)
+        return self.fuse(fused), features
 
 
 def unimodal_head(feature_dim: int, out_dim: int) -> nn.Sequential:
@@ -168,16 +194,28 @@ class RunConfig:
     lam: float = 0.1
     train_size: int = 4000
     val_size: int = 4000
+    fusion_head: str = "auto"  # "auto" (linear for ogm_ge, else mlp), "mlp" or "linear" (see build)
 
     @property
     def method(self) -> str:
-        return self.balancer if self.balancer == "none" else f"{self.balancer}-{self.preset}"
+        return f"cggm-{self.preset}" if self.balancer == "cggm" else self.balancer
 
 
 def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
-    """The model, its balancer (with one head per modality) and the task loss."""
+    """The model, its balancer (with one head per modality) and the task loss.
+
+    The fused head is ``config.fusion_head``; with ``"auto"`` (the default) ``ogm_ge`` gets
+    the single linear fused layer it needs (``"linear"``, chosen automatically) and every
+    other balancer today's two-layer head (``"mlp"``). Its runs therefore use a smaller
+    fused head than the others; pass ``fusion_head="linear"`` to every method for a
+    same-architecture comparison. ``ogm_ge`` with an explicit ``"mlp"`` is refused by
+    OGM-GE at the first step (its fused layer must read the concatenated features).
+    """
     task = TASKS[config.task]
-    model = LateFusionNet({s.name: task.input_dim for s in task.modalities}, task.out_dim)
+    model = LateFusionNet(
+        {s.name: task.input_dim for s in task.modalities}, task.out_dim,
+        fusion_head=fusion_head_of(config),
+    )
     criterion = nn.CrossEntropyLoss() if task.kind == "classification" else nn.MSELoss()
     heads = {s.name: unimodal_head(32, task.out_dim) for s in task.modalities}
     modalities = [
@@ -198,6 +236,49 @@ def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
     return model, balancer, criterion
 
 
+def fusion_head_of(config: RunConfig) -> str:
+    """The fused head a run gets: ``auto`` -> ``linear`` for ``ogm_ge``, else ``mlp``."""
+    if config.fusion_head == "auto":
+        return "linear" if config.balancer == "ogm_ge" else "mlp"
+    return config.fusion_head
+
+
+def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None):
+    """Build and train under ``config`` on ``train``; returns ``(model, balancer, telemetry,
+    step_seconds)``. ``on_epoch(epoch, model, balancer)`` runs after every epoch (e.g. a
+    validation for model selection); it must not use the global torch RNG.
+
+    With a :class:`ModalityDropout` balancer the loop passes the features through
+    ``balancer.drop_features`` before the fused head (training steps only)."""
+    torch.manual_seed(config.seed)
+    model, balancer, criterion = build(config)
+    optimizers = (
+        torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4),
+        torch.optim.SGD(balancer.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4),
+    )
+    if isinstance(balancer, ModalityDropout) and not balancer.applied_by_model:
+        def forward(inputs):
+            return model(inputs, feature_dropout=balancer.drop_features)
+    else:
+        forward = model
+    order = torch.Generator().manual_seed(config.seed)
+    telemetry, step_seconds = [], 0.0
+    for epoch in range(config.epochs):
+        model.train()
+        permutation = torch.randperm(len(train), generator=order)
+        for start in range(0, len(train) - config.batch_size + 1, config.batch_size):
+            inputs, target = train.batch(permutation[start : start + config.batch_size])
+            began = time.perf_counter()
+            _, step = balanced_step(forward, balancer, optimizers, criterion, inputs, target)
+            step_seconds += time.perf_counter() - began
+            telemetry.append(step)
+        if on_epoch is not None:
+            on_epoch(epoch, model, balancer)
+        if progress is not None:
+            progress()
+    return model, balancer, telemetry, step_seconds
+
+
 def train_and_evaluate(config: RunConfig, progress=None) -> dict:
     """Train under ``config`` and report fused and per-modality probe metrics on a held-out
     validation split (no test split is drawn: nothing here selects a model),
@@ -206,23 +287,7 @@ def train_and_evaluate(config: RunConfig, progress=None) -> dict:
     torch.manual_seed(config.seed)
     train = generate(task, config.train_size, seed=2 * config.seed)
     val = generate(task, config.val_size, seed=2 * config.seed + 1)
-    model, balancer, criterion = build(config)
-    optimizers = (
-        torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4),
-        torch.optim.SGD(balancer.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4),
-    )
-    order = torch.Generator().manual_seed(config.seed)
-    telemetry, step_seconds = [], 0.0
-    for _ in range(config.epochs):
-        permutation = torch.randperm(len(train), generator=order)
-        for start in range(0, len(train) - config.batch_size + 1, config.batch_size):
-            inputs, target = train.batch(permutation[start : start + config.batch_size])
-            began = time.perf_counter()
-            _, step = balanced_step(model, balancer, optimizers, criterion, inputs, target)
-            step_seconds += time.perf_counter() - began
-            telemetry.append(step)
-        if progress is not None:
-            progress()
+    model, balancer, telemetry, step_seconds = train_model(config, train, progress=progress)
     return {
         "config": asdict(config),
         "method": config.method,
