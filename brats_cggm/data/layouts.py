@@ -79,11 +79,6 @@ class Case:
     def files(self) -> tuple[Path, ...]:
         return (*(p for p in self.images if p is not None), *((self.label,) if self.label else ()))
 
-    @property
-    def missing(self) -> tuple[str, ...]:
-        """The sequences this case lacks."""
-        return tuple(m for m, p in zip(MODALITIES, self.images) if p is None) if len(self.images) > 1 else ()
-
 
 @dataclass
 class Discovery:
