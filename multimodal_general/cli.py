@@ -51,7 +51,7 @@ def balancers() -> None:
 def compare(
     task: str = typer.Option("cls2", help="synthetic imbalance task: cls2, cls3 or reg2"),
     methods: str = typer.Option(
-        "none,cggm,ogm_ge,mmpareto,agm,mslr,modality_dropout",
+        "none,cggm,ogm_ge,mmpareto,agm,mslr,modality_dropout,gblending",
         help="comma-separated balancer names, or cggm-<preset> (paper, official, stable)",
     ),
     seeds: int = typer.Option(3, help="seeds 0..n-1"),

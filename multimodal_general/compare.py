@@ -27,6 +27,9 @@ Protocol (the same for every method):
   features before the fused head in training steps. ``mslr`` runs its adaptive variant:
   after each epoch its scales are updated from each modality's unimodal-head validation
   metric (with SGD + weight decay its scale is close to, not exactly, a learning rate).
+  ``gblending`` measures the fused and unimodal heads' losses on the whole train and
+  validation splits before training and after every ``super_epoch``-th epoch, and re-estimates
+  its loss weights from each pair of consecutive measurements (``update_from_losses``).
 * **Not applicable.** A method whose build or first step raises a ``ConfigurationError``
   (e.g. ``agm`` or ``ogm_ge`` on ``reg2``) is reported as ``not applicable: <reason>``.
 
@@ -51,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from multimodal_general.balance import BALANCERS, MSLR, PRESETS
+from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.io import atomic_write, atomic_write_text
 from multimodal_general.tasks.imbalance import (
@@ -65,7 +68,7 @@ from multimodal_general.tasks.imbalance import (
 )
 
 TEST_SEED_OFFSET = 1_000_003
-DEFAULT_METHODS = ("none", "cggm", "ogm_ge", "mmpareto", "agm", "mslr", "modality_dropout")
+DEFAULT_METHODS = ("none", "cggm", "ogm_ge", "mmpareto", "agm", "mslr", "modality_dropout", "gblending")
 RUN_FORMAT = 1
 
 
@@ -147,6 +150,19 @@ def _head_metrics(model, balancer, split, kind: str) -> dict[str, float]:
     return result
 
 
+@torch.no_grad()
+def head_losses(model, balancer, split) -> dict[str, float]:
+    """The task loss of the fused output (``"fused"``) and of every unimodal head on
+    ``split`` (eval mode, whole split at once); NaN where a prediction is not finite."""
+    model.eval()
+    output, features = model(split.inputs)
+    predictions = {"fused": output, **{name: head(features[name]) for name, head in balancer.heads.items()}}
+    return {
+        key: float(balancer.criterion(p, split.target)) if torch.isfinite(p).all() else math.nan
+        for key, p in predictions.items()
+    }
+
+
 def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | None = None) -> dict:
     """One run: train, select on validation after each epoch, evaluate the selected model on
     test. Raises :class:`ConfigurationError` when the method cannot serve the task."""
@@ -169,10 +185,27 @@ def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | No
             heads = _head_metrics(model, balancer, val, kind)
             sign = 1.0 if _higher_is_better(kind) else -1.0
             balancer.update_from_validation({n: sign * v if _finite(v) else -math.inf for n, v in heads.items()})
+        if isinstance(balancer, GBlending) and (epoch + 1) % balancer.super_epoch == 0:
+            measured = gblending_losses(model, balancer)
+            balancer.update_from_losses(blending_start[0], measured)
+            blending_start[0] = measured
         model.train()
 
+    # G-Blending: (train, validation) loss of every head at the start of the super-epoch
+    blending_start: list[dict] = [{}]
+
+    def gblending_losses(model, balancer):
+        on_train, on_val = head_losses(model, balancer, train), head_losses(model, balancer, val)
+        return {k: (on_train[k], on_val[k]) for k in on_train}
+
+    def on_start(model, balancer):
+        if isinstance(balancer, GBlending):
+            blending_start[0] = gblending_losses(model, balancer)
+
     began = time.perf_counter()
-    model, balancer, telemetry, step_seconds = train_model(config, train, progress=progress, on_epoch=on_epoch)
+    model, balancer, telemetry, step_seconds = train_model(
+        config, train, progress=progress, on_epoch=on_epoch, on_start=on_start
+    )
     nonfinite_telemetry = sum(
         1 for row in telemetry if any(not _finite(v) for v in row.as_dict().values())
     )

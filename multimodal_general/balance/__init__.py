@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from multimodal_general.balance.agm import AGM, concat_unimodal_output
 from multimodal_general.balance.base import Balancer
 from multimodal_general.balance.cggm import CGGM, PRESETS, CGGMPreset
+from multimodal_general.balance.gblending import GBlending
 from multimodal_general.balance.joint import JointTraining
 from multimodal_general.balance.metrics import METRICS, resolve_metric
 from multimodal_general.balance.mmpareto import MMPareto
@@ -25,7 +26,7 @@ from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError
 
 BALANCERS: dict[str, type[Balancer]] = {
-    cls.name: cls for cls in (JointTraining, CGGM, OGMGE, MMPareto, AGM, ModalityDropout, MSLR)
+    cls.name: cls for cls in (JointTraining, CGGM, OGMGE, MMPareto, AGM, ModalityDropout, MSLR, GBlending)
 }
 
 
@@ -57,6 +58,7 @@ __all__ = [
     "PRESETS",
     "Balancer",
     "CGGMPreset",
+    "GBlending",
     "JointTraining",
     "MMPareto",
     "Modality",

@@ -243,10 +243,11 @@ def fusion_head_of(config: RunConfig) -> str:
     return config.fusion_head
 
 
-def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None):
+def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None, on_start=None):
     """Build and train under ``config`` on ``train``; returns ``(model, balancer, telemetry,
     step_seconds)``. ``on_epoch(epoch, model, balancer)`` runs after every epoch (e.g. a
-    validation for model selection); it must not use the global torch RNG.
+    validation for model selection), ``on_start(model, balancer)`` once before the first
+    (e.g. G-Blending's first loss measurement); neither may use the global torch RNG.
 
     With a :class:`ModalityDropout` balancer the loop passes the features through
     ``balancer.drop_features`` before the fused head (training steps only)."""
@@ -263,6 +264,8 @@ def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None):
         forward = model
     order = torch.Generator().manual_seed(config.seed)
     telemetry, step_seconds = [], 0.0
+    if on_start is not None:
+        on_start(model, balancer)
     for epoch in range(config.epochs):
         model.train()
         permutation = torch.randperm(len(train), generator=order)
