@@ -90,7 +90,6 @@ import argparse
 import io
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,7 +119,14 @@ from brats_cggm.network.presets import build_network
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
-from multimodal_general.runtime import keep_freed_memory, memory_kib, reset_peak_memory
+from multimodal_general.runtime import (
+    RESULT_TAG,
+    keep_freed_memory,
+    memory_kib,
+    print_result,
+    reset_peak_memory,
+    run_fresh,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "diag_lam0"
@@ -138,7 +144,7 @@ QUICK = {"case_size": "64,64,64", "rounds": "1,1", "large_spacing": 4.0, "large_
 SMALL_SPACING = 3.0  # the cpu-small preset's spacing, for configuration a without a run
 OVERLAP = 0.5
 SEED = 0
-MEMORY_TAG = "MEMORY-JSON "
+MEMORY_TAG = RESULT_TAG  # the tests read the memory processes' output by it
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 
 
@@ -547,11 +553,7 @@ def measure_memory_here(args: argparse.Namespace) -> dict[str, Any]:
 def measure_memory(args: argparse.Namespace, spec_file: Path, name: str, backend: str) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--one", f"{name}:{backend}", "--spec", str(spec_file),
                "--threads", str(args.threads), "--sw-batch-size", str(args.sw_batch_size), "--malloc", args.malloc]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"memory process for {name}:{backend} failed:\n{result.stderr[-3000:]}")
-    line = next(line for line in reversed(result.stdout.splitlines()) if line.startswith(MEMORY_TAG))
-    return json.loads(line[len(MEMORY_TAG):])
+    return run_fresh(command, f"{name}:{backend}", cwd=str(REPO))
 
 
 # ------------------------------------------------------------------------- report
@@ -677,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     malloc_tuned = keep_freed_memory() if args.malloc == "tuned" else False
     if args.one:
-        print(MEMORY_TAG + json.dumps({"target": args.one, "malloc_tuned": malloc_tuned, **measure_memory_here(args)}))
+        print_result({"target": args.one, "malloc_tuned": malloc_tuned, **measure_memory_here(args)})
         return 0
 
     def log(message: str) -> None:

@@ -59,7 +59,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -72,7 +71,14 @@ from brats_cggm.training.config import resolve_config
 from brats_cggm.training.trainer import FeatureNet, train_step
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
-from multimodal_general.runtime import keep_freed_memory, memory_kib, reset_peak_memory
+from multimodal_general.runtime import (
+    RESULT_TAG,
+    keep_freed_memory,
+    memory_kib,
+    print_result,
+    reset_peak_memory,
+    run_fresh,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_EARLY_FUSION = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}
@@ -97,7 +103,7 @@ BASELINE = "mb-none"
 EARLY_FUSION = "ef-small-none"
 QUICK = {"patch": 32, "repeats": 2, "warmup": 1}
 FULL = {"patch": 48, "repeats": 5, "warmup": 2}
-MEMORY_TAG = "MEMORY-JSON "
+MEMORY_TAG = RESULT_TAG  # the tests read the memory processes' output by it
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 
 
@@ -250,11 +256,7 @@ def measure_memory(args: argparse.Namespace, label: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--one", label, "--patch", str(args.patch),
                "--batch", str(args.batch), "--threads", str(args.threads), "--malloc", args.malloc,
                "--memory-steps", str(args.memory_steps)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"memory process for {label} failed:\n{result.stderr[-3000:]}")
-    line = next(line for line in reversed(result.stdout.splitlines()) if line.startswith(MEMORY_TAG))
-    return json.loads(line[len(MEMORY_TAG):])
+    return run_fresh(command, label, cwd=str(REPO))
 
 
 # ------------------------------------------------------------------------- report
@@ -320,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     malloc_tuned = keep_freed_memory() if args.malloc == "tuned" else False
     if args.one:
-        print(MEMORY_TAG + json.dumps({"variant": args.one, "malloc_tuned": malloc_tuned, **measure_memory_here(args)}))
+        print_result({"variant": args.one, "malloc_tuned": malloc_tuned, **measure_memory_here(args)})
         return 0
 
     def log(message: str) -> None:

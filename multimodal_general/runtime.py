@@ -46,3 +46,27 @@ def reset_peak_memory() -> bool:
     except OSError:
         return False
     return True
+
+
+#: marks the line of a fresh measurement process that carries its JSON result
+RESULT_TAG = "MEMORY-JSON "
+
+
+def print_result(result: dict) -> None:
+    """In a fresh measurement process: hand ``result`` to the parent (see :func:`run_fresh`)."""
+    import json
+
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_fresh(command: list[str], what: str, cwd: str | None = None) -> dict:
+    """Run ``command`` (a measurement in a fresh process, which calls :func:`print_result`)
+    and return the result it printed; a failed process raises with its stderr's end."""
+    import json
+    import subprocess
+
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory process for {what} failed:\n{done.stderr[-3000:]}")
+    line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT_TAG))
+    return json.loads(line[len(RESULT_TAG):])
