@@ -308,8 +308,6 @@ def predict(
         raise ConfigurationError(f"--label-scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
     segmenter = Segmenter.load(model, provider=provider, device=device)
     cases, problems = find_cases(inputs, layout)
-    model_info = {"source": segmenter.source, "description": segmenter.card.get("description", ""),
-                  "graph_sha256": segmenter.card.get("graph_sha256"), "weights_sha256": segmenter.card.get("weights_sha256")}
     failures = [str(p) for p in problems]
     for problem in failures:
         console.print(f"[red]failed:[/] {problem}", highlight=False, soft_wrap=True)
@@ -325,7 +323,7 @@ def predict(
                 prediction = segmenter.predict_case(
                     case, tta=tta, contributions=method if contributions else None, label_scheme=label_scheme,
                     progress=lambda done, total: bar.update(windows, completed=done, total=total))
-                done.append(write_prediction(prediction, out, probabilities, model_info))
+                done.append(write_prediction(prediction, out, probabilities, segmenter.model_info))
             except UserError as error:
                 failures.append(str(error))
                 console.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)

@@ -26,9 +26,9 @@ from brats_cggm.data.layouts import Case, discover
 from brats_cggm.data.splits import load_split
 from brats_cggm.data.validation import validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError
-from brats_cggm.metrics import region_metrics, summarize
 from brats_cggm.inference.backends import check_device
 from brats_cggm.inference.segmenter import Segmenter
+from brats_cggm.metrics import region_metrics, summarize
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write_text
 

@@ -141,10 +141,12 @@ class Runner:
 
     def __init__(self, segmenter: Segmenter, workspace: Workspace) -> None:
         self.segmenter, self.workspace = segmenter, workspace
-        self.model_info = {"source": Path(segmenter.source).name,
-                           "description": segmenter.card.get("description", ""),
-                           "graph_sha256": segmenter.card.get("graph_sha256"),
-                           "weights_sha256": segmenter.card.get("weights_sha256")}
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """The segmenter's model info with the file name only: the page does not tell users
+        where the server keeps its files."""
+        return {**self.segmenter.model_info, "source": Path(self.segmenter.source).name}
 
     def case(self, uploads: Sequence[str | Path], assignment: dict[str, int | None], staging: Path) -> Case:
         """The case the uploaded files make: the files ``assignment`` names (sequence ->

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,10 @@ class Prediction:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.labels.shape)
 
-    @property
+    @cached_property
     def regions(self) -> np.ndarray:
-        """``[3, *shape]`` bool masks of TC, WT, ET, nested as in the label map."""
+        """``[3, *shape]`` bool masks of TC, WT, ET, nested as in the label map (computed
+        once: volumes, shares and the summary all read it)."""
         brats2021 = self.labels if self.label_scheme == "brats2021" else to_brats2021(self.labels, self.label_scheme)
         return np.stack([np.isin(brats2021, (1, 4)), brats2021 > 0, brats2021 == 4])
 
@@ -114,7 +116,7 @@ class Prediction:
             "inputs": self.inputs,
             "tta": self.tta,
             "contributions": None if not self.contributions else {
-                "method": self.contribution_method, "shares": region_shares(self.contributions, regions),
+                "method": self.contribution_method, "shares": self.shares(),
                 "mean_in_region": {
                     region: {seq: float(m[r][regions[r]].mean()) if regions[r].any() else 0.0
                              for seq, m in self.contributions.items()}
@@ -158,6 +160,13 @@ class Segmenter:
         net, config = network_from_payload(payload, file)
         card = model_card(path, payload, net, config)
         return cls(TorchBackend(net, check_device(device)), card, file, train_config=config)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Which model made a prediction, for the outputs' JSON."""
+        card = self.card
+        return {"source": self.source, "description": card.get("description", ""),
+                "graph_sha256": card.get("graph_sha256"), "weights_sha256": card.get("weights_sha256")}
 
     @property
     def allows_missing(self) -> bool:
