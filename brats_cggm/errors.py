@@ -6,24 +6,7 @@ and exit with status 2.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from multimodal_general.errors import ConfigurationError, UserError
-
-
-class _PathError(UserError):
-    """``"<path>: <problem>"``; survives pickling and torch's DataLoader, which re-raises a
-    worker's exception as ``type(message)``."""
-
-    def __init__(self, path: str | Path, problem: str | None = None) -> None:
-        if problem is None:  # rebuilt from its message alone
-            line = str(path).rstrip().rsplit("\n", 1)[-1]
-            path, _, problem = line.partition(": ")
-        self.path, self.problem = Path(path), problem
-        super().__init__(f"{path}: {problem}")
-
-    def __reduce__(self):
-        return type(self), (str(self.path), self.problem)
+from multimodal_general.errors import ConfigurationError, PathError as _PathError, UserError
 
 
 class BadInputFile(_PathError):
