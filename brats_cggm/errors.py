@@ -6,7 +6,8 @@ and exit with status 2.
 
 from __future__ import annotations
 
-from multimodal_general.errors import ConfigurationError, PathError as _PathError, UserError
+from multimodal_general.errors import ConfigurationError, UserError
+from multimodal_general.errors import PathError as _PathError
 
 
 class BadInputFile(_PathError):

@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from brats_cggm.errors import BadInputFile
+from multimodal_general.errors import BadDataFile as BadInputFile
 from brats_cggm.training.plots import (
     moving_average,
     plot_run,

@@ -10,114 +10,32 @@ PNG is written atomically.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
-from brats_cggm.errors import BadInputFile
-from multimodal_general.io import atomic_write
+from multimodal_general.run_plots import (
+    MODALITY_PALETTE,
+    balance_figure,
+    column,
+    epoch_axis,
+    has_data,
+    loss_figure,
+    new_figure,
+    read_metrics,
+    read_telemetry,
+    save_figure,
+    suffixes,
+)
 from multimodal_general.series import moving_average
 
-DPI = 110
-WIDTH, ROW_HEIGHT = 10.0, 4.0
+__all__ = ["moving_average", "plot_run", "read_metrics", "read_telemetry"]
+
 REGION_COLORS = {"TC": "tab:red", "WT": "tab:green", "ET": "tab:blue", "mean": "black"}
-MODALITY_PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
-                    "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
-# (telemetry prefix, metrics prefix, y label, panel title)
-BALANCE_PANELS = (
-    ("eps/", "head_dice/", "head Dice (soft, training batch)", "auxiliary head Dice per modality"),
-    ("B/", "B/", "B (encoder gradient scale)", "CGGM magnitude coefficient B per modality"),
-    ("cos/", "cos/", "cosine (fused vs. modality grad)", "CGGM gradient direction: cosine"),
-)
-B_YLIM = (-1.0, 3.0)  # the B axis shows at most this range
-TELEMETRY_PANEL_PREFIXES = tuple(spec[0] for spec in BALANCE_PANELS)
-MODALITY_PREFIXES = ("eps/", "d/", "B/", "cos/", "grad_norm/", "head_dice/")
 
 
-# ------------------------------------------------------------------------------- reading
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``run_dir/metrics.jsonl`` (``[]`` when the file is missing).
-
-    Blank lines are skipped; a line that is not a JSON object raises :class:`BadInputFile`.
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInputFile(path, f"cannot read ({error})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise BadInputFile(path, f"line {number} is not JSON") from None
-        if not isinstance(row, dict):
-            raise BadInputFile(path, f"line {number} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def read_telemetry(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """The columns of ``run_dir/telemetry.csv`` as float arrays, in header order (``{}`` when
-    the file is missing or empty).
-
-    Empty or unparsable cells, and the cells a short (truncated) row lacks, become NaN.
-    """
-    path = Path(run_dir) / "telemetry.csv"
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            lines = [row for row in csv.reader(handle) if row]
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise BadInputFile(path, f"cannot read as CSV ({error})") from None
-    if not lines:
-        return {}
-    header, body = lines[0], lines[1:]
-    table = np.full((len(body), len(header)), np.nan)
-    for i, row in enumerate(body):
-        for j, cell in enumerate(row[: len(header)]):
-            table[i, j] = _to_float(cell)
-    return {name: table[:, j].copy() for j, name in enumerate(header)}
-
-
-def _to_float(value: Any) -> float:
-    """``value`` as a float; NaN for an empty cell, ``None`` or anything not a number."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-# ----------------------------------------------------------------------------- smoothing
-def smoothing_window(n: int) -> int:
-    """Moving-average window for a series of ``n`` points: about 2 % of it, at least 5."""
-    return max(1, min(n, max(5, n // 50)))
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(values), values, np.nan)
-
-
-def _has_data(values: np.ndarray | None) -> bool:
-    return values is not None and bool(np.isfinite(values).any())
-
-
-# ------------------------------------------------------------------------------- plotting
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``loss.png``, ``dice.png`` and ``balance.png`` into ``run_dir/plots/``, each only
     when the run's files hold its data; returns the paths written."""
@@ -125,107 +43,24 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     name = run_dir.resolve().name or str(run_dir)
     metrics, telemetry = read_metrics(run_dir), read_telemetry(run_dir)
     figures = {
-        "loss.png": _loss_figure(name, telemetry, metrics),
+        "loss.png": loss_figure(name, telemetry, metrics, "training loss (Dice + BCE)"),
         "dice.png": _dice_figure(name, metrics),
-        "balance.png": _balance_figure(name, telemetry, metrics),
+        "balance.png": balance_figure(name, telemetry, metrics),
     }
-    return [_save(fig, run_dir / "plots" / file) for file, fig in figures.items() if fig]
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    data = buffer.getvalue()
-    return atomic_write(path, lambda handle: handle.write(data))
-
-
-def _figure(rows: int, title: str) -> tuple[Figure, list[Axes]]:
-    """A figure of ``rows`` panels stacked on a shared x axis (steps or epochs)."""
-    fig = Figure(figsize=(WIDTH, ROW_HEIGHT * rows + 0.4), dpi=DPI, layout="constrained")
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-    fig.suptitle(title, fontsize=12)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig, list(axes)
-
-
-def _smoothing_label(window: int, unit: str) -> str:
-    if window > 1:
-        return f"moving average over {window} {unit}"
-    return "one value per epoch" if unit == "epochs" else "unsmoothed"
-
-
-def _metrics_x(metrics: Sequence[dict[str, Any]]) -> tuple[np.ndarray, str]:
-    """x values and label for per-epoch rows: the step at the end of each epoch when the rows
-    have one (so that they line up with the per-step figures), else the epoch."""
-    steps = _column(metrics, "step")
-    if _has_data(steps):
-        return steps, "optimizer step (end of epoch)"
-    return _epoch_axis(metrics), "epoch"
-
-
-def _epoch_axis(metrics: Sequence[dict[str, Any]]) -> np.ndarray:
-    return np.array([_to_float(row.get("epoch", i + 1)) for i, row in enumerate(metrics)])
-
-
-def _column(metrics: Sequence[dict[str, Any]], key: str) -> np.ndarray:
-    return _finite(np.array([_to_float(row.get(key)) for row in metrics], dtype=float))
-
-
-def _suffixes(keys: Iterable[str], prefixes: str | tuple[str, ...]) -> list[str]:
-    """What follows the prefix in the keys that start with one of ``prefixes``, first seen
-    first (``"val_dice/TC"`` -> ``"TC"``)."""
-    return list(dict.fromkeys(k.split("/", 1)[1] for k in keys if k.startswith(prefixes)))
-
-
-def _loss_figure(name: str, telemetry: dict[str, np.ndarray],
-                 metrics: Sequence[dict[str, Any]]) -> Figure | None:
-    """Per-step loss from the telemetry, else per-epoch ``train_loss`` from the metrics."""
-    if _has_data(telemetry.get("loss")):
-        loss = _finite(telemetry["loss"])
-        x = telemetry.get("step", np.arange(loss.size, dtype=float))
-        lr, unit, xlabel = telemetry.get("lr"), "steps", "optimizer step"
-    elif metrics and _has_data(_column(metrics, "train_loss")):
-        loss, lr, unit = _column(metrics, "train_loss"), _column(metrics, "lr"), "epochs"
-        x, xlabel = _metrics_x(metrics)
-    else:
-        return None
-    fig, (ax,) = _figure(1, f"{name}: training loss")
-    window = smoothing_window(loss.size) if unit == "steps" else 1
-    if unit == "steps":
-        handles = ax.plot(x, loss, color="tab:blue", lw=0.7, alpha=0.35, label="loss per step")
-    else:
-        handles = ax.plot(x, loss, color="tab:blue", lw=1.8, marker="o", ms=3,
-                          label="mean loss per epoch")
-    if window > 1:
-        handles += ax.plot(x, moving_average(loss, window), color="tab:blue", lw=2.2,
-                           label=f"loss, {_smoothing_label(window, unit)}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("training loss (Dice + BCE)")
-    if _has_data(lr):
-        right = ax.twinx()
-        handles += right.plot(x, _finite(lr), color="tab:orange", lw=1.4, ls="--",
-                              label="learning rate (right axis)")
-        right.set_ylabel("learning rate", color="tab:orange")
-        right.tick_params(axis="y", colors="tab:orange")
-        right.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        right.set_ylim(bottom=0)
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
-    return fig
+    return [save_figure(fig, run_dir / "plots" / file) for file, fig in figures.items() if fig]
 
 
 def _dice_figure(name: str, metrics: Sequence[dict[str, Any]]) -> Figure | None:
     """Validation Dice per region (and mean) vs epoch; HD95 per region on a second panel."""
     rows = [row for row in metrics if any(k.startswith("val_") for k in row)]
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    dice_regions, hd_regions = _suffixes(keys, "val_dice/"), _suffixes(keys, "val_hd95/")
-    dice = {r: _column(rows, f"val_dice/{r}") for r in dice_regions}
-    hd95 = {r: _column(rows, f"val_hd95/{r}") for r in hd_regions}
-    heads = {m: _column(rows, f"val_head_dice/{m}") for m in _suffixes(keys, "val_head_dice/")}
-    dice = {r: v for r, v in dice.items() if _has_data(v)}
-    hd95 = {r: v for r, v in hd95.items() if _has_data(v)}
-    heads = {m: v for m, v in heads.items() if _has_data(v)}
+    dice_regions, hd_regions = suffixes(keys, "val_dice/"), suffixes(keys, "val_hd95/")
+    dice = {r: column(rows, f"val_dice/{r}") for r in dice_regions}
+    hd95 = {r: column(rows, f"val_hd95/{r}") for r in hd_regions}
+    heads = {m: column(rows, f"val_head_dice/{m}") for m in suffixes(keys, "val_head_dice/")}
+    dice = {r: v for r, v in dice.items() if has_data(v)}
+    hd95 = {r: v for r, v in hd95.items() if has_data(v)}
+    heads = {m: v for m, v in heads.items() if has_data(v)}
     panels = [(dice, "Dice", "Dice per region (higher is better)")] if dice else []
     if hd95:
         panels.append((hd95, "HD95 (mm)", "95th-percentile Hausdorff distance (lower is better)"))
@@ -233,8 +68,8 @@ def _dice_figure(name: str, metrics: Sequence[dict[str, Any]]) -> Figure | None:
         panels.append((heads, "Dice", "each sequence's auxiliary head alone (Dice, mean of regions)"))
     if not panels:
         return None
-    epochs = _epoch_axis(rows)
-    fig, axes = _figure(len(panels), f"{name}: validation")
+    epochs = epoch_axis(rows)
+    fig, axes = new_figure(len(panels), f"{name}: validation")
     for ax, (series, ylabel, title) in zip(axes, panels):
         for i, (region, values) in enumerate(series.items()):
             color = REGION_COLORS.get(region, MODALITY_PALETTE[(i if series is heads else i + 4) % len(MODALITY_PALETTE)])
@@ -252,61 +87,3 @@ def _dice_figure(name: str, metrics: Sequence[dict[str, Any]]) -> Figure | None:
     return fig
 
 
-def _balance_figure(name: str, telemetry: dict[str, np.ndarray],
-                    metrics: Sequence[dict[str, Any]]) -> Figure | None:
-    """Per-modality panels from the step telemetry, else from the per-epoch metrics."""
-    source: dict[str, np.ndarray]
-    if any(_has_data(v) for k, v in telemetry.items() if k.startswith(TELEMETRY_PANEL_PREFIXES)):
-        source, column = telemetry, 0
-        x = telemetry.get("step", np.arange(len(next(iter(telemetry.values()))), dtype=float))
-        xlabel, unit = "optimizer step", "steps"
-    else:
-        keys = list(dict.fromkeys(k for row in metrics for k in row))
-        source = {k: _column(metrics, k) for k in keys if k.startswith(MODALITY_PREFIXES)}
-        (x, xlabel), column, unit = _metrics_x(metrics), 1, "epochs"
-    modalities = _suffixes(source, MODALITY_PREFIXES)
-    panels = []
-    for spec in BALANCE_PANELS:
-        prefix = spec[column]
-        series = {m: source[prefix + m] for m in modalities if _has_data(source.get(prefix + m))}
-        if series:
-            panels.append((spec[0], series, spec[2], spec[3]))
-    if not panels:
-        return None
-    colors = {m: MODALITY_PALETTE[i % len(MODALITY_PALETTE)] for i, m in enumerate(modalities)}
-    window = smoothing_window(len(x)) if unit == "steps" else 1
-    fig, axes = _figure(len(panels), f"{name}: training-only auxiliary heads and CGGM balance "
-                                     f"({_smoothing_label(window, unit)})")
-    marker = "o" if window == 1 else None
-    for ax, (kind, series, ylabel, title) in zip(axes, panels):
-        curves = {m: moving_average(v, window) for m, v in series.items()}
-        for m, curve in curves.items():
-            ax.plot(x, curve, color=colors[m], lw=1.8, marker=marker, ms=3)
-        if kind == "eps/":
-            ax.set_ylim(-0.02, 1.02)
-        elif kind == "B/":
-            ax.axhline(1.0, color="0.3", ls="--", lw=1.2)
-            if _limit_b_axis(ax, list(curves.values())):
-                title += f" (y axis clipped to [{B_YLIM[0]:g}, {B_YLIM[1]:g}])"
-        else:
-            ax.axhline(0.0, color="0.5", lw=0.8)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-    axes[-1].set_xlabel(xlabel)
-    handles = [Line2D([], [], color=colors[m], lw=1.8, marker=marker, label=m) for m in modalities]
-    if any(kind == "B/" for kind, *_ in panels):
-        handles.append(Line2D([], [], color="0.3", ls="--", lw=1.2, label="B = 1 (gradient unchanged)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
-    return fig
-
-
-def _limit_b_axis(ax: Axes, curves: list[np.ndarray]) -> bool:
-    """y limits that hold 0, 1 and the curves, within ``B_YLIM`` so that a blow-up does not
-    flatten everything else. Returns whether some value lies outside."""
-    values = np.concatenate([c[np.isfinite(c)] for c in curves] + [np.array([0.0, 1.0])])
-    low, high = float(values.min()), float(values.max())
-    clipped = low < B_YLIM[0] or high > B_YLIM[1]
-    low, high = max(low, B_YLIM[0]), min(high, B_YLIM[1])
-    margin = 0.05 * (high - low)
-    ax.set_ylim(low - margin, high + margin)
-    return clipped

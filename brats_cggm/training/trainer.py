@@ -2,7 +2,7 @@
 
 The loop itself is short; the rest lives in collaborators: :mod:`.components` (network,
 heads, balancer, optimizer), :mod:`.cases` (split and per-rank shards),
-:mod:`.validation`, :mod:`.checkpoint`, :mod:`.logbook` and :mod:`.plots`.
+:mod:`.validation`, :mod:`.checkpoint`, :mod:`multimodal_general.runlog` and :mod:`.plots`.
 
 A run folder::
 
@@ -44,7 +44,7 @@ from brats_cggm.training.cases import select_cases, shard
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import TrainConfig
 from brats_cggm.training.distributed import Place
-from brats_cggm.training.logbook import Logbook
+from multimodal_general.runlog import Logbook
 from brats_cggm.training.validation import validate_cases
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
