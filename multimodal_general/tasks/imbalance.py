@@ -23,16 +23,19 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance import (
-    Balancer,
-    Modality,
-    ModalityDropout,
-    concat_unimodal_output,
-    make_balancer,
-)
-from multimodal_general.errors import ConfigurationError
+from multimodal_general.balance import Balancer, ModalityDropout
 from multimodal_general.loop import balanced_step
 from multimodal_general.probe import probe_accuracy, probe_mae
+from multimodal_general.tasks.fusion import (  # FUSION_HEADS, unimodal_head: re-exported
+    FUSION_HEADS,
+    LateFusion,
+    attach_balancer,
+    mlp,
+    unimodal_head,
+)
+
+__all__ = ["FUSION_HEADS", "TASKS", "LateFusionNet", "RunConfig", "build", "generate", "train_and_evaluate",
+           "unimodal_head"]
 
 
 @dataclass(frozen=True)
@@ -129,55 +132,16 @@ def _encode(spec: ModalitySpec, latent: Tensor, d: int, world, rng) -> Tensor:
     return x + 0.05 * torch.randn(n, d, generator=rng)
 
 
-def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
-
-
-FUSION_HEADS = ("mlp", "linear")
-
-
-class LateFusionNet(nn.Module):
-    """One MLP encoder per modality, concatenation, and a fused head.
-
-    ``fusion_head="mlp"`` (default): a two-layer head (hidden layer of ``feature_dim``).
-    ``fusion_head="linear"``: one ``nn.Linear`` over the concatenated features, the late
-    fusion OGM-GE needs (its per-modality contributions ``W_i h_i + b / M``).
-
-    ``forward(inputs)`` returns ``(output, features)``: the fused prediction
-    ``[N, out_dim]`` and each modality's features ``[N, feature_dim]``. With
-    ``feature_dropout`` (e.g. :meth:`ModalityDropout.drop_features`) the features are passed
-    through it before the fused head; the returned ``features`` are the undropped ones.
-    """
+class LateFusionNet(LateFusion):
+    """One MLP encoder per modality (``hidden`` units, ``feature_dim`` features), concatenation
+    and a fused head (see :class:`~multimodal_general.tasks.fusion.LateFusion`)."""
 
     def __init__(
         self, input_dims: dict[str, int], out_dim: int, hidden: int = 64, feature_dim: int = 32,
         fusion_head: str = "mlp",
     ):
-        super().__init__()
-        if fusion_head not in FUSION_HEADS:
-            raise ConfigurationError(f"unknown fusion_head {fusion_head!r}; choose one of {list(FUSION_HEADS)}")
-        self.encoders = nn.ModuleDict(
-            {name: nn.Sequential(mlp(dim, hidden, feature_dim), nn.ReLU()) for name, dim in input_dims.items()}
-        )
-        fused_dim = feature_dim * len(input_dims)
-        self.head = mlp(fused_dim, feature_dim, out_dim) if fusion_head == "mlp" else nn.Linear(fused_dim, out_dim)
-
-    @property
-    def last_layer(self) -> nn.Linear:
-        return self.head if isinstance(self.head, nn.Linear) else self.head[-1]
-
-    def fuse(self, features: dict[str, Tensor]) -> Tensor:
-        return self.head(torch.cat(list(features.values()), dim=1))
-
-    def forward(self, inputs: dict[str, Tensor], feature_dropout=None) -> tuple[Tensor, dict[str, Tensor]]:
-        features = {name: encoder(inputs[name]) for name, encoder in self.encoders.items()}
-        fused = features if feature_dropout is None else feature_dropout(features)
-        return self.fuse(fused), features
-
-
-def unimodal_head(feature_dim: int, out_dim: int) -> nn.Sequential:
-    """A CGGM head whose last layer has the fused head's last-layer shape."""
-    return mlp(feature_dim, feature_dim, out_dim)
+        encoders = {name: nn.Sequential(mlp(dim, hidden, feature_dim), nn.ReLU()) for name, dim in input_dims.items()}
+        super().__init__(encoders, feature_dim, out_dim, fusion_head)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -217,21 +181,8 @@ def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
         fusion_head=fusion_head_of(config),
     )
     criterion = nn.CrossEntropyLoss() if task.kind == "classification" else nn.MSELoss()
-    heads = {s.name: unimodal_head(32, task.out_dim) for s in task.modalities}
-    modalities = [
-        Modality(name, model.encoders[name], head, head[-1]) for name, head in heads.items()
-    ]
-    balancer = make_balancer(
-        config.balancer,
-        modalities,
-        fused_last_layer=model.last_layer,
-        criterion=criterion,
-        metric="accuracy" if task.kind == "classification" else "neg_mae",
-        preset=config.preset,
-        rho=config.rho,
-        lam=config.lam,
-        unimodal_output=concat_unimodal_output(model.head, list(model.encoders)),  # AGM's mono-modal responses
-        task_kind=task.kind,
+    balancer = attach_balancer(
+        model, config.balancer, criterion, task.kind, preset=config.preset, rho=config.rho, lam=config.lam
     )
     return model, balancer, criterion
 
