@@ -1,0 +1,160 @@
+"""Several seeds of one configuration: the run folder, the summary (mean ± std) and the
+evaluation of a finished run.
+
+``RUN/config.yaml`` (the settings, written first), ``RUN/seed-<k>/`` (one
+:func:`~multimodal_general.tasks.runner.train_seed` folder per seed), ``RUN/summary.json`` and
+``RUN/summary.md`` (test metrics of the validation-selected models, mean ± std over seeds,
+with each modality's unimodal head).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from multimodal_general.errors import BadDataFile, ConfigurationError
+from multimodal_general.io import atomic_write_text
+from multimodal_general.tasks.data import TaskData
+from multimodal_general.tasks.field_metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
+from multimodal_general.tasks.runner import (
+    TrainSettings,
+    build,
+    json_safe,
+    method_name,
+    read_checkpoint,
+    score,
+    train_seed,
+)
+
+CONFIG = "config.yaml"
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def read_settings(run_dir: Path) -> tuple[TrainSettings, list[int]]:
+    """The settings and seeds of the run in ``run_dir`` (one-line error when it is none)."""
+    path = Path(run_dir) / CONFIG
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BadDataFile(path, "missing: not a multimodal-general run folder") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise BadDataFile(path, f"cannot read ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        raise BadDataFile(path, "not a run configuration")
+    return TrainSettings.from_dict(saved["settings"], str(path)), list(saved.get("seeds", [0]))
+
+
+def train_run(
+    settings: TrainSettings,
+    data: TaskData,
+    seeds: Sequence[int],
+    run_dir: Path,
+    resume: bool = False,
+    on_seed: Callable[[int], None] | None = None,
+    **callbacks,
+) -> dict[str, Any]:
+    """Train every seed (resuming finished/unfinished ones with ``resume``) and write the summary."""
+    run_dir = Path(run_dir)
+    config = run_dir / CONFIG
+    if config.exists():
+        saved, saved_seeds = read_settings(run_dir)
+        if not resume:
+            raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if {**asdict(saved), "epochs": 0} != {**asdict(settings), "epochs": 0} or saved_seeds != list(seeds):
+            raise ConfigurationError(f"{config}: --resume continues the run as configured; only --epochs may change")
+    atomic_write_text(config, yaml.safe_dump({"settings": asdict(settings), "seeds": list(seeds),
+                                              "data": data.summary()}, sort_keys=False))
+    results = []
+    for seed in seeds:
+        if on_seed is not None:
+            on_seed(seed)
+        results.append(train_seed(settings, data, seed, seed_dir(run_dir, seed), resume=resume, **callbacks))
+    return write_summary(run_dir, settings, results)
+
+
+def evaluate_run(run_dir: Path, data: TaskData, split: str = "test", checkpoint: str = "best") -> dict[str, Any]:
+    """Score every seed's ``best`` (or ``last``) checkpoint on ``split``; writes and returns
+    ``RUN/evaluation-<split>-<checkpoint>.json``."""
+    if checkpoint not in ("best", "last"):
+        raise ConfigurationError(f"--checkpoint must be best or last, not {checkpoint!r}")
+    if split not in data.splits:
+        raise ConfigurationError(f"unknown split {split!r}; choose from {list(data.splits)}")
+    settings, seeds = read_settings(run_dir)
+    per_seed = []
+    for seed in seeds:
+        path = seed_dir(run_dir, seed) / "checkpoints" / f"{checkpoint}.pt"
+        payload = read_checkpoint(path)
+        parts = build(settings, data, seed)
+        try:
+            parts.model.load_state_dict(payload["model"])
+            parts.balancer.load_state_dict(payload["balancer"])
+        except RuntimeError:
+            raise BadDataFile(path, "does not match this data (other modalities or feature sizes)") from None
+        per_seed.append({"seed": seed, "epoch": payload["epoch"], split: score(parts, data, split)})
+    result = {"split": split, "checkpoint": checkpoint, "runs": per_seed,
+              "summary": _aggregate([r[split] for r in per_seed], data.task)}
+    atomic_write_text(Path(run_dir) / f"evaluation-{split}-{checkpoint}.json",
+                      json.dumps(json_safe(result), indent=2) + "\n")
+    return result
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def _aggregate(scores: list[dict], task: str) -> dict[str, Any]:
+    """``{"fused": {metric: [mean, std]}, "heads": {m: {metric: [mean, std]}}}``."""
+    def table(rows: list[dict]) -> dict[str, list[float]]:
+        return {k: list(_mean_std([r.get(k, math.nan) for r in rows])) for k in TASK_METRICS[task]}
+
+    heads = sorted({m for s in scores for m in s["heads"]}, key=lambda m: list(scores[0]["heads"]).index(m))
+    return {"fused": table([s["fused"] for s in scores]),
+            "heads": {m: table([s["heads"].get(m, {}) for s in scores]) for m in heads}}
+
+
+def write_summary(run_dir: Path, settings: TrainSettings, results: list[dict]) -> dict[str, Any]:
+    task = settings.task
+    summary = {"method": method_name(settings), "task": task, "seeds": [r["seed"] for r in results],
+               "selected_epochs": [r["selected_epoch"] for r in results],
+               "test": _aggregate([r["test"] for r in results], task),
+               "valid": _aggregate([r["valid"] for r in results], task)}
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+    atomic_write_text(Path(run_dir) / "summary.md", summary_markdown(summary))
+    return summary
+
+
+def _pm(pair: list[float]) -> str:
+    mean, std = pair
+    return "—" if not math.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as Markdown: fused test metrics, then each modality's head."""
+    task, test = summary["task"], summary["test"]
+    metrics = TASK_METRICS[task]
+    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in metrics}
+    selection, larger = SELECTION[task]
+    lines = [
+        f"# {task}: {summary['method']}, seeds {summary['seeds']}", "",
+        f"Test metrics of the model selected on validation {selection} ({'max' if larger else 'min'}); "
+        f"selected epochs {summary['selected_epochs']}. Mean ± std over seeds.", "",
+        "| model | " + " | ".join(f"{m} {arrows[m]}" for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+        "| fused | " + " | ".join(_pm(test["fused"][m]) for m in metrics) + " |",
+    ]
+    for modality, values in test["heads"].items():
+        lines.append(f"| head: {modality} | " + " | ".join(_pm(values[m]) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,439 @@
+"""One short training loop for the sequence tasks (Food-101, CMU-MOSI, IEMOCAP), reusable
+with any :class:`~multimodal_general.tasks.data.TaskData` and any balancer.
+
+>>> data = load_task(settings)                       # the task's reader
+>>> result = train_seed(settings, data, seed=0, run_dir=Path("runs/mosi/seed-0"))
+
+Protocol: after every epoch the fused model is scored on the ``valid`` split with the field's
+metrics; the run keeps the epoch with the best selection metric (``SELECTION``: accuracy up
+for the classification tasks, MAE down for CMU-MOSI; first best wins). The ``test`` split is
+scored once, on the selected model. Nothing is selected on test.
+
+A run folder (one per seed) holds what the BraTS trainer's does: ``metrics.jsonl`` /
+``metrics.csv`` (one row per epoch: training loss, validation metrics, each unimodal head's
+validation metric), ``telemetry.csv`` (one row per optimizer step: ``eps``, ``B``, cosines,
+encoder gradient norms...), ``tensorboard/``, ``checkpoints/{best,last}.pt``, ``plots/``
+(``loss.png``, ``balance.png``, ``validation.png``) and ``test.json`` (written last: the run
+is done).
+
+Method wiring as in the comparison harness: ``modality_dropout`` drops features before the
+fused head; ``mslr`` adapts its scales from each unimodal head's validation metric after
+every epoch (with Adam-type optimizers through per-encoder learning rates, since Adam
+normalizes a gradient scale away); ``gblending`` re-estimates its loss weights from the heads'
+train/validation losses every ``super_epoch`` epochs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from multimodal_general.balance import MSLR, PRESETS, Balancer, GBlending, ModalityDropout
+from multimodal_general.errors import BadDataFile, ConfigurationError
+from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.loop import balanced_step
+from multimodal_general.run_plots import (
+    balance_figure,
+    column,
+    epoch_axis,
+    has_data,
+    loss_figure,
+    new_figure,
+    read_metrics,
+    read_telemetry,
+    save_figure,
+)
+from multimodal_general.runlog import Logbook
+from multimodal_general.tasks.data import SequenceSplit, TaskData
+from multimodal_general.tasks.field_metrics import (
+    LOWER_IS_BETTER,
+    SELECTION,
+    TASK_METRICS,
+    task_metrics,
+)
+from multimodal_general.tasks.fusion import attach_balancer
+from multimodal_general.tasks.sequence_model import ModelSize, SequenceFusionNet, task_criterion
+
+TASKS = ("food101", "mosi", "iemocap")
+CHECKPOINT_FORMAT = "multimodal-general-checkpoint/1"
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a run depends on (saved as the run's ``config.yaml``)."""
+
+    task: str
+    data: str
+    balancer: str = "none"
+    preset: str = "stable"  # CGGM's preset
+    rho: float = 1.2
+    lam: float = 0.1
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    fusion_head: str = "auto"  # auto: linear for ogm_ge (it needs W [h_1; h_2]), else mlp
+    fold: int = 1  # IEMOCAP's cross-validation fold
+    max_steps: int = 0  # truncate every sequence to this many steps (0: keep all)
+    bert: str = ""  # Food-101: local BERT folder (feature extraction when no cache)
+    vit: str = ""  # Food-101: local ViT folder
+    device: str = "cpu"
+
+    def check(self) -> TrainSettings:
+        if self.task not in TASKS:
+            raise ConfigurationError(f"unknown task {self.task!r}; choose from {list(TASKS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigurationError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
+        if self.preset not in PRESETS:
+            raise ConfigurationError(f"unknown CGGM preset {self.preset!r}; choose from {list(PRESETS)}")
+        if min(self.epochs, self.batch_size, self.d_model, self.layers, self.heads) < 1 or not self.lr > 0:
+            raise ConfigurationError("epochs, batch size, d_model, layers and heads must be >= 1 and lr > 0")
+        if self.d_model % self.heads or self.d_model % 2:
+            raise ConfigurationError(f"d_model ({self.d_model}) must be even and divisible by heads ({self.heads})")
+        if not 0 <= self.dropout < 1 or self.max_steps < 0:
+            raise ConfigurationError("dropout must be in [0, 1) and max_steps >= 0")
+        return self
+
+    @property
+    def size(self) -> ModelSize:
+        return ModelSize(self.d_model, self.layers, self.heads, self.dropout)
+
+    @property
+    def fusion(self) -> str:
+        if self.fusion_head == "auto":
+            return "linear" if self.balancer == "ogm_ge" else "mlp"
+        return self.fusion_head
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> TrainSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown or "task" not in values or "data" not in values:
+            raise BadDataFile(where, f"not a run configuration (unknown keys {unknown})" if unknown
+                              else "not a run configuration (no task or data)")
+        return cls(**values).check()
+
+
+# ---------------------------------------------------------------------------- data
+def load_task(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TaskData:
+    """The task's data through its reader (one-line errors for a bad path or file)."""
+    path = Path(settings.data)
+    if not path.exists():
+        raise BadDataFile(path, "does not exist")
+    max_steps = settings.max_steps or None
+    if settings.task == "mosi":
+        from multimodal_general.tasks.mosi import read_mosi
+
+        data = read_mosi(path)
+        return truncate(data, max_steps) if max_steps else data
+    if settings.task == "iemocap":
+        from multimodal_general.tasks.iemocap import read_iemocap
+
+        return read_iemocap(path, fold=settings.fold, max_steps=max_steps)
+    from multimodal_general.tasks.food101 import load_food101
+
+    data = load_food101(path, bert=settings.bert or None, vit=settings.vit or None, progress=progress)
+    return truncate(data, max_steps) if max_steps else data
+
+
+def truncate(data: TaskData, max_steps: int) -> TaskData:
+    """Every sequence cut to its first ``max_steps`` steps."""
+    splits = {
+        name: SequenceSplit({m: x[:, :max_steps] for m, x in s.inputs.items()},
+                            {m: k[:, :max_steps] for m, k in s.masks.items()}, s.target, s.ids)
+        for name, s in data.splits.items()
+    }
+    return replace(data, splits=splits, details={**data.details, "max_steps": max_steps})
+
+
+# ---------------------------------------------------------------------------- model
+@dataclass
+class Parts:
+    model: SequenceFusionNet
+    balancer: Balancer
+    criterion: torch.nn.Module
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer]
+
+
+def build(settings: TrainSettings, data: TaskData, seed: int) -> Parts:
+    """Model, balancer and optimizers, initialised from ``seed``. A balancer that cannot serve
+    the task (e.g. OGM-GE on regression) raises :class:`ConfigurationError`."""
+    torch.manual_seed(seed)
+    model = SequenceFusionNet(data.input_dims, data.out_dim, settings.size, settings.fusion)
+    criterion = task_criterion(data.kind)
+    balancer = attach_balancer(model, settings.balancer, criterion, data.kind,
+                               preset=settings.preset, rho=settings.rho, lam=settings.lam)
+    device = torch.device(settings.device)
+    model.to(device), balancer.to(device)
+    encoder_params = {id(p) for e in model.encoders.values() for p in e.parameters()}
+    groups = [{"params": list(e.parameters()), "modality": name} for name, e in model.encoders.items()]
+    groups.append({"params": [p for p in model.parameters() if id(p) not in encoder_params]})
+    if settings.optimizer == "adamw":
+        make = lambda params: torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)  # noqa: E731
+    else:
+        make = lambda params: torch.optim.SGD(params, lr=settings.lr, momentum=0.9,  # noqa: E731
+                                              weight_decay=settings.weight_decay)
+    return Parts(model, balancer, criterion, (make(groups), make(balancer.parameters())))
+
+
+def _forward(parts: Parts) -> Callable:
+    balancer, model = parts.balancer, parts.model
+    if isinstance(balancer, ModalityDropout) and not balancer.applied_by_model:
+        return lambda batch: model(batch, feature_dropout=balancer.drop_features)
+    return model
+
+
+@torch.no_grad()
+def predict(parts: Parts, split: SequenceSplit, batch_size: int = 256) -> tuple[Tensor, dict[str, Tensor]]:
+    """The fused output and each unimodal head's output on a whole split (eval mode, CPU)."""
+    parts.model.eval()
+    parts.balancer.eval()
+    device = next(parts.model.parameters()).device
+    fused, heads = [], {m: [] for m in parts.balancer.heads}
+    for batch, _ in split.batches(batch_size):
+        output, features = parts.model(batch.to(device))
+        fused.append(output.float().cpu())
+        for m, head in parts.balancer.heads.items():
+            heads[m].append(head(features[m]).float().cpu())
+    return torch.cat(fused), {m: torch.cat(v) for m, v in heads.items()}
+
+
+def score(parts: Parts, data: TaskData, split: str) -> dict[str, Any]:
+    """Field metrics of the fused model and of every unimodal head on ``split``."""
+    target = data.splits[split].target
+    fused, heads = predict(parts, data.splits[split])
+    return {
+        "fused": _metrics(data.kind, fused, target),
+        "heads": {m: _metrics(data.kind, out, target) for m, out in heads.items()},
+    }
+
+
+def _metrics(kind: str, output: Tensor, target: Tensor) -> dict[str, float]:
+    if not torch.isfinite(output).all():
+        return {"finite": 0.0}
+    return task_metrics(kind, output, target)
+
+
+def _losses(parts: Parts, split: SequenceSplit) -> dict[str, float]:
+    fused, heads = predict(parts, split)
+    return {k: float(parts.criterion(v, split.target)) for k, v in {"fused": fused, **heads}.items()}
+
+
+# ---------------------------------------------------------------------------- training
+def train_seed(
+    settings: TrainSettings,
+    data: TaskData,
+    seed: int,
+    run_dir: Path,
+    resume: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train one seed in ``run_dir`` (or continue it from ``last.pt`` with ``resume``), select
+    on validation, score the selected model on test; returns (and writes) ``test.json``."""
+    run_dir = Path(run_dir)
+    done = run_dir / "test.json"
+    if resume and done.exists():
+        return json.loads(done.read_text())
+    parts = build(settings, data, seed)
+    metric, larger = SELECTION[data.task]
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
+    order = torch.Generator().manual_seed(seed)
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume and last.exists():
+        state = _restore(last, parts, order, settings)
+    elif last.exists():
+        raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    logbook = Logbook(run_dir, resume_step=state["step"] if resume else None,
+                      resume_epoch=state["epoch"] if resume else None)
+    forward, train = _forward(parts), data.splits["train"]
+    device = torch.device(settings.device)
+    blending = [_losses(parts, train), _losses(parts, data.splits["valid"])] if isinstance(parts.balancer, GBlending) else None
+    try:
+        for epoch in range(state["epoch"], settings.epochs):
+            parts.model.train()
+            parts.balancer.train()
+            began, losses = time.perf_counter(), []
+            permutation = torch.randperm(len(train), generator=order)
+            for start in range(0, len(train), settings.batch_size):
+                index = permutation[start : start + settings.batch_size]
+                if len(index) < 2 and len(train) > 1:
+                    continue  # a batch of one breaks nothing but makes accuracies meaningless
+                batch, target = train.batch(index)
+                loss, telemetry = balanced_step(forward, parts.balancer, parts.optimizers, parts.criterion,
+                                                batch.to(device), target.to(device))
+                losses.append(float(loss))
+                logbook.step({"epoch": epoch + 1, "loss": losses[-1], **telemetry.as_dict(), "step": state["step"]})
+                state["step"] += 1
+                if on_batch is not None:
+                    on_batch()
+            valid = score(parts, data, "valid")
+            _adapt(parts, settings, valid, data, epoch, blending)
+            value = valid["fused"].get(metric, math.nan)
+            if math.isfinite(value) and (state["best"] is None or (value > state["best"] if larger else value < state["best"])):
+                state.update(best=value, best_epoch=epoch + 1)
+                _save(run_dir / "checkpoints" / "best.pt", parts, order, settings, seed, state, epoch + 1)
+            row = {"epoch": epoch + 1, "step": state["step"], "train_loss": _mean(losses),
+                   "seconds": time.perf_counter() - began}
+            row.update({f"val_{k}": v for k, v in valid["fused"].items()})
+            row.update({f"head_metric/{m}": v.get(metric, math.nan) for m, v in valid["heads"].items()})
+            logbook.epoch(row)
+            state["epoch"] = epoch + 1
+            _save(last, parts, order, settings, seed, state, epoch + 1)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, row)
+    finally:
+        logbook.close()
+    plot_run(run_dir, data.task)
+    if state["best_epoch"] is None:
+        raise ConfigurationError(f"{run_dir}: no epoch had a finite validation {metric}; the run diverged")
+    _load_weights(run_dir / "checkpoints" / "best.pt", parts)
+    result = {
+        "task": data.task, "seed": seed, "method": method_name(settings),
+        "selected_by": f"valid {metric} ({'max' if larger else 'min'})", "selected_epoch": state["best_epoch"],
+        "valid": score(parts, data, "valid"), "test": score(parts, data, "test"),
+    }
+    atomic_write_text(done, json.dumps(json_safe(result), indent=2) + "\n")
+    return result
+
+
+def _adapt(parts: Parts, settings: TrainSettings, valid: dict, data: TaskData, epoch: int, blending) -> None:
+    """The per-epoch updates of MSLR and G-Blending (see the module docstring)."""
+    balancer = parts.balancer
+    if isinstance(balancer, MSLR):
+        metric, _ = SELECTION[data.task]
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        values = {m: sign * v.get(metric, math.nan) for m, v in valid["heads"].items()}
+        scales = balancer.update_from_validation({m: v if math.isfinite(v) else -math.inf for m, v in values.items()})
+        if settings.optimizer == "adamw":
+            for group in parts.optimizers[0].param_groups:
+                if "modality" in group:
+                    group["lr"] = settings.lr * scales[group["modality"]]
+    if isinstance(balancer, GBlending) and (epoch + 1) % balancer.super_epoch == 0:
+        train, val = _losses(parts, data.splits["train"]), _losses(parts, data.splits["valid"])
+        start = {k: (blending[0][k], blending[1][k]) for k in train}
+        balancer.update_from_losses(start, {k: (train[k], val[k]) for k in train})
+        blending[:] = [train, val]
+
+
+def method_name(settings: TrainSettings) -> str:
+    return f"cggm-{settings.preset}" if settings.balancer == "cggm" else settings.balancer
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def json_safe(x):
+    """NaN/inf -> null, so that the JSON files stay strict."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _save(path: Path, parts: Parts, order: torch.Generator, settings: TrainSettings, seed: int,
+          state: dict, epoch: int) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT, "settings": asdict(settings), "seed": seed, "epoch": epoch,
+        "state": dict(state), "model": parts.model.state_dict(), "balancer": parts.balancer.state_dict(),
+        "optimizers": [o.state_dict() for o in parts.optimizers], "order": order.get_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise BadDataFile(path, "checkpoint is missing") from None
+    except Exception as error:  # torch raises many kinds for a damaged file
+        raise BadDataFile(path, f"not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise BadDataFile(path, f"not a {CHECKPOINT_FORMAT} file")
+    return payload
+
+
+def _load_weights(path: Path, parts: Parts) -> dict[str, Any]:
+    payload = read_checkpoint(path)
+    parts.model.load_state_dict(payload["model"])
+    parts.balancer.load_state_dict(payload["balancer"])
+    return payload
+
+
+def _restore(path: Path, parts: Parts, order: torch.Generator, settings: TrainSettings) -> dict:
+    payload = _load_weights(path, parts)
+    saved = {k: v for k, v in payload["settings"].items() if k != "epochs"}
+    if saved != {k: v for k, v in asdict(settings).items() if k != "epochs"}:
+        raise ConfigurationError(f"{path} was written with other settings; --resume continues a run as configured")
+    for optimizer, state in zip(parts.optimizers, payload["optimizers"]):
+        optimizer.load_state_dict(state)
+    order.set_state(payload["order"])
+    return dict(payload["state"])
+
+
+# ---------------------------------------------------------------------------- plots
+HEAD_METRIC_LABEL = {"acc": "accuracy", "mae": "MAE"}
+
+
+def plot_run(run_dir: Path, task: str) -> list[Path]:
+    """``loss.png``, ``balance.png`` (heads' training-batch metric, ``B``, cosines) and
+    ``validation.png`` (the field's metrics per epoch) in ``run_dir/plots``."""
+    run_dir = Path(run_dir)
+    name = f"{task} {run_dir.parent.name}/{run_dir.name}"
+    metrics, telemetry = read_metrics(run_dir), read_telemetry(run_dir)
+    selection, _ = SELECTION[task]
+    eps = "accuracy" if task != "mosi" else "negative MAE"
+    figures = {
+        "loss.png": loss_figure(name, telemetry, metrics, "training loss"),
+        "balance.png": balance_figure(name, telemetry, metrics, head_metric=eps, head_key="head_metric/"),
+        "validation.png": _validation_figure(name, task, metrics),
+    }
+    return [save_figure(fig, run_dir / "plots" / file) for file, fig in figures.items() if fig]
+
+
+def _validation_figure(name: str, task: str, metrics: list[dict]):
+    keys = [k for k in TASK_METRICS[task] if has_data(column(metrics, f"val_{k}"))]
+    if not keys:
+        return None
+    heads = {k[len("head_metric/"):]: column(metrics, k) for k in dict.fromkeys(k for r in metrics for k in r)
+             if k.startswith("head_metric/")}
+    selection, _ = SELECTION[task]
+    fig, axes = new_figure(2, f"{name}: validation")
+    x = epoch_axis(metrics)
+    scale = [k for k in keys if k not in ("mae",)]
+    for k in scale:
+        axes[0].plot(x, column(metrics, f"val_{k}"), marker="o", ms=3, label=k)
+    if "mae" in keys:
+        axes[0].plot(x, column(metrics, "val_mae"), marker="s", ms=3, color="black", ls="--", label="mae")
+    axes[0].set_title("fused model (the run keeps the epoch with the best "
+                      f"{selection}{', lowest' if selection in LOWER_IS_BETTER else ', highest'})", fontsize=10)
+    axes[0].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
+    for m, values in heads.items():
+        axes[1].plot(x, values, marker="o", ms=3, label=m)
+    axes[1].set_title(f"each modality's unimodal head alone (validation {selection})", fontsize=10)
+    if heads:
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
+    axes[-1].set_xlabel("epoch")
+    return fig
