@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -14,10 +15,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.markdown import Markdown
 from rich.table import Table
 
 from multimodal_general.balance import BALANCERS, METRICS, PRESETS
 from multimodal_general.cli_support import make_app, run_app
+from multimodal_general.errors import ConfigurationError
 
 app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
 console = Console()
@@ -94,6 +97,178 @@ def compare(
         f"{len(outcome.computed)} run(s) computed, {len(outcome.skipped)} resumed from {out / 'runs'}; "
         f"wrote {out / 'results.md'}, results.csv, results.png"
     )
+
+
+# ------------------------------------------------------------------ the general tasks
+TASK_HELP = "food101, mosi or iemocap"
+
+
+def _bar():
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console)
+
+
+def _load(settings, what: str = "reading data"):
+    from multimodal_general.tasks.runner import load_task
+
+    with _bar() as bar:
+        job = bar.add_task(what, total=None)
+
+        def progress(done, total):
+            bar.update(job, completed=done, total=total, description="extracting Food-101 features")
+
+        return load_task(settings, progress=progress)
+
+
+@app.command()
+def train(
+    task: str = typer.Option(..., help=TASK_HELP),
+    data: Path = typer.Option(..., help="the dataset: MOSI pickle, IEMOCAP feature root or Food-101 root"),
+    out: Path = typer.Option(..., help="the run folder (config, seed-<k>/ with metrics, telemetry, checkpoints, plots)"),
+    balancer: str = typer.Option("none", help="none, cggm or a baseline (see `balancers`)"),
+    preset: str = typer.Option("stable", help="CGGM preset: stable, paper or official"),
+    epochs: int = typer.Option(20, help="epochs per seed (with --resume: extends the run)"),
+    seeds: int = typer.Option(1, help="train seeds 0..n-1 and report mean ± std"),
+    lr: float = typer.Option(1e-3, help="learning rate (model and heads)"),
+    batch_size: int = typer.Option(32, help="batch size"),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd (momentum 0.9)"),
+    weight_decay: float = typer.Option(1e-4, help="weight decay"),
+    rho: float = typer.Option(1.2, help="CGGM rho"),
+    lam: float = typer.Option(0.1, help="CGGM lambda (weight of the direction loss)"),
+    d_model: int = typer.Option(64, help="width of each modality's transformer encoder"),
+    layers: int = typer.Option(2, help="transformer layers per modality"),
+    heads: int = typer.Option(4, help="attention heads"),
+    dropout: float = typer.Option(0.1, help="dropout"),
+    fusion_head: str = typer.Option("auto", help="fused head: auto (linear for ogm_ge, else mlp), mlp or linear"),
+    fold: int = typer.Option(1, help="IEMOCAP: cross-validation fold 1..10"),
+    max_steps: int = typer.Option(0, help="cut every sequence to this many steps (0: keep all)"),
+    bert: Path = typer.Option(None, help="Food-101: local BERT folder (features are extracted once, then cached)"),
+    vit: Path = typer.Option(None, help="Food-101: local ViT folder"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
+    resume: bool = typer.Option(False, help="continue the run in --out (finished seeds are kept)"),
+) -> None:
+    """Train a task model with a balancer; select each seed on validation, report on test."""
+    from multimodal_general.tasks.experiment import read_settings, train_run
+    from multimodal_general.tasks.runner import TrainSettings
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if seeds < 1:
+        raise ConfigurationError("--seeds must be >= 1")
+    settings = TrainSettings(
+        task=task, data=str(data.expanduser().resolve()), balancer=balancer, preset=preset, rho=rho, lam=lam,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+        d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
+        max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
+        device=device,
+    ).check()
+    seed_list = list(range(seeds))
+    if resume and (out / "config.yaml").exists():  # the run as configured; only --epochs may change
+        saved, seed_list = read_settings(out)
+        settings = replace(saved, epochs=epochs)
+        seeds = len(seed_list)
+    data_ = _load(settings)
+    console.print(f"{task}: " + ", ".join(f"{n} {len(s)}" for n, s in data_.splits.items())
+                  + f"; modalities {dict(data_.input_dims)}; run folder {out}")
+    batches = sum(1 for _ in range(0, len(data_.splits["train"]), settings.batch_size))
+    with _bar() as bar:
+        job = bar.add_task("starting", total=seeds * settings.epochs * batches)
+        current = {"seed": 0}
+
+        def on_seed(seed):
+            current["seed"] = seed
+            bar.update(job, completed=seeds_done(seed), description=f"seed {seed}")
+
+        def seeds_done(seed):
+            return seed * settings.epochs * batches
+
+        def on_epoch(epoch, row):
+            bar.update(job, completed=seeds_done(current["seed"]) + epoch * batches,
+                       description=f"seed {current['seed']} epoch {epoch}/{settings.epochs}")
+
+        train_run(settings, data_, seed_list, out, resume=resume, on_seed=on_seed,
+                            on_epoch=on_epoch, on_batch=lambda: bar.advance(job))
+        bar.update(job, completed=seeds * settings.epochs * batches)
+    console.print(Markdown((out / "summary.md").read_text()))
+    console.print(f"wrote {out / 'summary.json'}; per seed: metrics, telemetry, checkpoints and plots in {out}/seed-<k>/")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="a run folder made by `multimodal-general train`"),
+    split: str = typer.Option("test", help="train, valid or test"),
+    checkpoint: str = typer.Option("best", help="best (validation-selected) or last"),
+    data: Path = typer.Option(None, help="the dataset, when it moved since training"),
+) -> None:
+    """Score every seed's checkpoint of a run on a split with the task's metrics."""
+    from multimodal_general.tasks.experiment import evaluate_run, read_settings
+    from multimodal_general.tasks.field_metrics import TASK_METRICS
+
+    settings, _ = read_settings(run)
+    if data is not None:
+        settings = replace(settings, data=str(data.expanduser().resolve()))
+    result = evaluate_run(run, _load(settings), split, checkpoint, settings=settings)
+    metrics = TASK_METRICS[settings.task]
+    table = Table(title=f"{settings.task}: {split} ({checkpoint} checkpoint), mean ± std over {len(result['runs'])} seed(s)")
+    table.add_column("model")
+    for m in metrics:
+        table.add_column(m)
+    summary = result["summary"]
+    rows = [("fused", summary["fused"])] + [(f"head: {m}", v) for m, v in summary["heads"].items()]
+    for name, values in rows:
+        table.add_row(name, *(f"{values[m][0]:.3f} ± {values[m][1]:.3f}" for m in metrics))
+    console.print(table)
+    console.print(f"wrote {run / f'evaluation-{split}-{checkpoint}.json'}")
+
+
+@app.command()
+def synth(
+    task: str = typer.Option(..., help=TASK_HELP),
+    out: Path = typer.Option(..., help="where to write the dataset (MOSI: a .pkl file; else a new folder)"),
+    imbalance: float = typer.Option(4.0, help="signal-to-noise of the dominant modality / of the others"),
+    dominant: str = typer.Option("text", help="the dominant modality"),
+    strength: float = typer.Option(2.0, help="signal-to-noise of the dominant modality"),
+    samples: int = typer.Option(0, help="training samples (0: the writer's default); valid/test get a third each"),
+    unaligned: bool = typer.Option(False, help="MOSI: the unaligned layout (50/375/500 steps)"),
+    random_encoders: bool = typer.Option(
+        False, help="Food-101: also write a tiny RANDOMLY initialised BERT and ViT (not pretrained) to OUT/random_encoders"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Write a synthetic dataset in the task's official format, with a controllable imbalance."""
+    from multimodal_general.tasks.runner import TASKS
+
+    if task not in TASKS:
+        raise ConfigurationError(f"unknown task {task!r}; choose from {list(TASKS)}")
+    if out.exists():
+        raise ConfigurationError(f"{out} exists; choose a new path")
+    common = {"imbalance": imbalance, "dominant": dominant, "strength": strength, "seed": seed}
+    if task == "mosi":
+        from multimodal_general.tasks.mosi import write_synthetic_mosi
+
+        sizes = {"sizes": (samples, max(1, samples // 3), max(1, samples // 3))} if samples else {}
+        written = write_synthetic_mosi(out, aligned=not unaligned, **sizes, **common)
+    elif task == "iemocap":
+        from multimodal_general.tasks.iemocap import write_synthetic_iemocap
+
+        written = write_synthetic_iemocap(out, **({"utterances": samples} if samples else {}), **common)
+    else:
+        from multimodal_general.tasks.food101 import write_random_encoders, write_synthetic_food101
+
+        per_class = {}
+        if samples:
+            per = max(1, samples // 8)
+            per_class = {"per_class": (per, max(1, per // 3), max(1, per // 3))}
+        written = write_synthetic_food101(out, **per_class, **common)
+        if random_encoders:
+            bert, vit = write_random_encoders(out / "random_encoders")
+            console.print(f"random (NOT pretrained) encoders: --bert {bert} --vit {vit}")
+    console.print(f"wrote {written}")
 
 
 def main() -> None:

@@ -3,7 +3,6 @@ the feature cache and the synthetic writer's signal."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -15,10 +14,10 @@ import torch
 from multimodal_general.errors import BadDataFile, ConfigurationError, OutputError
 from multimodal_general.tasks import food101
 from multimodal_general.tasks.food101 import (
-    VOCABULARY,
     extract_features,
     load_food101,
     read_food101,
+    write_random_encoders,
     write_synthetic_food101,
 )
 
@@ -37,28 +36,8 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny random BERT (with a WordPiece vocabulary of the synthetic words) and a tiny ViT,
-    saved with save_pretrained like real local model folders."""
-    transformers = pytest.importorskip("transformers", reason="needs the 'food' extra")
-    folder = tmp_path_factory.mktemp("models")
-    bert, vit = folder / "bert", folder / "vit"
-    bert.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCABULARY]
-    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    parameters = inspect.signature(transformers.BertTokenizer.__init__).parameters
-    argument = "vocab_file" if "vocab_file" in parameters else "vocab"  # 4.x / 5.x
-    transformers.BertTokenizer(**{argument: str(bert / "vocab.txt")}).save_pretrained(bert)
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )).save_pretrained(bert)
-    transformers.ViTModel(transformers.ViTConfig(
-        image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64,
-    )).save_pretrained(vit)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit)
-    return bert, vit
+    pytest.importorskip("transformers", reason="needs the 'food' extra")
+    return write_random_encoders(tmp_path_factory.mktemp("models"), hidden=HIDDEN, image_size=32)
 
 
 @pytest.fixture(scope="module")

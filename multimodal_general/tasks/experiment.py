@@ -82,14 +82,16 @@ def train_run(
     return write_summary(run_dir, settings, results)
 
 
-def evaluate_run(run_dir: Path, data: TaskData, split: str = "test", checkpoint: str = "best") -> dict[str, Any]:
+def evaluate_run(run_dir: Path, data: TaskData, split: str = "test", checkpoint: str = "best",
+                 settings: TrainSettings | None = None) -> dict[str, Any]:
     """Score every seed's ``best`` (or ``last``) checkpoint on ``split``; writes and returns
-    ``RUN/evaluation-<split>-<checkpoint>.json``."""
+    ``RUN/evaluation-<split>-<checkpoint>.json``. ``settings`` default to the run's own."""
     if checkpoint not in ("best", "last"):
         raise ConfigurationError(f"--checkpoint must be best or last, not {checkpoint!r}")
     if split not in data.splits:
         raise ConfigurationError(f"unknown split {split!r}; choose from {list(data.splits)}")
-    settings, seeds = read_settings(run_dir)
+    saved, seeds = read_settings(run_dir)
+    settings = settings or saved
     per_seed = []
     for seed in seeds:
         path = seed_dir(run_dir, seed) / "checkpoints" / f"{checkpoint}.pt"

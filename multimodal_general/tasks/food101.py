@@ -284,7 +284,7 @@ def _first_line(error: BaseException) -> str:
 def _load_models(bert: Path, vit: Path, device: torch.device):
     """``(tokenizer, text model, image processor, image model)`` from local folders only."""
     try:
-        import transformers
+        transformers = _transformers()
     except ImportError:
         raise ConfigurationError(
             "Food-101 feature extraction needs transformers: pip install '.[food]'"
@@ -750,3 +750,43 @@ def _write_image(path: Path, pixels: np.ndarray) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels, "RGB").save(path, format="JPEG", quality=92)
+
+
+def write_random_encoders(folder: str | Path, hidden: int = 32, image_size: int = 32,
+                          seed: int = 0) -> tuple[Path, Path]:
+    """A tiny, randomly initialised BERT (WordPiece vocabulary = the synthetic words) and ViT,
+    saved with ``save_pretrained`` into ``folder/bert`` and ``folder/vit`` like real local
+    model folders. For tests and the synthetic demo only: random weights, not pretrained."""
+    import inspect
+
+    transformers = _transformers()
+
+    folder = Path(folder)
+    bert, vit = folder / "bert", folder / "vit"
+    bert.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCABULARY]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    parameters = inspect.signature(transformers.BertTokenizer.__init__).parameters
+    argument = "vocab_file" if "vocab_file" in parameters else "vocab"  # 4.x / 5.x
+    transformers.BertTokenizer(**{argument: str(bert / "vocab.txt")}).save_pretrained(bert)
+    torch.manual_seed(seed)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64,
+    )).save_pretrained(bert)
+    transformers.ViTModel(transformers.ViTConfig(
+        image_size=image_size, patch_size=8, hidden_size=hidden, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=2 * hidden,
+    )).save_pretrained(vit)
+    transformers.ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(vit)
+    return bert, vit
+
+
+def _transformers():
+    """``transformers``, quiet: no progress bars for saving shards, no backend notices (errors
+    still surface as exceptions)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
