@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,7 +16,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.markdown import Markdown
 from rich.table import Table
 
 from multimodal_general.balance import BALANCERS, METRICS, PRESETS
@@ -24,6 +24,7 @@ from multimodal_general.errors import ConfigurationError
 
 app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
 console = Console()
+TASK_HELP = "food101, mosi or iemocap"
 
 
 @app.command()
@@ -52,7 +53,7 @@ def balancers() -> None:
 
 @app.command()
 def compare(
-    task: str = typer.Option("cls2", help="synthetic imbalance task: cls2, cls3 or reg2"),
+    task: str = typer.Option("cls2", help="synthetic imbalance task cls2, cls3 or reg2, or a data task: " + TASK_HELP),
     methods: str = typer.Option(
         "none,cggm,ogm_ge,mmpareto,agm,mslr,modality_dropout,gblending",
         help="comma-separated balancer names, or cggm-<preset> (paper, official, stable)",
@@ -60,14 +61,30 @@ def compare(
     seeds: int = typer.Option(3, help="seeds 0..n-1"),
     epochs: int = typer.Option(20, help="epochs per run (the same for every method)"),
     out: Path = typer.Option(Path("compare_results"), help="output folder (runs/ resume from it)"),
-    train_size: int = typer.Option(4000, help="training samples"),
-    val_size: int = typer.Option(4000, help="validation samples (model selection)"),
-    test_size: int = typer.Option(None, help="test samples (default: val-size)"),
-    lr: float = typer.Option(0.05, help="SGD learning rate"),
+    data: Path = typer.Option(None, help="data tasks: the dataset (MOSI pickle, IEMOCAP root, Food-101 root)"),
+    train_size: int = typer.Option(4000, help="synthetic tasks: training samples"),
+    val_size: int = typer.Option(4000, help="synthetic tasks: validation samples (model selection)"),
+    test_size: int = typer.Option(None, help="synthetic tasks: test samples (default: val-size)"),
+    lr: float = typer.Option(None, help="learning rate (default: 0.05 SGD for synthetic tasks, 1e-3 AdamW for data tasks)"),
     fusion_head: str = typer.Option("auto", help="fused head: auto (linear for ogm_ge, else mlp), mlp or linear"),
+    batch_size: int = typer.Option(32, help="data tasks: batch size"),
+    optimizer: str = typer.Option("adamw", help="data tasks: adamw or sgd"),
+    d_model: int = typer.Option(64, help="data tasks: encoder width"),
+    layers: int = typer.Option(2, help="data tasks: transformer layers per modality"),
+    fold: int = typer.Option(1, help="IEMOCAP fold"),
+    max_steps: int = typer.Option(0, help="data tasks: cut sequences to this many steps (0: keep all)"),
+    bert: Path = typer.Option(None, help="Food-101: local BERT folder"),
+    vit: Path = typer.Option(None, help="Food-101: local ViT folder"),
     threads: int = typer.Option(1, help="torch intra-op threads"),
 ) -> None:
     """Run every method x seed with the same budget; select on validation, report on test."""
+    from multimodal_general.tasks.runner import TASKS as DATA_TASKS
+
+    if task in DATA_TASKS:
+        _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
+                         d_model, layers, fold, max_steps, bert, vit, threads)
+        return
+    lr = 0.05 if lr is None else lr
     import torch
 
     from multimodal_general.compare import compare as run_compare
@@ -99,10 +116,39 @@ def compare(
     )
 
 
+def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
+                     d_model, layers, fold, max_steps, bert, vit, threads) -> None:
+    import torch
+
+    from multimodal_general.compare import parse_methods
+    from multimodal_general.tasks.comparison import compare_on_task
+    from multimodal_general.tasks.runner import TrainSettings
+
+    if data is None:
+        raise ConfigurationError(f"--task {task} needs --data")
+    names = parse_methods(methods)
+    torch.set_num_threads(max(1, threads))
+    settings = TrainSettings(
+        task=task, data=str(data.expanduser().resolve()), epochs=epochs, lr=1e-3 if lr is None else lr,
+        batch_size=batch_size, optimizer=optimizer, d_model=d_model, layers=layers, fusion_head=fusion_head,
+        fold=fold, max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
+    ).check()
+    loaded = _load(settings)
+    with _bar() as bar:
+        job = bar.add_task("starting", total=len(names) * seeds * epochs)
+        seen: dict[str, int] = {}
+
+        def on_epoch(label, epoch):
+            bar.advance(job, epoch - seen.get(label, epoch - 1))
+            seen[label] = epoch
+            bar.update(job, description=label)
+
+        compare_on_task(settings, loaded, names, seeds, out, on_epoch=on_epoch)
+    console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {out / 'results.md'}, results.csv, results.png; runs in {out / 'runs'}")
+
+
 # ------------------------------------------------------------------ the general tasks
-TASK_HELP = "food101, mosi or iemocap"
-
-
 def _bar():
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -110,7 +110,7 @@ def evaluate_run(run_dir: Path, data: TaskData, split: str = "test", checkpoint:
     return result
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not finite:
         return math.nan, math.nan
@@ -120,7 +120,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _aggregate(scores: list[dict], task: str) -> dict[str, Any]:
     """``{"fused": {metric: [mean, std]}, "heads": {m: {metric: [mean, std]}}}``."""
     def table(rows: list[dict]) -> dict[str, list[float]]:
-        return {k: list(_mean_std([r.get(k, math.nan) for r in rows])) for k in TASK_METRICS[task]}
+        return {k: list(mean_std([r.get(k, math.nan) for r in rows])) for k in TASK_METRICS[task]}
 
     heads = sorted({m for s in scores for m in s["heads"]}, key=lambda m: list(scores[0]["heads"]).index(m))
     return {"fused": table([s["fused"] for s in scores]),
@@ -138,7 +138,7 @@ def write_summary(run_dir: Path, settings: TrainSettings, results: list[dict]) -
     return summary
 
 
-def _pm(pair: list[float]) -> str:
+def plus_minus(pair: list[float]) -> str:
     mean, std = pair
     return "—" if not math.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
 
@@ -155,8 +155,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"selected epochs {summary['selected_epochs']}. Mean ± std over seeds.", "",
         "| model | " + " | ".join(f"{m} {arrows[m]}" for m in metrics) + " |",
         "|---|" + "---|" * len(metrics),
-        "| fused | " + " | ".join(_pm(test["fused"][m]) for m in metrics) + " |",
+        "| fused | " + " | ".join(plus_minus(test["fused"][m]) for m in metrics) + " |",
     ]
     for modality, values in test["heads"].items():
-        lines.append(f"| head: {modality} | " + " | ".join(_pm(values[m]) for m in metrics) + " |")
+        lines.append(f"| head: {modality} | " + " | ".join(plus_minus(values[m]) for m in metrics) + " |")
     return "\n".join(lines) + "\n"

@@ -307,6 +307,8 @@ def train_seed(
         "task": data.task, "seed": seed, "method": method_name(settings),
         "selected_by": f"valid {metric} ({'max' if larger else 'min'})", "selected_epoch": state["best_epoch"],
         "valid": score(parts, data, "valid"), "test": score(parts, data, "test"),
+        "train_seconds": sum(row.get("seconds", 0.0) for row in read_metrics(run_dir)),
+        "steps": state["step"],
     }
     atomic_write_text(done, json.dumps(json_safe(result), indent=2) + "\n")
     return result
