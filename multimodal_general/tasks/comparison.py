@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -72,6 +73,7 @@ def compare_on_task(
                 if results[name]:
                     raise
                 not_applicable[name] = str(error).strip().splitlines()[0]
+                shutil.rmtree(out / "runs" / name, ignore_errors=True)  # nothing of it is a result
     rows = [_row(name, results[name], not_applicable.get(name), data) for name in names]
     header = _header(settings, names, seeds, data)
     atomic_write_text(out / "results.md", header + _markdown(rows, data))
