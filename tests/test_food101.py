@@ -182,8 +182,8 @@ def test_extraction_shapes_dtypes_masks_and_progress(dataset, features):
     for name, split in data.splits.items():
         n, rec = len(records.splits[name]), records.splits[name]
         text, image = split.inputs["text"], split.inputs["image"]
-        assert text.shape == (n, TEXT_TOKENS, HIDDEN) and text.dtype == torch.float32
-        assert image.shape == (n, 17, HIDDEN) and image.dtype == torch.float32
+        assert text.shape == (n, TEXT_TOKENS, HIDDEN) and text.dtype == torch.float16
+        assert image.shape == (n, 17, HIDDEN) and image.dtype == torch.float16
         assert split.masks["image"].all()
         words = torch.tensor([len(t.split()) for t in rec.texts])
         assert torch.equal(split.masks["text"].sum(1), (words + 2).clamp(max=TEXT_TOKENS))

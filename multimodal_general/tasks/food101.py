@@ -598,11 +598,12 @@ def _task_from_cache(root: Path, folder: Path, manifest: dict) -> TaskData:
 
 
 def _load_split(folder: Path, split: str) -> SequenceSplit:
-    """float32 tensors from the float16 cache; the image mask is all True."""
+    """float16 tensors as cached (the encoders compute in float32: half the memory of the real
+    data set in float32, ~7 GB instead of ~15 GB at the default settings); the image mask is all True."""
     files = _split_files(split)
-    text = torch.from_numpy(np.load(folder / files["text"], mmap_mode="r").astype(np.float32))
+    text = torch.from_numpy(np.array(np.load(folder / files["text"]), dtype=np.float16))
     mask = torch.from_numpy(np.array(np.load(folder / files["text_mask"]), dtype=bool))
-    image = torch.from_numpy(np.load(folder / files["image"], mmap_mode="r").astype(np.float32))
+    image = torch.from_numpy(np.array(np.load(folder / files["image"]), dtype=np.float16))
     target = torch.from_numpy(np.array(np.load(folder / files["target"]), dtype=np.int64))
     ids = json.loads((folder / files["ids"]).read_text(encoding="utf-8"))
     image_mask = torch.ones(image.shape[:2], dtype=torch.bool)

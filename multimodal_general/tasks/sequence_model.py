@@ -51,7 +51,7 @@ class SequenceEncoder(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.clone()
         mask[~mask.any(dim=1), 0] = True  # a sample without any real step attends to step 0
-        h = self.project(self.input_norm(x))
+        h = self.project(self.input_norm(x.float()))  # inputs may be stored in float16
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)
         h = self.output_norm(self.layers(h, src_key_padding_mask=~mask))
         weights = mask.unsqueeze(-1).to(h.dtype)
