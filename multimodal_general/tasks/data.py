@@ -142,3 +142,12 @@ def mask_of_zero_padding(values: Tensor) -> Tensor:
     """``[N, T, D]`` -> ``[N, T]``: a step is real unless every feature of it is exactly 0
     (how the MulT-style pickles pad; they carry no lengths)."""
     return values.ne(0).any(dim=2)
+
+
+def real_steps_first(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Move every sample's real steps to the front (in their order) and the padding to the
+    end: left-padded data (MulT's pickles) then gets the same positions for its real steps
+    whatever its padding, and keeping the first ``k`` steps keeps real ones."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    return (torch.gather(values, 1, order.unsqueeze(-1).expand_as(values)),
+            torch.gather(mask, 1, order))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -66,20 +67,38 @@ def train_run(
     """Train every seed (resuming finished/unfinished ones with ``resume``) and write the summary."""
     run_dir = Path(run_dir)
     config = run_dir / CONFIG
-    if config.exists():
+    fresh = not config.exists()
+    if not fresh:
         saved, saved_seeds = read_settings(run_dir)
         if not resume:
             raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         if {**asdict(saved), "epochs": 0} != {**asdict(settings), "epochs": 0} or saved_seeds != list(seeds):
             raise ConfigurationError(f"{config}: --resume continues the run as configured; only --epochs may change")
+    folder_existed = run_dir.exists()
     atomic_write_text(config, yaml.safe_dump({"settings": asdict(settings), "seeds": list(seeds),
                                               "data": data.summary()}, sort_keys=False))
     results = []
-    for seed in seeds:
-        if on_seed is not None:
-            on_seed(seed)
-        results.append(train_seed(settings, data, seed, seed_dir(run_dir, seed), resume=resume, **callbacks))
+    try:
+        for seed in seeds:
+            if on_seed is not None:
+                on_seed(seed)
+            results.append(train_seed(settings, data, seed, seed_dir(run_dir, seed), resume=resume, **callbacks))
+    except ConfigurationError:
+        if fresh and not any(run_dir.glob("seed-*/checkpoints/last.pt")):
+            _remove_new_run(run_dir, folder_existed, seeds)  # e.g. a balancer that refuses the task
+        raise
     return write_summary(run_dir, settings, results)
+
+
+def _remove_new_run(run_dir: Path, folder_existed: bool, seeds: Sequence[int]) -> None:
+    """Undo a run that failed before its first checkpoint: nothing of it is worth keeping, and
+    a leftover ``config.yaml`` would make the next attempt ask for ``--resume``."""
+    if not folder_existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    (run_dir / CONFIG).unlink(missing_ok=True)
+    for seed in seeds:
+        shutil.rmtree(seed_dir(run_dir, seed), ignore_errors=True)
 
 
 def evaluate_run(run_dir: Path, data: TaskData, split: str = "test", checkpoint: str = "best",

@@ -36,7 +36,13 @@ import torch
 
 from multimodal_general.errors import BadDataFile
 from multimodal_general.io import atomic_write
-from multimodal_general.tasks.data import SPLITS, SequenceSplit, TaskData, mask_of_zero_padding
+from multimodal_general.tasks.data import (
+    SPLITS,
+    SequenceSplit,
+    TaskData,
+    mask_of_zero_padding,
+    real_steps_first,
+)
 from multimodal_general.tasks.synthetic import (
     embed_in_sequences,
     imbalanced_strengths,
@@ -197,10 +203,13 @@ def _ids(path: Path, split: str, arrays: dict[str, np.ndarray]) -> list[str]:
 
 
 def _to_split(path: Path, name: str, arrays: dict[str, np.ndarray]) -> SequenceSplit:
-    inputs = {m: _features(path, name, m, arrays[m]) for m in MODALITIES}
+    # MulT pads on the left; in memory the real steps come first (positions start at the
+    # first real step whatever the padding, as for every other task)
+    aligned = {m: real_steps_first(x, mask_of_zero_padding(x))
+               for m, x in ((m, _features(path, name, m, arrays[m])) for m in MODALITIES)}
     return SequenceSplit(
-        inputs=inputs,
-        masks={m: mask_of_zero_padding(x) for m, x in inputs.items()},
+        inputs={m: x for m, (x, _) in aligned.items()},
+        masks={m: mask for m, (_, mask) in aligned.items()},
         target=_targets(path, name, arrays["labels"]),
         ids=_ids(path, name, arrays),
     )

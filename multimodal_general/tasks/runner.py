@@ -53,7 +53,7 @@ from multimodal_general.run_plots import (
     save_figure,
 )
 from multimodal_general.runlog import Logbook
-from multimodal_general.tasks.data import SequenceSplit, TaskData
+from multimodal_general.tasks.data import SequenceSplit, TaskData, real_steps_first
 from multimodal_general.tasks.field_metrics import (
     LOWER_IS_BETTER,
     SELECTION,
@@ -152,12 +152,12 @@ def load_task(settings: TrainSettings, progress: Callable[[int, int], None] | No
 
 
 def truncate(data: TaskData, max_steps: int) -> TaskData:
-    """Every sequence cut to its first ``max_steps`` steps."""
-    splits = {
-        name: SequenceSplit({m: x[:, :max_steps] for m, x in s.inputs.items()},
-                            {m: k[:, :max_steps] for m, k in s.masks.items()}, s.target, s.ids)
-        for name, s in data.splits.items()
-    }
+    """Every sequence cut to its first ``max_steps`` real steps (padding moved to the end first)."""
+    splits = {}
+    for name, s in data.splits.items():
+        cut = {m: real_steps_first(s.inputs[m], s.masks[m]) for m in s.inputs}
+        splits[name] = SequenceSplit({m: x[:, :max_steps] for m, (x, _) in cut.items()},
+                                     {m: k[:, :max_steps] for m, (_, k) in cut.items()}, s.target, s.ids)
     return replace(data, splits=splits, details={**data.details, "max_steps": max_steps})
 
 
@@ -248,13 +248,15 @@ def train_seed(
     on validation, score the selected model on test; returns (and writes) ``test.json``."""
     run_dir = Path(run_dir)
     done = run_dir / "test.json"
+    last = run_dir / "checkpoints" / "last.pt"
     if resume and done.exists():
-        return json.loads(done.read_text())
+        if read_checkpoint(last)["epoch"] >= settings.epochs:
+            return json.loads(done.read_text())
+        done.unlink()  # --epochs extends a finished run: it trains on, then is scored again
     parts = build(settings, data, seed)
     metric, larger = SELECTION[data.task]
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
     order = torch.Generator().manual_seed(seed)
-    last = run_dir / "checkpoints" / "last.pt"
     if resume and last.exists():
         state = _restore(last, parts, order, settings)
     elif last.exists():
