@@ -98,11 +98,7 @@ def compare(
     if threads < 1:
         raise ConfigurationError("--threads must be >= 1")
     torch.set_num_threads(threads)
-    columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
+    with _bar() as bar:
         job = bar.add_task("starting", total=len(names) * seeds * max(epochs, 1))
         outcome = run_compare(
             task, names, seeds, out, epochs, train_size=train_size, val_size=val_size,

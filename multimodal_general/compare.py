@@ -56,7 +56,7 @@ import torch
 
 from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.io import atomic_write, atomic_write_text, json_safe
 from multimodal_general.tasks.imbalance import (
     FUSION_HEADS,
     TASKS,
@@ -250,17 +250,7 @@ def _settings(config: RunConfig, test_size: int) -> dict:
 
 
 def _dump(payload: dict) -> str:
-    # NaN is written as null: the files stay strict JSON
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(payload), indent=2) + "\n"
+    return json.dumps(json_safe(payload), indent=2) + "\n"  # NaN as null: strict JSON
 
 
 def _load(x):

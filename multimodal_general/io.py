@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -48,3 +50,33 @@ def _remove(path: Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], object]) -> Path:
+    """Call ``fill(folder)`` on a new temporary folder beside ``path``, then rename it to
+    ``path`` (which must not exist, or be an empty folder). A failure leaves nothing behind;
+    a file system problem becomes an :class:`OutputError` naming ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if path.is_dir():
+            path.rmdir()  # empty, or OSError: nothing is overwritten
+        os.replace(tmp, path)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by ``None``, so that JSON files stay strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -21,13 +21,12 @@ from typing import Any
 import yaml
 
 from multimodal_general.errors import BadDataFile, ConfigurationError
-from multimodal_general.io import atomic_write_text
+from multimodal_general.io import atomic_write_text, json_safe
 from multimodal_general.tasks.data import TaskData
 from multimodal_general.tasks.field_metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
 from multimodal_general.tasks.runner import (
     TrainSettings,
     build,
-    json_safe,
     method_name,
     read_checkpoint,
     score,

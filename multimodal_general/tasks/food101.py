@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from multimodal_general.errors import BadDataFile, ConfigurationError, OutputError
-from multimodal_general.io import atomic_write_text
+from multimodal_general.io import atomic_folder, atomic_write_text
 from multimodal_general.tasks.data import SequenceSplit, TaskData
 from multimodal_general.tasks.synthetic import imbalanced_strengths, latent_evidence
 
@@ -663,18 +663,7 @@ def write_synthetic_food101(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise OutputError(f"{root}: already exists and is not an empty folder")
     names = tuple(sorted(FOOD_NAMES[:classes]))
-    tmp = root.with_name(f".{root.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.mkdir(parents=True)
-        _write_splits(tmp, names, per_class, strengths, image_size, seed)
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    except OSError as error:
-        raise OutputError(f"{root}: cannot write ({error.strerror or error})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return atomic_folder(root, lambda tmp: _write_splits(tmp, names, per_class, strengths, image_size, seed))
 
 
 def _write_splits(folder: Path, names, per_class, strengths, image_size: int, seed: int) -> None:

@@ -29,9 +29,6 @@ not verified either (the writer stores float32 one-hot).
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,6 +37,7 @@ import numpy as np
 import torch
 
 from multimodal_general.errors import BadDataFile, OutputError
+from multimodal_general.io import atomic_folder
 from multimodal_general.tasks.data import SPLITS, SequenceSplit, TaskData, pad_sequences
 from multimodal_general.tasks.synthetic import (
     embed_in_sequences,
@@ -283,20 +281,13 @@ def write_synthetic_iemocap(
     sizes = {**FEATURE_DIMS, **(dims or {})}
     strengths = imbalanced_strengths(MODALITIES, dominant, strength, imbalance)
     pool = _synthetic_pool(utterances, strengths, lengths, sizes, seed)
-    tmp = root.with_name(f".{root.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.mkdir(parents=True)
+
+    def fill(tmp: Path) -> None:
         _write_features(tmp, pool)
         for fold in range(1, folds + 1):
             _write_fold(tmp, fold, pool)
-        if root.is_dir():
-            root.rmdir()  # empty: checked above
-        os.replace(tmp, root)
-    except OSError as error:
-        raise OutputError(f"{root}: cannot write ({error.strerror or error})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return atomic_folder(root, fill)
 
 
 def _check_target(root: Path) -> None:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from multimodal_general.balance import MSLR, PRESETS, Balancer, GBlending, ModalityDropout
 from multimodal_general.errors import BadDataFile, ConfigurationError
-from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.io import atomic_write, atomic_write_text, json_safe
 from multimodal_general.loop import balanced_step
 from multimodal_general.run_plots import (
     balance_figure,
@@ -341,17 +341,6 @@ def method_name(settings: TrainSettings) -> str:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
-
-
-def json_safe(x):
-    """NaN/inf -> null, so that the JSON files stay strict."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [json_safe(v) for v in x]
-    return x
 
 
 # ---------------------------------------------------------------------------- checkpoints
