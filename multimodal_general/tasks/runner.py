@@ -420,8 +420,8 @@ def _validation_figure(name: str, task: str, metrics: list[dict]):
         axes[0].plot(x, column(metrics, f"val_{k}"), marker="o", ms=3, label=k)
     if "mae" in keys:
         axes[0].plot(x, column(metrics, "val_mae"), marker="s", ms=3, color="black", ls="--", label="mae")
-    axes[0].set_title("fused model (the run keeps the epoch with the best "
-                      f"{selection}{', lowest' if selection in LOWER_IS_BETTER else ', highest'})", fontsize=10)
+    best = "lowest" if selection in LOWER_IS_BETTER else "highest"
+    axes[0].set_title(f"fused model (the run keeps the epoch with the {best} validation {selection})", fontsize=10)
     axes[0].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     for m, values in heads.items():
         axes[1].plot(x, values, marker="o", ms=3, label=m)
