@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from brats_cggm.errors import ConfigurationError
-from multimodal_general.cli_support import make_app, run_app
+from multimodal_general.cli_support import make_app, parse_settings, run_app
 
 app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
 console = Console()
@@ -202,23 +202,6 @@ def train(
         if "ranks_consistent" in summary:
             state = "identical on" if summary["ranks_consistent"] else "[bold red]DIFFERENT[/] across"
             console.print(f"network and balancer state {state} all {place.world_size} processes")
-
-
-def parse_settings(settings: list[str]) -> dict[str, object]:
-    """``["optim.lr=0.1", "network.overrides={channels: [8, 16, 32, 64]}"]`` -> a dict of
-    dotted names to YAML-parsed values."""
-    import yaml
-
-    parsed = {}
-    for item in settings:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigurationError(f"--set takes name=value (e.g. optim.lr=0.1), not '{item}'")
-        try:
-            parsed[name.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigurationError(f"--set {item}: the value is not valid YAML") from None
-    return parsed
 
 
 @app.command()

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from multimodal_general.balance import BALANCERS, METRICS, PRESETS
-from multimodal_general.cli_support import make_app, run_app
+from multimodal_general.cli_support import make_app, parse_settings, run_app
 from multimodal_general.errors import ConfigurationError
 
 app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
@@ -76,13 +76,19 @@ def compare(
     bert: Path = typer.Option(None, help="Food-101: local BERT folder"),
     vit: Path = typer.Option(None, help="Food-101: local ViT folder"),
     threads: int = typer.Option(1, help="torch intra-op threads"),
+    balancer_option: list[str] = typer.Option(
+        None, "--balancer-option",
+        help="a balancer hyperparameter, e.g. alpha=0.5 (repeatable; each method takes the ones it declares)"),
 ) -> None:
     """Run every method x seed with the same budget; select on validation, report on test."""
+    from multimodal_general.balance import check_balancer_options
     from multimodal_general.tasks.runner import TASKS as DATA_TASKS
 
+    options = parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5")
+    check_balancer_options(options)
     if task in DATA_TASKS:
         _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
-                         d_model, layers, fold, max_steps, bert, vit, threads)
+                         d_model, layers, fold, max_steps, bert, vit, threads, options)
         return
     lr = 0.05 if lr is None else lr
     import torch
@@ -102,7 +108,7 @@ def compare(
         job = bar.add_task("starting", total=len(names) * seeds * max(epochs, 1))
         outcome = run_compare(
             task, names, seeds, out, epochs, train_size=train_size, val_size=val_size,
-            test_size=test_size, lr=lr, fusion_head=fusion_head,
+            test_size=test_size, lr=lr, fusion_head=fusion_head, balancer_options=options,
             progress=lambda label, n: bar.update(job, advance=n, description=label),
         )
     console.print((out / "results.md").read_text(), markup=False, highlight=False)
@@ -113,7 +119,7 @@ def compare(
 
 
 def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
-                     d_model, layers, fold, max_steps, bert, vit, threads) -> None:
+                     d_model, layers, fold, max_steps, bert, vit, threads, options) -> None:
     import torch
 
     from multimodal_general.compare import parse_methods
@@ -128,6 +134,7 @@ def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, b
         task=task, data=str(data.expanduser().resolve()), epochs=epochs, lr=1e-3 if lr is None else lr,
         batch_size=batch_size, optimizer=optimizer, d_model=d_model, layers=layers, fusion_head=fusion_head,
         fold=fold, max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
+        balancer_options=options,
     ).check()
     loaded = _load(settings)
     with _bar() as bar:
@@ -192,6 +199,9 @@ def train(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     resume: bool = typer.Option(False, help="continue the run in --out (finished seeds are kept)"),
+    balancer_option: list[str] = typer.Option(
+        None, "--balancer-option",
+        help="a balancer hyperparameter, e.g. alpha=0.5 (repeatable; each method takes the ones it declares)"),
 ) -> None:
     """Train a task model with a balancer; select each seed on validation, report on test."""
     from multimodal_general.tasks.experiment import read_settings, train_run
@@ -208,7 +218,7 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
         max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
-        device=device,
+        device=device, balancer_options=parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5"),
     ).check()
     seed_list = list(range(seeds))
     if resume and (out / "config.yaml").exists():  # the run as configured; only --epochs may change

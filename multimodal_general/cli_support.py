@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from multimodal_general.errors import UserError
+from multimodal_general.errors import ConfigurationError, UserError
 
 stderr = Console(stderr=True)
 
@@ -29,3 +29,20 @@ def make_app(help_text: str) -> typer.Typer:
     app = typer.Typer(help=help_text, no_args_is_help=True, add_completion=False)
     app.callback()(lambda: None)
     return app
+
+
+def parse_settings(settings: list[str], option: str = "--set", example: str = "optim.lr=0.1") -> dict[str, object]:
+    """``["optim.lr=0.1", "network.overrides={channels: [8, 16, 32, 64]}"]`` -> a dict of
+    names to YAML-parsed values; a malformed item is a one-line :class:`ConfigurationError`."""
+    import yaml
+
+    parsed = {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigurationError(f"{option} takes name=value (e.g. {example}), not '{item}'")
+        try:
+            parsed[name.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigurationError(f"{option} {item}: the value is not valid YAML") from None
+    return parsed

@@ -274,6 +274,7 @@ def compare(
     batch_size: int = RunConfig.batch_size,
     lr: float = RunConfig.lr,
     fusion_head: str = "auto",
+    balancer_options: dict | None = None,
     progress: Callable[[str, int], None] | None = None,
     plot: bool = True,
 ) -> Outcome:
@@ -282,6 +283,7 @@ def compare(
     ``progress(label, epochs_done)`` is called after every epoch (and with a whole run's or
     method's epochs when it is skipped), for a progress bar of
     ``len(methods) * seeds * epochs`` epochs. ``test_size`` defaults to ``val_size``.
+    ``balancer_options`` (e.g. ``{"alpha": 0.5}``) go to every method that declares them.
     """
     if task not in TASKS:
         raise ConfigurationError(f"unknown task {task!r}; choose from {list(TASKS)}")
@@ -299,7 +301,8 @@ def compare(
     runs_dir = out / "runs"
     outcome = Outcome(out)
     base = RunConfig(task=task, epochs=epochs, train_size=train_size, val_size=val_size,
-                     batch_size=batch_size, lr=lr, fusion_head=fusion_head)
+                     batch_size=batch_size, lr=lr, fusion_head=fusion_head,
+                     balancer_options=dict(balancer_options or {}))
     results: dict[str, list[dict]] = {name: [] for name in names}
     report = progress or (lambda label, n: None)
 
@@ -393,7 +396,8 @@ def _header(task: str, names: list[str], seeds: int, base: RunConfig, test_size:
         f"# Comparison on `{task}`\n\n"
         f"Command: `multimodal-general compare --task {task} --methods {','.join(names)} --seeds {seeds} "
         f"--epochs {base.epochs} --train-size {base.train_size} --val-size {base.val_size} "
-        f"--test-size {test_size} --lr {base.lr} --fusion-head {base.fusion_head}`\n\n"
+        f"--test-size {test_size} --lr {base.lr} --fusion-head {base.fusion_head}"
+        + "".join(f" --balancer-option {k}={v}" for k, v in base.balancer_options.items()) + "`\n\n"
         f"Same budget for every method: {base.epochs} epochs, batch {base.batch_size}, SGD lr {base.lr} "
         f"(momentum 0.9, weight decay 1e-4); seeds 0..{seeds - 1}. Each run keeps the epoch with the best "
         "validation fused metric; the table is on a separate test split of the same task world "

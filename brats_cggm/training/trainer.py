@@ -44,10 +44,10 @@ from brats_cggm.training.cases import select_cases, shard
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import TrainConfig
 from brats_cggm.training.distributed import Place
-from multimodal_general.runlog import Logbook
 from brats_cggm.training.validation import validate_cases
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
+from multimodal_general.runlog import Logbook
 from multimodal_general.runtime import keep_freed_memory
 
 

@@ -30,6 +30,19 @@ BALANCERS: dict[str, type[Balancer]] = {
 }
 
 
+def balancer_options(name: str | None = None) -> set[str]:
+    """The keyword options balancer ``name`` declares (every balancer's when ``None``)."""
+    classes = BALANCERS.values() if name is None else [BALANCERS[name]]
+    return {p for c in classes for p in inspect.signature(c.__init__).parameters} - {"self", "modalities"}
+
+
+def check_balancer_options(options) -> None:
+    """An option that no balancer declares is a mistake (one line, before anything runs)."""
+    unknown = sorted(set(options) - balancer_options())
+    if unknown:
+        raise ConfigurationError(f"unknown balancer option(s): {unknown}")
+
+
 def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balancer:
     """Build a balancer by name (``none``, ``cggm``) with its keyword options."""
     try:
@@ -40,10 +53,7 @@ def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balan
         ) from None
     # One configuration serves every balancer: each takes the options it declares, and
     # an option that no balancer declares is a mistake.
-    known = {p for c in BALANCERS.values() for p in inspect.signature(c.__init__).parameters} - {"self", "modalities"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigurationError(f"unknown balancer option(s): {unknown}")
+    check_balancer_options(options)
     accepted = inspect.signature(cls.__init__).parameters
     return cls(modalities, **{k: v for k, v in options.items() if k in accepted})
 
@@ -66,6 +76,8 @@ __all__ = [
     "StepTelemetry",
     "concat_unimodal_output",
     "drop_mask",
+    "balancer_options",
+    "check_balancer_options",
     "make_balancer",
     "resolve_metric",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +159,7 @@ class RunConfig:
     train_size: int = 4000
     val_size: int = 4000
     fusion_head: str = "auto"  # "auto" (linear for ogm_ge, else mlp), "mlp" or "linear" (see build)
+    balancer_options: dict = field(default_factory=dict)  # e.g. {"alpha": 0.5}: each method takes what it declares
 
     @property
     def method(self) -> str:
@@ -182,7 +183,8 @@ def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
     )
     criterion = nn.CrossEntropyLoss() if task.kind == "classification" else nn.MSELoss()
     balancer = attach_balancer(
-        model, config.balancer, criterion, task.kind, preset=config.preset, rho=config.rho, lam=config.lam
+        model, config.balancer, criterion, task.kind,
+        **{"preset": config.preset, "rho": config.rho, "lam": config.lam, **config.balancer_options},
     )
     return model, balancer, criterion
 

@@ -30,14 +30,21 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from multimodal_general.balance import MSLR, PRESETS, Balancer, GBlending, ModalityDropout
+from multimodal_general.balance import (
+    MSLR,
+    PRESETS,
+    Balancer,
+    GBlending,
+    ModalityDropout,
+    check_balancer_options,
+)
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe
 from multimodal_general.loop import balanced_step
@@ -93,6 +100,7 @@ class TrainSettings:
     bert: str = ""  # Food-101: local BERT folder (feature extraction when no cache)
     vit: str = ""  # Food-101: local ViT folder
     device: str = "cpu"
+    balancer_options: dict = field(default_factory=dict)  # e.g. {"alpha": 0.5}: each method takes what it declares
 
     def check(self) -> TrainSettings:
         if self.task not in TASKS:
@@ -105,6 +113,7 @@ class TrainSettings:
             raise ConfigurationError("epochs, batch size, d_model, layers and heads must be >= 1 and lr > 0")
         if self.d_model % self.heads or self.d_model % 2:
             raise ConfigurationError(f"d_model ({self.d_model}) must be even and divisible by heads ({self.heads})")
+        check_balancer_options(self.balancer_options)
         if not 0 <= self.dropout < 1 or self.max_steps < 0:
             raise ConfigurationError("dropout must be in [0, 1) and max_steps >= 0")
         return self
@@ -176,8 +185,8 @@ def build(settings: TrainSettings, data: TaskData, seed: int) -> Parts:
     torch.manual_seed(seed)
     model = SequenceFusionNet(data.input_dims, data.out_dim, settings.size, settings.fusion)
     criterion = task_criterion(data.kind)
-    balancer = attach_balancer(model, settings.balancer, criterion, data.kind,
-                               preset=settings.preset, rho=settings.rho, lam=settings.lam)
+    balancer = attach_balancer(model, settings.balancer, criterion, data.kind, **{
+        "preset": settings.preset, "rho": settings.rho, "lam": settings.lam, **settings.balancer_options})
     device = torch.device(settings.device)
     model.to(device), balancer.to(device)
     encoder_params = {id(p) for e in model.encoders.values() for p in e.parameters()}
