@@ -119,3 +119,24 @@ def test_fusion_head_choice():
     assert model.last_layer is model.head
     with pytest.raises(ConfigurationError):
         build(RunConfig(fusion_head="bogus"))
+
+
+def test_balancer_options_reach_the_methods_that_declare_them(tmp_path):
+    """--balancer-option: OGM-GE's alpha changes its run (and is recorded), joint training
+    ignores it; a name no balancer declares is refused before anything runs."""
+    plain = compare("cls2", "none,ogm_ge", seeds=1, out=tmp_path / "a", **TINY, plot=False)
+    tuned = compare("cls2", "none,ogm_ge", seeds=1, out=tmp_path / "b", **TINY, plot=False,
+                    balancer_options={"alpha": 5.0})
+    by_method = lambda outcome: {r["method"]: r["metric_mean"] for r in outcome.rows}  # noqa: E731
+    assert by_method(plain)["none"] == by_method(tuned)["none"]
+    assert by_method(plain)["ogm_ge"] != by_method(tuned)["ogm_ge"]
+    saved = json.loads((tmp_path / "b" / "runs" / "ogm_ge-seed0.json").read_text())
+    assert saved["settings"]["balancer_options"] == {"alpha": 5.0}
+    assert "--balancer-option alpha=5.0" in (tmp_path / "b" / "results.md").read_text()
+    result = subprocess.run(
+        [sys.executable, "-c", "from multimodal_general.cli import main; main()", "compare", "--task", "cls2",
+         "--methods", "none", "--out", str(tmp_path / "c"), "--balancer-option", "alpah=5"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "unknown balancer option(s): ['alpah']" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
