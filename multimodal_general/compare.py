@@ -33,7 +33,8 @@ Protocol (the same for every method):
 * **Not applicable.** A method whose build or first step raises a ``ConfigurationError``
   (e.g. ``agm`` or ``ogm_ge`` on ``reg2``) is reported as ``not applicable: <reason>``.
 
-Outputs in ``out``: ``runs/<method>-seed<k>.json`` per finished run (written atomically; a
+Outputs in ``out``: ``runs/<method>-seed<k>.json`` per finished run, with the balancer's
+per-step telemetry beside it in ``runs/<method>-seed<k>.telemetry.csv`` (written atomically; a
 rerun skips the pairs whose file exists and was made with the same settings; a file made
 with different settings is an error, not silently reused), ``results.md``, ``results.csv``
 and ``results.png``.
@@ -163,9 +164,10 @@ def head_losses(model, balancer, split) -> dict[str, float]:
     }
 
 
-def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | None = None) -> dict:
+def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | None = None) -> tuple[dict, list[dict]]:
     """One run: train, select on validation after each epoch, evaluate the selected model on
-    test. Raises :class:`ConfigurationError` when the method cannot serve the task."""
+    test. Returns the result and the balancer's per-step telemetry rows. Raises
+    :class:`ConfigurationError` when the method cannot serve the task."""
     task = TASKS[config.task]
     kind = task.kind
     train = generate(task, config.train_size, seed=2 * config.seed)
@@ -237,7 +239,7 @@ def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | No
         "steps": len(telemetry),
         "step_ms": 1000 * step_seconds / max(len(telemetry), 1),
         "wall_s": wall,
-    }
+    }, [row.as_dict() for row in telemetry]
 
 
 def _settings(config: RunConfig, test_size: int) -> dict:
@@ -247,6 +249,15 @@ def _settings(config: RunConfig, test_size: int) -> dict:
     settings["test_seed"] = TEST_SEED_OFFSET + config.seed
     settings["format"] = RUN_FORMAT
     return settings
+
+
+def _telemetry_csv(rows: list[dict]) -> str:
+    """One row per optimizer step (``step``, ``eps/<m>``, ``B/<m>``, ``grad_norm/<m>``, ...)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _dump(payload: dict) -> str:
@@ -339,11 +350,12 @@ def compare(
                 report(label, 1)
 
             try:
-                result = run_one(config, test_size, progress=tick)
+                result, telemetry = run_one(config, test_size, progress=tick)
             except ConfigurationError as error:
                 outcome.not_applicable[name] = str(error).strip().splitlines()[0]
                 report(f"{name} (not applicable)", epochs - done[0])
                 continue
+            atomic_write_text(path.with_suffix(".telemetry.csv"), _telemetry_csv(telemetry))
             atomic_write_text(path, _dump({"method": name, "seed": seed, "settings": settings, "result": result}))
             results[name].append(result)
             outcome.computed.append((name, seed))

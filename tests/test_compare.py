@@ -30,6 +30,8 @@ def test_compare_writes_runs_tables_plot_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     first = compare("cls2", "none,cggm-stable", seeds=2, out=out, **TINY)
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    steps = list(csv.DictReader((out / "runs" / "cggm-stable-seed0.telemetry.csv").open()))
+    assert len(steps) == 256 // 64 and {"B/easy", "B/slow", "eps/easy", "grad_norm/slow"} <= set(steps[0])
     assert runs == ["cggm-stable-seed0.json", "cggm-stable-seed1.json", "none-seed0.json", "none-seed1.json"]
     assert sorted(first.computed) == [("cggm-stable", 0), ("cggm-stable", 1), ("none", 0), ("none", 1)]
     assert not first.skipped and not first.not_applicable
