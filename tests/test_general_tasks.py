@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -521,3 +522,18 @@ def test_shape_checked_loss_refuses_n_against_n1():
     with pytest.raises(ValueError):
         loss(torch.zeros(4, 1), torch.zeros(4, 1, 1))
     assert float(loss(torch.zeros(4, 1), torch.ones(4, 1))) == pytest.approx(1.0)
+
+
+def test_a_diverged_run_is_reported_not_selected(data_sets, tmp_path, monkeypatch):
+    """No epoch with a finite validation metric: test.json says diverged (no metrics), the
+    summary counts it, and nothing is selected or scored on test."""
+    import multimodal_general.tasks.runner as runner
+
+    monkeypatch.setattr(runner, "_metrics", lambda kind, output, target: {"finite": 0.0})
+    data = load_task(settings_for("mosi", data_sets))
+    settings = replace(settings_for("mosi", data_sets), epochs=1)
+    summary = train_run(settings, data, [0], tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "seed-0" / "test.json").read_text())
+    assert result["diverged"] is True and result["selected_epoch"] is None
+    assert result["test"] == {"fused": {}, "heads": {}}
+    assert summary["diverged"] == 1 and not (tmp_path / "run" / "seed-0" / "checkpoints" / "best.pt").exists()

@@ -90,7 +90,8 @@ def _row(name: str, runs: list[dict], reason: str | None, data: TaskData) -> dic
         row[f"test_{key}"] = mean_std([r["test"]["fused"].get(key, math.nan) for r in runs])
     for m in data.modalities:
         row[f"head_{m}"] = mean_std([r["test"]["heads"].get(m, {}).get(metric, math.nan) for r in runs])
-    row["selected_epoch"] = mean_std([r["selected_epoch"] for r in runs])
+    row["diverged"] = sum(bool(r.get("diverged")) for r in runs)
+    row["selected_epoch"] = mean_std([r["selected_epoch"] for r in runs if r["selected_epoch"] is not None])
     row["train_seconds"] = mean_std([r.get("train_seconds", math.nan) for r in runs])
     return row
 
@@ -109,7 +110,8 @@ def _header(settings: TrainSettings, names: list[str], seeds: int, data: TaskDat
         f"{settings.optimizer} lr {settings.lr}, the same initialization seed and batch order per seed "
         f"(seeds 0..{seeds - 1}). Each run keeps the epoch with the best validation {metric} "
         f"({'max' if larger else 'min'}); the table is on test, never used for selection. Head: the "
-        f"method's unimodal head on test ({metric}). Mean ± std over seeds.\n\n"
+        f"method's unimodal head on test ({metric}). Mean ± std over the seeds that did not diverge "
+        "(diverged: no epoch with a finite validation metric).\n\n"
     )
 
 
@@ -117,7 +119,7 @@ def _markdown(rows: list[dict], data: TaskData) -> str:
     metric, _ = SELECTION[data.task]
     keys = TASK_METRICS[data.task]
     columns = ["method"] + [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
-    columns += [f"head {m} ({metric})" for m in data.modalities] + ["selected epoch", "train s/run"]
+    columns += [f"head {m} ({metric})" for m in data.modalities] + ["diverged", "selected epoch", "train s/run"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         if row["status"] != "ok":
@@ -126,7 +128,7 @@ def _markdown(rows: list[dict], data: TaskData) -> str:
             cells = [row["method"]] + [plus_minus(list(row[f"test_{k}"])) for k in keys]
             cells += [plus_minus(list(row[f"head_{m}"])) for m in data.modalities]
             epoch, seconds = row["selected_epoch"], row["train_seconds"]
-            cells += [f"{epoch[0]:.1f}" if math.isfinite(epoch[0]) else "—",
+            cells += [f"{row['diverged']}/{row['runs']}", f"{epoch[0]:.1f}" if math.isfinite(epoch[0]) else "—",
                       f"{seconds[0]:.1f}" if math.isfinite(seconds[0]) else "—"]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"

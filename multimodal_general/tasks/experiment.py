@@ -140,7 +140,7 @@ def _aggregate(scores: list[dict], task: str) -> dict[str, Any]:
     def table(rows: list[dict]) -> dict[str, list[float]]:
         return {k: list(mean_std([r.get(k, math.nan) for r in rows])) for k in TASK_METRICS[task]}
 
-    heads = sorted({m for s in scores for m in s["heads"]}, key=lambda m: list(scores[0]["heads"]).index(m))
+    heads = list(dict.fromkeys(m for s in scores for m in s["heads"]))
     return {"fused": table([s["fused"] for s in scores]),
             "heads": {m: table([s["heads"].get(m, {}) for s in scores]) for m in heads}}
 
@@ -149,6 +149,7 @@ def write_summary(run_dir: Path, settings: TrainSettings, results: list[dict]) -
     task = settings.task
     summary = {"method": method_name(settings), "task": task, "seeds": [r["seed"] for r in results],
                "selected_epochs": [r["selected_epoch"] for r in results],
+               "diverged": sum(bool(r.get("diverged")) for r in results),
                "test": _aggregate([r["test"] for r in results], task),
                "valid": _aggregate([r["valid"] for r in results], task)}
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
@@ -170,7 +171,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# {task}: {summary['method']}, seeds {summary['seeds']}", "",
         f"Test metrics of the model selected on validation {selection} ({'max' if larger else 'min'}); "
-        f"selected epochs {summary['selected_epochs']}. Mean ± std over seeds.", "",
+        f"selected epochs {summary['selected_epochs']}. Mean ± std over the seeds that did not "
+        f"diverge ({summary['diverged']} diverged).", "",
         "| model | " + " | ".join(f"{m} {arrows[m]}" for m in metrics) + " |",
         "|---|" + "---|" * len(metrics),
         "| fused | " + " | ".join(plus_minus(test["fused"][m]) for m in metrics) + " |",

@@ -270,6 +270,7 @@ def train_seed(
         state = _restore(last, parts, order, settings)
     elif last.exists():
         raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
     logbook = Logbook(run_dir, resume_step=state["step"] if resume else None,
                       resume_epoch=state["epoch"] if resume else None)
     forward, train = _forward(parts), data.splits["train"]
@@ -311,13 +312,16 @@ def train_seed(
     finally:
         logbook.close()
     plot_run(run_dir, data.task)
-    if state["best_epoch"] is None:
-        raise ConfigurationError(f"{run_dir}: no epoch had a finite validation {metric}; the run diverged")
-    _load_weights(run_dir / "checkpoints" / "best.pt", parts)
+    diverged = state["best_epoch"] is None  # no epoch had a finite validation metric: nothing to select
+    if not diverged:
+        _load_weights(run_dir / "checkpoints" / "best.pt", parts)
+    empty = {"fused": {}, "heads": {}}
     result = {
         "task": data.task, "seed": seed, "method": method_name(settings),
         "selected_by": f"valid {metric} ({'max' if larger else 'min'})", "selected_epoch": state["best_epoch"],
-        "valid": score(parts, data, "valid"), "test": score(parts, data, "test"),
+        "diverged": diverged,
+        "valid": empty if diverged else score(parts, data, "valid"),
+        "test": empty if diverged else score(parts, data, "test"),
         "train_seconds": sum(row.get("seconds", 0.0) for row in read_metrics(run_dir)),
         "steps": state["step"],
     }
