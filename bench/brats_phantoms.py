@@ -4,10 +4,11 @@ seeds, one table: the comparison harness of the segmentation side, driven throug
 Every run is ``brats-cggm train`` at the ``cpu-small`` preset (same epochs, learning rate,
 batch and patches for every method) on the same phantom cases and the same train/validation
 split (the seed changes initialisation, patches and augmentation only); each run keeps the
-epoch with the best validation Dice. Then ``brats-cggm evaluate --split test`` scores that
+epoch with the best validation Dice. Then ``brats-cggm evaluate`` scores that
 checkpoint on held-out phantoms of another generator seed (``--test-data``, written if
-missing), which no run ever saw or selected on. Runs already finished (``RUN/summary.json``,
-``RUN/evaluation/test/summary.json``) are not recomputed. Reported per method (mean ± std
+missing; ``evaluate --split all`` over that folder), which no run ever saw or selected on.
+Runs already finished (``RUN/summary.json``, ``RUN/evaluation/all/summary.json``) are not
+recomputed. Reported per method (mean ± std
 over seeds): test Dice per region, the validation Dice of the selected epoch, and for the
 multi-branch networks each sequence's auxiliary-head Dice on the validation cases at the end
 of training (how well each branch alone segments the tumour).
@@ -59,9 +60,11 @@ def run(out: Path, method: str, seed: int, data: Path, epochs: int, test_data: P
         started = time.perf_counter()
         subprocess.run(command, check=True)
         atomic_write_text(run_dir / "wall_s.txt", f"{time.perf_counter() - started:.1f}\n")
-    test_summary = run_dir / "evaluation" / "test" / "summary.json"
+    # every case of the held-out folder: another generator seed, never seen by any run (its case
+    # ids repeat the training ones, so `--split test`, which goes by id, would find none)
+    test_summary = run_dir / "evaluation" / "all" / "summary.json"
     if not test_summary.exists():
-        subprocess.run([*CLI, "evaluate", "--run", str(run_dir), "--data", str(test_data), "--split", "test"],
+        subprocess.run([*CLI, "evaluate", "--run", str(run_dir), "--data", str(test_data), "--split", "all"],
                        check=True)
     test = json.loads(test_summary.read_text())["metrics"]
     summary = json.loads((run_dir / "summary.json").read_text())
