@@ -142,7 +142,7 @@ def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, b
         seen: dict[str, int] = {}
 
         def on_epoch(label, epoch):
-            bar.advance(job, epoch - seen.get(label, epoch - 1))
+            bar.advance(job, epoch - seen.get(label, 0))
             seen[label] = epoch
             bar.update(job, description=label)
 

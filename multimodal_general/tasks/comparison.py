@@ -69,6 +69,8 @@ def compare_on_task(
                 results[name].append(
                     train_seed(run, data, seed, out / "runs" / name / f"seed-{seed}", resume=True, on_epoch=report)
                 )
+                if report is not None:
+                    report(run.epochs, None)  # a run finished before reports all its epochs at once
             except ConfigurationError as error:
                 if results[name]:
                     raise
