@@ -61,10 +61,12 @@ def compare_on_task(
     for seed in range(seeds):
         shift = seed % len(names)
         for name in names[shift:] + names[:shift]:  # no method always runs first
-            if name in not_applicable:
-                continue
             run = replace(settings, **method_options(name))
             report = (lambda epoch, row, label=f"{name} seed {seed}": on_epoch(label, epoch)) if on_epoch else None
+            if name in not_applicable:
+                if report is not None:
+                    report(run.epochs, None)  # the bar counts the epochs it will not run
+                continue
             try:
                 results[name].append(
                     train_seed(run, data, seed, out / "runs" / name / f"seed-{seed}", resume=True, on_epoch=report)
@@ -76,6 +78,8 @@ def compare_on_task(
                     raise
                 not_applicable[name] = str(error).strip().splitlines()[0]
                 shutil.rmtree(out / "runs" / name, ignore_errors=True)  # nothing of it is a result
+                if report is not None:
+                    report(run.epochs, None)
     rows = [_row(name, results[name], not_applicable.get(name), data) for name in names]
     header = _header(settings, names, seeds, data)
     atomic_write_text(out / "results.md", header + _markdown(rows, data))
