@@ -13,7 +13,7 @@ over seeds): test Dice per region, the validation Dice of the selected epoch, an
 multi-branch networks each sequence's auxiliary-head Dice on the validation cases at the end
 of training (how well each branch alone segments the tumour).
 
-Methods: ``none`` (joint training), ``cggm`` (stable preset), ``modality_dropout`` (joint
+Methods: ``none`` (joint training), ``cggm`` (stable preset), ``mmpareto``, ``modality_dropout`` (joint
 training with each sequence dropped with probability 0.25 through the network's modality
 mask), ``early_fusion`` (one 4-channel U-Net: the reference without per-sequence branches).
 The other baselines of ``multimodal_general`` do not run on the segmentation network
@@ -39,6 +39,7 @@ from multimodal_general.provenance import provenance
 METHODS = {
     "none": ["--balancer", "none"],
     "cggm": ["--balancer", "cggm", "--cggm-preset", "stable"],
+    "mmpareto": ["--balancer", "mmpareto"],
     "modality_dropout": ["--balancer", "none", "--set", "network.modality_dropout=0.25"],
     "early_fusion": ["--network", "early_fusion", "--balancer", "none",
                      "--set", "network.overrides={channels: [8, 16, 32, 64], num_res_units: 1}"],

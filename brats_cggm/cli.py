@@ -146,7 +146,7 @@ def train(
     data: Annotated[Path | None, typer.Option(help="folder with BraTS cases")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration; these options override it")] = None,
     preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default) or gpu")] = None,
-    balancer: Annotated[str | None, typer.Option(help="none or cggm")] = None,
+    balancer: Annotated[str | None, typer.Option(help="none, cggm or mmpareto")] = None,
     cggm_preset: Annotated[str | None, typer.Option(help="CGGM variant: stable, paper or official")] = None,
     network: Annotated[str | None, typer.Option(help="small, default or early_fusion")] = None,
     epochs: Annotated[int | None, typer.Option(help="total epochs (with --resume: extends the run)")] = None,

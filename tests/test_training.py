@@ -681,3 +681,20 @@ def test_two_processes_train_one_run_with_identical_ranks(phantoms, tmp_path):
     # a run of 2 processes resumes only with 2
     with pytest.raises(ConfigurationError, match="2 process"):
         Trainer(resolve_config("cpu-small", run / "config.yaml"), run, CPU, resume=True, report=quiet)
+
+
+# ---------------------------------------------------------- 8. MMPareto on the segmentation network
+def test_mmpareto_trains_the_branches_and_logs_its_weights(phantoms, tmp_path):
+    """MMPareto needs only the auxiliary heads: per branch encoder the cosine between the fused
+    and the unimodal gradient, the unimodal weight alpha_u and the rescale factor, every step."""
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, balancer__name="mmpareto", optim__epochs=1)
+    summary = Trainer(config, run, CPU, report=quiet).fit()
+    assert math.isfinite(summary["best_val_dice_mean"])
+    telemetry = read_csv(run / "telemetry.csv")
+    for m in MODALITIES:
+        for key in (f"cos/{m}", f"alpha_u/{m}", f"scale/{m}"):
+            values = [float(row[key]) for row in telemetry]
+            assert values and all(math.isfinite(v) for v in values), key
+        assert all(0.0 <= float(row[f"alpha_u/{m}"]) <= 1.0 for row in telemetry)
+    assert set(load_last(run)["modules"]) == {"net", "balancer"}

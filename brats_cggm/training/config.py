@@ -30,9 +30,10 @@ from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.errors import BadInputFile, ConfigurationError
 from multimodal_general.io import atomic_write_text
 
-#: the balancers that serve segmentation (the other baselines of multimodal_general are
-#: classification methods or not wired to the BraTS network; modality dropout is a network setting)
-SEGMENTATION_BALANCERS = ("none", "cggm")
+#: the balancers that serve segmentation: MMPareto needs nothing beyond the auxiliary heads; the
+#: other baselines of multimodal_general are classification methods (OGM-GE, AGM) or need
+#: per-epoch hooks the trainer does not have (MSLR, G-Blending); modality dropout is a network setting
+SEGMENTATION_BALANCERS = ("none", "cggm", "mmpareto")
 
 
 @dataclass
@@ -81,7 +82,7 @@ class OptimConfig:
 
 @dataclass
 class BalancerConfig:
-    #: none or cggm
+    #: none, cggm or mmpareto
     name: str = "cggm"
     #: CGGM variant: stable, paper or official
     preset: str = "stable"
