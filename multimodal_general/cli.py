@@ -179,7 +179,7 @@ def train(
     out: Path = typer.Option(..., help="the run folder (config, seed-<k>/ with metrics, telemetry, checkpoints, plots)"),
     balancer: str = typer.Option("none", help="none, cggm or a baseline (see `balancers`)"),
     preset: str = typer.Option("stable", help="CGGM preset: stable, paper or official"),
-    epochs: int = typer.Option(20, help="epochs per seed (with --resume: extends the run)"),
+    epochs: int = typer.Option(None, help="epochs per seed [default: 20; with --resume: the run's, or more to extend it]"),
     seeds: int = typer.Option(1, help="train seeds 0..n-1 and report mean ± std"),
     lr: float = typer.Option(1e-3, help="learning rate (model and heads)"),
     batch_size: int = typer.Option(32, help="batch size"),
@@ -215,7 +215,7 @@ def train(
         raise ConfigurationError("--seeds must be >= 1")
     settings = TrainSettings(
         task=task, data=str(data.expanduser().resolve()), balancer=balancer, preset=preset, rho=rho, lam=lam,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+        epochs=epochs or 20, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
         max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
         device=device, balancer_options=parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5"),
@@ -223,7 +223,7 @@ def train(
     seed_list = list(range(seeds))
     if resume and (out / "config.yaml").exists():  # the run as configured; only --epochs may change
         saved, seed_list = read_settings(out)
-        settings = replace(saved, epochs=epochs)
+        settings = replace(saved, epochs=epochs or saved.epochs)
         seeds = len(seed_list)
     data_ = _load(settings)
     console.print(f"{task}: " + ", ".join(f"{n} {len(s)}" for n, s in data_.splits.items())
