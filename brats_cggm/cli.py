@@ -10,11 +10,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from brats_cggm.errors import ConfigurationError
 from multimodal_general.cli_support import make_app, parse_settings, run_app
+from multimodal_general.cli_support import progress_bar as shared_progress_bar
 
 app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
 console = Console()
@@ -26,10 +27,7 @@ LayoutOption = Annotated[
 
 
 def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
-    )
+    return shared_progress_bar(console, elapsed=False, transient=True)
 
 
 @app.command()

@@ -8,18 +8,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from multimodal_general.balance import BALANCERS, METRICS, PRESETS
-from multimodal_general.cli_support import make_app, parse_settings, run_app
+from multimodal_general.cli_support import make_app, parse_settings, progress_bar, run_app
 from multimodal_general.errors import ConfigurationError
 
 app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
@@ -153,11 +145,7 @@ def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, b
 
 # ------------------------------------------------------------------ the general tasks
 def _bar():
-    columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    return Progress(*columns, console=console)
+    return progress_bar(console)
 
 
 def _load(settings, what: str = "reading data"):

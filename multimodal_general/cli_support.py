@@ -6,6 +6,14 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from multimodal_general.errors import ConfigurationError, UserError
 
@@ -46,3 +54,10 @@ def parse_settings(settings: list[str], option: str = "--set", example: str = "o
         except yaml.YAMLError:
             raise ConfigurationError(f"{option} {item}: the value is not valid YAML") from None
     return parsed
+
+
+def progress_bar(console: Console, *, elapsed: bool = True, transient: bool = False) -> Progress:
+    """The command lines' progress bar: description, bar, done/total, (elapsed,) remaining."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn()] if elapsed else []
+    return Progress(*columns, TimeRemainingColumn(), console=console, transient=transient)
