@@ -52,20 +52,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def atomic_folder(path: str | Path, fill: Callable[[Path], object]) -> Path:
-    """Call ``fill(folder)`` on a new temporary folder beside ``path``, then rename it to
-    ``path`` (which must not exist, or be an empty folder). A failure leaves nothing behind;
-    a file system problem becomes an :class:`OutputError` naming ``path``."""
+def _rename_into_place(tmp: Path, path: Path) -> None:
+    if path.is_dir():
+        path.rmdir()  # empty, or OSError: nothing is overwritten
+    os.replace(tmp, path)
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], object],
+                  place: Callable[[Path, Path], object] = _rename_into_place,
+                  what: str = "") -> Path:
+    """Call ``fill(folder)`` on a new temporary folder beside ``path``, then ``place(folder,
+    path)``: by default rename it to ``path`` (which must not exist, or be an empty folder). A
+    failure leaves nothing behind; a file system problem becomes an :class:`OutputError`
+    naming ``path`` (and ``what`` was being written)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
-        if path.is_dir():
-            path.rmdir()  # empty, or OSError: nothing is overwritten
-        os.replace(tmp, path)
+        place(tmp, path)
     except OSError as error:
-        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise OutputError(f"{path}: cannot write{' ' + what if what else ''} ({error.strerror or error})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

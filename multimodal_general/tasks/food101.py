@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -442,9 +441,7 @@ def extract_features(
 
 def _write_cache(target, records, loaded, settings, manifest, batch_size, device, progress) -> Path:
     """Extract into a temporary folder beside ``target``, then rename it into place."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.mkdir(parents=True)
+    def fill(tmp: Path) -> None:
         total = sum(len(split) for split in records.splits.values())
         done = 0
         manifest["splits"] = {}
@@ -455,13 +452,8 @@ def _write_cache(target, records, loaded, settings, manifest, batch_size, device
                     progress(done, total)
             manifest["splits"][name] = _split_info(tmp, name, len(split))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        _replace_folder(tmp, target)
-    except OSError as error:
-        problem = error.strerror or error
-        raise OutputError(f"{target}: cannot write the feature cache ({problem})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return atomic_folder(target, fill, place=_replace_folder, what="the feature cache")
 
 
 def _split_info(folder: Path, split: str, n: int) -> dict:
