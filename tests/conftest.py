@@ -13,6 +13,16 @@ CLASSES = 3
 FEATURES = 32
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op thread is far faster on a shared machine (as the CLI's default);
+    the global thread count is restored after the test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_setup(m: int = 2, *, preset: str = "stable", lam: float = 0.1, rho: float = 1.2, seed: int = 0, **options):
     """A LateFusionNet with ``m`` modalities of 5 inputs each, and a CGGM over it."""
     torch.manual_seed(seed)

@@ -7,20 +7,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from multimodal_general.compare import compare, parse_methods
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.tasks.imbalance import RunConfig, build, train_and_evaluate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is far faster on a shared machine (as the CLI's default)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {"epochs": 1, "train_size": 256, "val_size": 128, "test_size": 128}

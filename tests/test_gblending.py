@@ -14,13 +14,7 @@ from multimodal_general.errors import ConfigurationError, RegistrationError
 from multimodal_general.loop import balanced_step
 from multimodal_general.tasks.imbalance import TASKS, LateFusionNet, generate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_balancer(**options):

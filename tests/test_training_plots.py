@@ -10,13 +10,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from multimodal_general.errors import BadDataFile as BadInputFile
 from brats_cggm.training.plots import (
     moving_average,
     plot_run,
     read_metrics,
     read_telemetry,
 )
+from multimodal_general.errors import BadDataFile
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,10 +129,10 @@ def test_metrics_without_validation_give_no_dice_figure(tmp_path):
 def test_malformed_metrics_line_names_the_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1}\n\n{"epoch": 2,\n')
-    with pytest.raises(BadInputFile, match="line 3 is not JSON") as caught:
+    with pytest.raises(BadDataFile, match="line 3 is not JSON") as caught:
         read_metrics(tmp_path)
     assert caught.value.path == path
-    with pytest.raises(BadInputFile, match="metrics.jsonl"):
+    with pytest.raises(BadDataFile, match="metrics.jsonl"):
         plot_run(tmp_path)
 
 
