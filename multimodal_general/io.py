@@ -8,10 +8,11 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
-from multimodal_general.errors import OutputError
+from multimodal_general.errors import BadDataFile, OutputError, PathError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -87,3 +88,30 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def save_tagged(path: str | Path, tag: str, payload: dict) -> Path:
+    """``torch.save`` of ``{"format": tag, **payload}``, written atomically (a run killed while
+    saving keeps the previous file whole)."""
+    import torch
+
+    buffer = BytesIO()
+    torch.save({"format": tag, **payload}, buffer)
+    return atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+
+
+def load_tagged(path: str | Path, tag: str, error: type[PathError] = BadDataFile,
+                map_location="cpu") -> dict:
+    """A file written by :func:`save_tagged` with ``tag``; anything else (missing, damaged,
+    another format) is a one-line ``error(path, problem)``."""
+    import torch
+
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise error(path, "checkpoint is missing") from None
+    except Exception as problem:  # torch raises many kinds for a damaged file
+        raise error(path, f"not a readable checkpoint ({type(problem).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != tag:
+        raise error(path, f"not a {tag} file")
+    return payload

@@ -5,7 +5,6 @@ previous file whole."""
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from brats_cggm import MODALITIES
 from brats_cggm.errors import BadInputFile, ConfigurationError, IncompatibleModel
-from multimodal_general.io import atomic_write
+from multimodal_general.io import load_tagged, save_tagged
 
 FORMAT = "brats-cggm-checkpoint/1"
 
@@ -62,21 +61,12 @@ def state_sha256(*modules: torch.nn.Module) -> str:
 
 def save(path: Path, payload: dict[str, Any]) -> Path:
     """``payload`` plus the format tag and the modality order, written atomically."""
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "modalities": list(MODALITIES), **payload}, buffer)
-    return atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    return save_tagged(path, FORMAT, {"modalities": list(MODALITIES), **payload})
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint written by :func:`save`; one-line errors for anything else."""
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise BadInputFile(path, "checkpoint is missing") from None
-    except Exception as error:  # torch raises many kinds for a damaged file
-        raise BadInputFile(path, f"not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise BadInputFile(path, f"not a {FORMAT} file")
+    payload = load_tagged(path, FORMAT, BadInputFile, map_location)
     if payload.get("modalities") != list(MODALITIES):
         raise IncompatibleModel(
             f"{path}: trained with sequences {payload.get('modalities')}, this version expects {list(MODALITIES)}"

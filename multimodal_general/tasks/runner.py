@@ -25,7 +25,6 @@ train/validation losses every ``super_epoch`` epochs.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -46,7 +45,7 @@ from multimodal_general.balance import (
     check_balancer_options,
 )
 from multimodal_general.errors import BadDataFile, ConfigurationError
-from multimodal_general.io import atomic_write, atomic_write_text, json_safe
+from multimodal_general.io import atomic_write_text, json_safe, load_tagged, save_tagged
 from multimodal_general.loop import balanced_step
 from multimodal_general.run_plots import (
     balance_figure,
@@ -359,26 +358,15 @@ def _mean(values: list[float]) -> float:
 # ---------------------------------------------------------------------------- checkpoints
 def _save(path: Path, parts: Parts, order: torch.Generator, settings: TrainSettings, seed: int,
           state: dict, epoch: int) -> None:
-    payload = {
-        "format": CHECKPOINT_FORMAT, "settings": asdict(settings), "seed": seed, "epoch": epoch,
+    save_tagged(path, CHECKPOINT_FORMAT, {
+        "settings": asdict(settings), "seed": seed, "epoch": epoch,
         "state": dict(state), "model": parts.model.state_dict(), "balancer": parts.balancer.state_dict(),
         "optimizers": [o.state_dict() for o in parts.optimizers], "order": order.get_state(),
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    })
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise BadDataFile(path, "checkpoint is missing") from None
-    except Exception as error:  # torch raises many kinds for a damaged file
-        raise BadDataFile(path, f"not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise BadDataFile(path, f"not a {CHECKPOINT_FORMAT} file")
-    return payload
+    return load_tagged(path, CHECKPOINT_FORMAT)
 
 
 def _load_weights(path: Path, parts: Parts) -> dict[str, Any]:
