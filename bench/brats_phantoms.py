@@ -13,11 +13,14 @@ over seeds): test Dice per region, the validation Dice of the selected epoch, an
 multi-branch networks each sequence's auxiliary-head Dice on the validation cases at the end
 of training (how well each branch alone segments the tumour).
 
-Methods: ``none`` (joint training), ``cggm`` (stable preset), ``mmpareto``, ``modality_dropout`` (joint
-training with each sequence dropped with probability 0.25 through the network's modality
-mask), ``early_fusion`` (one 4-channel U-Net: the reference without per-sequence branches).
-The other baselines of ``multimodal_general`` do not run on the segmentation network
-(see docs/baselines.md, "Where each one runs today").
+Methods: ``none`` (joint training), ``cggm`` (stable preset), ``mmpareto``, ``agm`` (mono-modal
+responses through the modality mask, scored by soft Dice), ``mslr`` (adaptive per-encoder
+learning rates from each head's validation Dice), ``gblending`` (loss weights from the heads'
+train/validation losses, updated at each validation), ``modality_dropout`` (joint training with
+each sequence dropped with probability 0.25 through the network's modality mask),
+``early_fusion`` (one 4-channel U-Net: the reference without per-sequence branches). Every
+baseline runs at its defaults (docs/baselines.md); ``ogm_ge`` cannot serve the segmentation
+network (see docs/baselines.md, "Where each one runs today").
 
     python bench/brats_phantoms.py --out bench/results/brats_phantoms --seeds 0 1 2
 """
@@ -40,6 +43,9 @@ METHODS = {
     "none": ["--balancer", "none"],
     "cggm": ["--balancer", "cggm", "--cggm-preset", "stable"],
     "mmpareto": ["--balancer", "mmpareto"],
+    "agm": ["--balancer", "agm"],
+    "mslr": ["--balancer", "mslr"],
+    "gblending": ["--balancer", "gblending"],
     "modality_dropout": ["--balancer", "none", "--set", "network.modality_dropout=0.25"],
     "early_fusion": ["--network", "early_fusion", "--balancer", "none",
                      "--set", "network.overrides={channels: [8, 16, 32, 64], num_res_units: 1}"],

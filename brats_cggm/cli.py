@@ -144,7 +144,10 @@ def train(
     data: Annotated[Path | None, typer.Option(help="folder with BraTS cases")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration; these options override it")] = None,
     preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default) or gpu")] = None,
-    balancer: Annotated[str | None, typer.Option(help="none, cggm or mmpareto")] = None,
+    balancer: Annotated[str | None, typer.Option(help="none, cggm, mmpareto, agm, mslr or gblending")] = None,
+    balancer_option: Annotated[list[str] | None, typer.Option(
+        "--balancer-option", help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)",
+    )] = None,
     cggm_preset: Annotated[str | None, typer.Option(help="CGGM variant: stable, paper or official")] = None,
     network: Annotated[str | None, typer.Option(help="small, default or early_fusion")] = None,
     epochs: Annotated[int | None, typer.Option(help="total epochs (with --resume: extends the run)")] = None,
@@ -169,6 +172,8 @@ def train(
         "data.dir": str(data.resolve()) if data else None,  # absolute: resumable from anywhere
         "balancer.name": balancer, "balancer.preset": cggm_preset,
         "network.preset": network, "optim.epochs": epochs, "optim.lr": lr, "seed": seed, "device": device,
+        **{f"balancer.options.{name}": value
+           for name, value in parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5").items()},
         **parse_settings(settings or []),
     }
     if resume:

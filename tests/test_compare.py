@@ -64,7 +64,7 @@ def test_a_method_that_cannot_serve_the_task_is_reported_not_applicable(tmp_path
     assert set(outcome.not_applicable) == {"agm"} and "classification" in outcome.not_applicable["agm"]
     assert sorted(outcome.computed) == [("none", 0), ("none", 1)]
     report = (tmp_path / "results.md").read_text()
-    assert "| agm | not applicable: agm supports classification only" in report
+    assert "| agm | not applicable: agm supports classification and segmentation only" in report
     assert "test MAE" in report
     assert not list((tmp_path / "runs").glob("agm-*"))
 

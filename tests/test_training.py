@@ -698,3 +698,104 @@ def test_mmpareto_trains_the_branches_and_logs_its_weights(phantoms, tmp_path):
             assert values and all(math.isfinite(v) for v in values), key
         assert all(0.0 <= float(row[f"alpha_u/{m}"]) <= 1.0 for row in telemetry)
     assert set(load_last(run)["modules"]) == {"net", "balancer"}
+
+
+# ------------------------------------------- 9. AGM, MSLR and G-Blending on the segmentation network
+def test_agm_mono_modal_response_is_the_network_under_a_one_sequence_mask(phantoms):
+    """AGM's response for a sequence, decoded from the training pass's pyramids, is what the
+    network predicts with only that sequence switched on by its modality mask."""
+    from brats_cggm.training.components import network_from_config
+    from brats_cggm.training.mono_modal import MonoModalResponses
+
+    torch.manual_seed(0)
+    net = network_from_config(tiny_config(phantoms).network)
+    image = torch.randn(2, 4, 16, 16, 16)
+    responses = MonoModalResponses(net)
+    _, pyramids = net.forward_with_pyramids(image)
+    responses.remember(pyramids)
+    for index, name in enumerate(MODALITIES):
+        mask = torch.zeros(2, 4, dtype=torch.bool)
+        mask[:, index] = True
+        assert torch.allclose(responses({}, name), net(image, modality_mask=mask), atol=1e-6), name
+
+
+def test_agm_trains_the_segmentation_network_with_dice_scored_responses(phantoms, tmp_path, monkeypatch):
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, balancer__name="agm", balancer__options={"alpha": 0.5}, optim__epochs=1)
+    summary = Trainer(config, run, CPU, report=quiet).fit()
+    assert math.isfinite(summary["best_val_dice_mean"])
+    telemetry = read_csv(run / "telemetry.csv")
+    assert telemetry
+    for row in telemetry:
+        scores = [float(row[f"score/{m}"]) for m in MODALITIES]
+        ratios = [float(row[f"ratio/{m}"]) for m in MODALITIES]
+        assert all(0.0 <= s <= 1.0 for s in scores)  # soft Dice of each one-sequence response
+        assert sum(ratios) == pytest.approx(4.0, rel=1e-5)  # strength over the mean strength
+        for m, ratio in zip(MODALITIES, ratios):
+            expected = min(max(math.exp(0.5 * (1.0 - ratio)), 0.1), 10.0)
+            assert float(row[f"coef/{m}"]) == pytest.approx(expected, rel=1e-5)
+    first = telemetry[0]  # the first step's strength is its score
+    assert [float(first[f"strength/{m}"]) for m in MODALITIES] == pytest.approx(
+        [float(first[f"score/{m}"]) for m in MODALITIES], rel=1e-6)
+
+
+def test_mslr_adapts_each_encoders_learning_rate_from_its_heads_validation_dice(phantoms, tmp_path, monkeypatch):
+    """Validated after every epoch; min_delta 2 (more than any Dice can gain) makes every
+    validation after the first a stall: the scales go 1 -> 0.5 -> 0.25, and each branch's param
+    group runs at scale x lr x the schedule, while the rest of the network keeps lr x the schedule."""
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, balancer__name="mslr", balancer__options={"min_delta": 2.0, "decay": 0.5},
+                         validation__every=1, optim__epochs=3)
+    Trainer(config, run, CPU, report=quiet).fit()
+    telemetry = read_csv(run / "telemetry.csv")
+    steps_per_epoch = len(telemetry) // 3
+    for epoch, scale in enumerate((1.0, 1.0, 0.5)):  # epoch 1's validation improves on -inf
+        for row in telemetry[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
+            assert [float(row[f"scale/{m}"]) for m in MODALITIES] == [scale] * 4
+    last = load_last(run)
+    assert last["modules"]["balancer"]["scales"].tolist() == [0.25] * 4
+    groups = last["optimizer"]["param_groups"]
+    rest = groups[len(MODALITIES)]
+    assert [g["modality"] for g in groups[:4]] == list(MODALITIES) and "modality" not in rest
+    for group in groups[:4]:
+        assert group["lr"] == pytest.approx(0.25 * rest["lr"], rel=1e-9)
+    assert last["scheduler"]["base_lrs"][:5] == pytest.approx([0.25 * config.optim.lr] * 4 + [config.optim.lr])
+
+
+def test_gblending_weights_follow_the_heads_train_and_validation_losses(phantoms, tmp_path, monkeypatch):
+    """Each validation logs every head's loss on the validation cases; the weights are
+    re-estimated from the losses of consecutive validations (super_epoch 1) and equal
+    G-Blending's rule applied to the logged rows."""
+    from multimodal_general.balance.gblending import blending_weights
+
+    no_plots(monkeypatch)
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, balancer__name="gblending", balancer__options={"super_epoch": 1},
+                         validation__every=1, optim__epochs=3)
+    Trainer(config, run, CPU, report=quiet).fit()
+    rows = read_metrics(run)
+    keys = ("fused", *MODALITIES)
+
+    def measured(row):
+        return {"fused": (row["train_loss"], row["val_loss"]),
+                **{m: (row[f"head_loss/{m}"], row[f"val_head_loss/{m}"]) for m in MODALITIES}}
+
+    expected = [0.2] * 5
+    for before, after in zip(rows, rows[1:]):
+        expected = blending_weights(measured(before), measured(after), keys) or expected
+    state = load_last(run)["modules"]["balancer"]
+    assert state["updates"] == 2
+    assert state["weights"].tolist() == pytest.approx(expected, rel=1e-5)
+    telemetry = read_csv(run / "telemetry.csv")
+    assert {f"weight/{m}" for m in MODALITIES} | {"weight_fused"} <= set(telemetry[0])
+
+
+def test_baselines_that_cannot_serve_segmentation_say_why(phantoms):
+    with pytest.raises(ConfigurationError, match="ogm_ge .*agm"):
+        resolve_config("cpu-small", overrides={"balancer.name": "ogm_ge"})
+    with pytest.raises(ConfigurationError, match="unknown balancer option"):
+        resolve_config("cpu-small", overrides={"balancer.options": {"alhpa": 1.0}})
+    with pytest.raises(ConfigurationError, match="rho"):
+        resolve_config("cpu-small", overrides={"balancer.name": "agm", "balancer.options": {"rho": 2.0}})

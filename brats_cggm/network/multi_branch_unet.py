@@ -113,13 +113,24 @@ class MultiBranchUNet(nn.Module):
         ``[N, channels[-1], D / divisor, H / divisor, W / divisor]`` (with its graph; what
         the CGGM heads read, detached). Modality dropout removes a branch from the fusion
         only: its features are still those of its real input."""
+        logits, branch_features = self.forward_with_pyramids(image, modality_mask)
+        return logits, self.deepest_features(branch_features)
+
+    def forward_with_pyramids(
+        self, image: Tensor, modality_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[list[Tensor]]]:
+        """Logits and every branch's whole feature pyramid (what :meth:`decode` reads; AGM
+        decodes them again with one sequence switched on)."""
         available = resolve_mask(modality_mask, image)
         branch_features = self.encode(image, available)
         keep = available
         if self.training and self.modality_dropout > 0:
             keep = modality_dropout(available, self.modality_dropout)
-        logits = self.decode(branch_features, keep)
-        return logits, {name: levels[-1] for name, levels in zip(self.modalities, branch_features)}
+        return self.decode(branch_features, keep), branch_features
+
+    def deepest_features(self, branch_features: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
+        """``{sequence: its branch's deepest feature map}`` from the branch pyramids."""
+        return {name: levels[-1] for name, levels in zip(self.modalities, branch_features)}
 
     def encode(self, image: Tensor, available: Tensor) -> list[list[Tensor]]:
         """Every branch's feature pyramid; an unavailable branch of a sample sees zeros.

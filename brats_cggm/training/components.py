@@ -1,5 +1,14 @@
 """What a training run is made of, built from its configuration: network, auxiliary heads,
-balancer, loss, optimizer and learning-rate schedule."""
+balancer, loss, optimizer and learning-rate schedule.
+
+How the baselines are wired to the segmentation network: ``agm`` gets its mono-modal responses
+from :class:`~brats_cggm.training.mono_modal.MonoModalResponses` (the fused decoder under a
+one-sequence modality mask) and scores them by soft Dice; ``mslr`` gets one optimizer param
+group per branch encoder, whose rate is ``scale * lr`` under the schedule (its scales are applied
+by the optimizer, never to gradients: AdamW would normalize a gradient scale away);
+``gblending``'s weights and MSLR's scales are updated after validations
+(:mod:`brats_cggm.training.validation_updates`).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +27,8 @@ from brats_cggm.network import (
     make_auxiliary_heads,
 )
 from brats_cggm.training.config import NetworkConfig, TrainConfig
-from multimodal_general.balance import Balancer, make_balancer
+from brats_cggm.training.mono_modal import MonoModalResponses
+from multimodal_general.balance import MSLR, Balancer, make_balancer
 
 
 class RegionLoss(nn.Module):
@@ -49,6 +59,8 @@ class Components:
     balancer: Balancer | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    #: AGM's mono-modal responses (the training forward pass feeds it); None for other balancers
+    responses: MonoModalResponses | None = None
 
     def modules(self) -> dict[str, nn.Module]:
         """What a checkpoint saves (the heads live in the balancer)."""
@@ -59,22 +71,49 @@ def build_components(config: TrainConfig, total_steps: int, device: torch.device
     """Everything a run trains, on ``device``; ``total_steps`` sets the schedule's length."""
     net = network_from_config(config.network).to(device)
     criterion = RegionLoss()
-    balancer = _balancer(config, net, criterion)
+    responses = MonoModalResponses(net) if config.balancer.name == "agm" and isinstance(net, MultiBranchUNet) else None
+    balancer = _balancer(config, net, criterion, responses)
     if balancer is not None:
         balancer.to(device)
-    groups = [{"params": list(net.parameters())}]
+    groups = _network_groups(net, balancer, config.optim.lr)
     if balancer is not None and any(True for _ in balancer.parameters()):
         groups.append({"params": list(balancer.parameters()), "lr": config.optim.head_lr or config.optim.lr})
     optimizer = _optimizer(config, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim.schedule, total_steps))
-    return Components(net, criterion, balancer, optimizer, scheduler)
+    return Components(net, criterion, balancer, optimizer, scheduler, responses)
+
+
+def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> list[dict]:
+    """The network's param groups: one, or for MSLR one per branch encoder (tagged with its
+    ``modality``, rate ``scale * lr``) and one for the rest."""
+    if not isinstance(balancer, MSLR):
+        return [{"params": list(net.parameters())}]
+    groups = balancer.param_groups(lr)
+    for group, name in zip(groups, balancer.modality_names):
+        group["modality"] = name
+    in_encoders = {id(p) for group in groups for p in group["params"]}
+    return [*groups, {"params": [p for p in net.parameters() if id(p) not in in_encoders]}]
+
+
+def set_encoder_rates(parts: Components, base_lr: float) -> None:
+    """After MSLR changed its scales: each encoder group's rate becomes ``scale * base_lr``
+    times the schedule's current factor (the scheduler's base rate follows, so the schedule
+    goes on from the new rate)."""
+    balancer, scheduler = parts.balancer, parts.scheduler
+    if not isinstance(balancer, MSLR):
+        return
+    for index, group in enumerate(parts.optimizer.param_groups):
+        if "modality" in group:
+            scheduler.base_lrs[index] = base_lr * balancer.scale_of(group["modality"])
+            group["lr"] = scheduler.base_lrs[index] * scheduler.lr_lambdas[index](scheduler.last_epoch)
 
 
 def network_from_config(network: NetworkConfig) -> nn.Module:
     return build_network(network.preset, modality_dropout=network.modality_dropout, **network.overrides)
 
 
-def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module) -> Balancer | None:
+def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module,
+              responses: MonoModalResponses | None) -> Balancer | None:
     b = config.balancer
     if not isinstance(net, MultiBranchUNet):
         if b.name != "none":
@@ -87,6 +126,7 @@ def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module) -> Bala
     return make_balancer(
         b.name, balancer_modalities(net, heads), fused_last_layer=net.output_conv, criterion=criterion,
         metric=b.metric, preset=b.preset, rho=b.rho, lam=b.lam,  # statistics over all ranks
+        unimodal_output=responses, task_kind="segmentation", applied_by_optimizer=True, **b.options,
     )
 
 

@@ -28,12 +28,24 @@ import yaml
 from brats_cggm.data.dataset import CACHE_MODES
 from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.errors import BadInputFile, ConfigurationError
+from multimodal_general.balance import check_balancer_options
 from multimodal_general.io import atomic_write_text
 
-#: the balancers that serve segmentation: MMPareto needs nothing beyond the auxiliary heads; the
-#: other baselines of multimodal_general are classification methods (OGM-GE, AGM) or need
-#: per-epoch hooks the trainer does not have (MSLR, G-Blending); modality dropout is a network setting
-SEGMENTATION_BALANCERS = ("none", "cggm", "mmpareto")
+#: the balancers that serve segmentation (docs/baselines.md, "Where each one runs today"): AGM
+#: through the network's modality mask, MSLR as per-encoder learning rates, G-Blending with the
+#: heads' losses measured at validation; modality dropout is a network setting
+SEGMENTATION_BALANCERS = ("none", "cggm", "mmpareto", "agm", "mslr", "gblending")
+#: balancer options the trainer sets itself, or that have their own setting in ``balancer``
+RESERVED_OPTIONS = {"criterion", "metric", "preset", "rho", "lam", "fused_last_layer", "unimodal_output",
+                    "task_kind", "applied_by_optimizer", "applied_by_model", "accumulation_steps",
+                    "process_group"}
+#: balancers that cannot serve the segmentation network, and why
+REFUSED_BALANCERS = {
+    "modality_dropout": "modality dropout is a network setting here: --set network.modality_dropout=0.25",
+    "ogm_ge": "ogm_ge scores each modality by its slice of a fused linear classifier over concatenated "
+              "features; the segmentation network fuses by a masked mean and ends in a convolution, so it "
+              "has no such slice (use agm: mono-modal responses through the modality mask)",
+}
 
 
 @dataclass
@@ -82,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class BalancerConfig:
-    #: none, cggm or mmpareto
+    #: one of SEGMENTATION_BALANCERS
     name: str = "cggm"
     #: CGGM variant: stable, paper or official
     preset: str = "stable"
@@ -90,6 +102,9 @@ class BalancerConfig:
     lam: float = 0.1
     #: how the auxiliary heads' utilization is scored
     metric: str = "soft_dice"
+    #: the baseline's own keyword options (e.g. ``{alpha: 0.5}`` for agm, ``{super_epoch: 4}``
+    #: for gblending; docs/baselines.md lists each method's)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,8 +160,12 @@ class TrainConfig:
             "network.preset": (self.network.preset, tuple(NETWORKS)),
             "balancer.name": (self.balancer.name, SEGMENTATION_BALANCERS),
         }
-        if self.balancer.name == "modality_dropout":
-            raise ConfigurationError("modality dropout is a network setting here: --set network.modality_dropout=0.25")
+        if self.balancer.name in REFUSED_BALANCERS:
+            raise ConfigurationError(REFUSED_BALANCERS[self.balancer.name])
+        check_balancer_options(self.balancer.options)
+        reserved = sorted(set(self.balancer.options) & RESERVED_OPTIONS)
+        if reserved:
+            raise ConfigurationError(f"balancer.options: {', '.join(reserved)} is set by the trainer (or has its own setting)")
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")

@@ -39,6 +39,12 @@ class Place:
             dist.all_reduce(tensor)
         return tensor
 
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value averaged over all ranks (the values themselves on one process)."""
+        if not self.distributed:
+            return list(values)
+        return (self.all_sum(torch.tensor(values, dtype=torch.float64, device=self.device)) / self.world_size).tolist()
+
 
 def start(device: str = "auto") -> Place:
     """Join the process group when ``torchrun`` started this process (NCCL on GPUs, gloo

@@ -44,7 +44,9 @@ from brats_cggm.training.cases import select_cases, shard
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import TrainConfig
 from brats_cggm.training.distributed import Place
+from brats_cggm.training.mono_modal import MonoModalResponses
 from brats_cggm.training.validation import validate_cases
+from brats_cggm.training.validation_updates import update_after_validation
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
 from multimodal_general.runlog import Logbook
@@ -67,14 +69,20 @@ class StepResult:
 
 class FeatureNet(nn.Module):
     """``forward`` = the network's ``forward_with_features``, so that DDP wraps the call the
-    loop makes (DDP only intercepts ``forward``)."""
+    loop makes (DDP only intercepts ``forward``). With AGM's ``responses`` it also hands the
+    branch pyramids over to them."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, responses: MonoModalResponses | None = None) -> None:
         super().__init__()
         self.net = net
+        self.responses = responses
 
     def forward(self, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.net.forward_with_features(image)
+        if self.responses is None:
+            return self.net.forward_with_features(image)
+        logits, pyramids = self.net.forward_with_pyramids(image)
+        self.responses.remember(pyramids)
+        return logits, self.net.deepest_features(pyramids)
 
 
 class Trainer:
@@ -100,7 +108,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_set) / config.optim.batch_size)
         total = self.steps_per_epoch * config.optim.epochs
         self.parts: Components = build_components(config, total, place.device)
-        model: nn.Module = FeatureNet(self.parts.net)
+        model: nn.Module = FeatureNet(self.parts.net, self.parts.responses)
         if place.distributed:
             ids = [place.device.index] if place.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
@@ -225,7 +233,7 @@ class Trainer:
         rows = validate_cases(
             self.parts.net, heads, (self.val_set[i] for i in range(len(self.val_set))),
             roi_size=self.config.preprocessing.patch_size, overlap=v.overlap,
-            sw_batch_size=v.sw_batch_size, hd95=v.hd95, autocast=self._autocast,
+            sw_batch_size=v.sw_batch_size, hd95=v.hd95, autocast=self._autocast, criterion=self.parts.criterion,
         )
         rows = self.place.gather(rows)
         summary = summarize([{k: x for k, x in r.items() if k != "case_id"} for r in rows])
@@ -237,6 +245,7 @@ class Trainer:
                 checkpoint.save(self.ckpt_dir / "best.pt", self._model_payload(row, rows, epoch))
         if self.place.is_main:
             atomic_write_text(self.run_dir / "validation" / f"epoch{epoch:04d}.json", json.dumps(rows, indent=1))
+        update_after_validation(self.parts, row, self.config.optim.lr, self.state.extra, self.place.mean_over_ranks)
 
     # ------------------------------------------------------------ checkpoints
     def _model_payload(self, row: dict[str, Any], cases: list[dict], epoch: int) -> dict[str, Any]:
@@ -363,7 +372,13 @@ def train_step(
     check_loss(loss)
     scaler.scale(loss).backward()
     scaler.unscale_(parts.optimizer)
-    telemetry = parts.balancer.modulate().as_dict() if parts.balancer is not None else {}
+    telemetry = {}
+    if parts.balancer is not None:
+        head_losses = parts.balancer.head_losses
+        if head_losses:  # one synchronisation for all heads
+            values = torch.stack([value.detach().float() for value in head_losses.values()]).tolist()
+            telemetry = {f"head_loss/{name}": value for name, value in zip(head_losses, values)}
+        telemetry.update(parts.balancer.modulate().as_dict())
     scaler.step(parts.optimizer)
     scaler.update()
     parts.scheduler.step()

@@ -3,7 +3,7 @@ fused network and of each auxiliary head, scored per region with :mod:`brats_cgg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 
 import torch
@@ -38,9 +38,12 @@ def validate_cases(
     sw_batch_size: int,
     hd95: bool,
     autocast=nullcontext,
+    criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> list[dict]:
     """One row per case: ``case_id``, ``dice/<region>``, ``hd95/<region>`` of the fused
-    prediction and ``head_dice/<modality>`` (each head's hard Dice, averaged over regions).
+    prediction and ``head_dice/<modality>`` (each head's hard Dice, averaged over regions);
+    with a ``criterion`` also the training loss of the whole case, ``loss`` (fused) and
+    ``head_loss/<modality>`` (what G-Blending's weights are estimated from).
 
     ``cases`` yields preprocessed data dicts (``image [4, ...]``, ``label [3, ...]``).
     """
@@ -64,8 +67,12 @@ def validate_cases(
             spacing = [float(s) for s in image.pixdim] if hasattr(image, "pixdim") else [1.0, 1.0, 1.0]
             row = {"case_id": data["case_id"]}
             row.update(region_metrics((outputs[0][0] > 0).cpu(), target[0].cpu() > 0.5, spacing, hd95=hd95))
+            if criterion is not None:
+                row["loss"] = float(criterion(outputs[0], target))
             for name, head_logits in zip(heads, outputs[1:]):
                 row[f"head_dice/{name}"] = float(hard_dice(head_logits.float(), target)[0])
+                if criterion is not None:
+                    row[f"head_loss/{name}"] = float(criterion(head_logits, target))
             rows.append(row)
     finally:
         for module, mode in zip((net, *heads.values()), was_training):

@@ -1,5 +1,5 @@
 """AGM: Adaptive Gradient Modulation (Li et al., ICCV 2023, "Boosting multi-modal model
-performance with adaptive gradient modulation"), for M modalities, classification only.
+performance with adaptive gradient modulation"), for M modalities: classification, segmentation.
 
 Per optimizer step:
 
@@ -7,8 +7,10 @@ Per optimizer step:
    user callable ``unimodal_output(features, keep) -> Tensor`` (on detached features,
    without gradient). For late fusion by concatenation, :func:`concat_unimodal_output`
    builds it from the fused head: the other modalities' features are set to zero;
-2. ``score_i``: the mean softmax probability of the true class under that response, over
-   every sample of the step (all micro-batches, all ranks);
+2. ``score_i``: the mean softmax probability of the true class under that response
+   (classification), or its soft Dice with the target masks (segmentation: sigmoid per region,
+   Dice per sample averaged over regions), over every sample of the step (all micro-batches,
+   all ranks);
 3. running strength ``s_i <- momentum * s_i + (1 - momentum) * score_i`` (the first step
    sets ``s_i = score_i``); a persistent buffer, so ``state_dict`` resumes it exactly;
 4. ``ratio_i = s_i / mean_j s_j``;
@@ -25,10 +27,11 @@ gradient at the encoder output. Here, as the issue specifies: one "only i on" re
 true-class probability, an EMA strength, ``target_ratio = 1`` and encoder gradients
 scaled after backward. These are recalled design points, not re-read from the paper here.
 
-Segmentation (not wired): with a network that takes a modality mask (BraTS), the
-callable would run the fused network with the mask keeping only modality ``keep`` and the
-score would be a per-sample Dice instead of a true-class probability; this class accepts
-classification only and says so with a :class:`ConfigurationError`.
+Segmentation (``task_kind="segmentation"``): the response is the fused network run with a
+modality mask that keeps only modality ``keep`` (the BraTS trainer decodes the step's branch
+feature pyramids again, ``brats_cggm.training.mono_modal``), and the score is its soft Dice, the
+segmentation counterpart of the true-class probability. Regression is refused with a
+:class:`ConfigurationError`.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ from torch import Tensor, nn
 
 from multimodal_general.balance.base import Balancer, Criterion
 from multimodal_general.balance.distributed import all_reduce_sum
-from multimodal_general.balance.metrics import UtilizationMetric
+from multimodal_general.balance.metrics import UtilizationMetric, soft_dice
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError, RegistrationError
 
 UnimodalOutput = Callable[[Mapping[str, Tensor], str], Tensor]
+TASK_KINDS = ("classification", "segmentation")
 
 
 def concat_unimodal_output(fused_head: nn.Module, order: Sequence[str]) -> UnimodalOutput:
@@ -85,7 +89,9 @@ class AGM(Balancer):
             ``keep`` on (see :func:`concat_unimodal_output`). Called without gradient.
         criterion: the task loss (needed only when heads are registered).
         metric: the heads' utilization metric (telemetry only).
-        task_kind: must be ``"classification"``; anything else is refused.
+        task_kind: ``"classification"`` (output ``[N, C]``, class indices ``[N]``) or
+            ``"segmentation"`` (region logits ``[N, R, *spatial]``, 0/1 masks of that shape);
+            anything else is refused.
         alpha: strength of the modulation (default 0.1; the paper's value is not checked here).
         momentum: EMA factor of the running strength (default 0.9).
         min_coef, max_coef: the range the coefficients are clamped to (default 0.1 to 10).
@@ -121,10 +127,10 @@ class AGM(Balancer):
                 "agm needs unimodal_output(features, keep) -> the fused output with only modality "
                 "'keep' on (for late fusion by concatenation: concat_unimodal_output(fused_head, order))"
             )
-        if task_kind != "classification":
+        if task_kind not in TASK_KINDS:
             raise ConfigurationError(
-                f"agm supports classification only (true-class probability of mono-modal "
-                f"responses); got task_kind='{task_kind}'"
+                f"agm supports classification and segmentation only (true-class probability or "
+                f"Dice of mono-modal responses); got task_kind='{task_kind}'"
             )
         if not callable(unimodal_output):
             raise ConfigurationError("agm needs unimodal_output, a callable (features, keep) -> output")
@@ -134,6 +140,7 @@ class AGM(Balancer):
                 f"alpha={alpha}, momentum={momentum}, min_coef={min_coef}, max_coef={max_coef}"
             )
         self._unimodal_output = (unimodal_output,)  # a tuple: it may be a bound module method
+        self.task_kind = task_kind
         self.alpha, self.momentum = float(alpha), float(momentum)
         self.min_coef, self.max_coef = float(min_coef), float(max_coef)
         m = len(modalities)
@@ -151,19 +158,7 @@ class AGM(Balancer):
 
     # ------------------------------------------------------------------ scores
     def _balance_loss(self, features, output, target, task_loss) -> Tensor:
-        if (
-            output.dim() != 2
-            or output.shape[1] < 2
-            or target.dim() != 1
-            or target.shape[0] != output.shape[0]
-            or target.dtype.is_floating_point
-            or target.dtype == torch.bool
-        ):
-            raise ConfigurationError(
-                "agm supports classification tasks only; it needs an output [N, C >= 2] and a "
-                f"target of class indices [N], got output {tuple(output.shape)} and target "
-                f"{tuple(target.shape)} of {target.dtype}"
-            )
+        self._check_task(output, target)
         missing = [n for n in self.modality_names if n not in features]
         if missing:
             raise RegistrationError(f"features has no entry for modality(ies) {missing}")
@@ -176,10 +171,39 @@ class AGM(Balancer):
                         f"unimodal_output(features, '{name}') has shape {tuple(response.shape)}, "
                         f"the fused output {tuple(output.shape)}"
                     )
-                p = response.float().softmax(dim=1).gather(1, target.view(-1, 1))
-                self._true_sum[index] += p.sum().double()
-                self._true_count[index] += p.numel()
+                score = self._response_score(response, target)
+                self._true_sum[index] += score.sum().double()
+                self._true_count[index] += score.numel()
         return task_loss.new_zeros(())
+
+    def _check_task(self, output: Tensor, target: Tensor) -> None:
+        if self.task_kind == "segmentation":
+            if output.dim() < 3 or target.shape != output.shape:
+                raise ConfigurationError(
+                    "agm with task_kind='segmentation' needs region logits [N, R, *spatial] and "
+                    f"target masks of the same shape, got output {tuple(output.shape)} and target "
+                    f"{tuple(target.shape)}"
+                )
+        elif (
+            output.dim() != 2
+            or output.shape[1] < 2
+            or target.dim() != 1
+            or target.shape[0] != output.shape[0]
+            or target.dtype.is_floating_point
+            or target.dtype == torch.bool
+        ):
+            raise ConfigurationError(
+                "agm with task_kind='classification' needs an output [N, C >= 2] and a target of "
+                f"class indices [N], got output {tuple(output.shape)} and target "
+                f"{tuple(target.shape)} of {target.dtype}"
+            )
+
+    def _response_score(self, response: Tensor, target: Tensor) -> Tensor:
+        """One score per sample of a mono-modal response: its soft Dice (segmentation) or the
+        softmax probability of the true class (classification)."""
+        if self.task_kind == "segmentation":
+            return soft_dice(response, target)
+        return response.float().softmax(dim=1).gather(1, target.view(-1, 1))[:, 0]
 
     # -------------------------------------------------------------- modulation
     def _modulate_gradients(self, telemetry: StepTelemetry) -> None:

@@ -5,7 +5,10 @@ Implemented as a fixed per-modality factor on each encoder's gradients after bac
 exactly a learning rate ``s_i * lr`` for encoder i. It is **not** an LR scale under
 Adam/AdamW (their update is invariant to a constant gradient scale) nor with weight decay
 (the decay term is not scaled): there, give each encoder its own optimizer param group
-with ``lr = s_i * lr`` (:meth:`MSLR.param_groups` builds them) and leave ``scales`` at 1.
+with ``lr = s_i * lr`` (:meth:`MSLR.param_groups` builds them) and build the balancer with
+``applied_by_optimizer=True``: it then leaves gradients alone and only keeps, adapts and
+reports the scales; the loop sets each group's rate from :meth:`MSLR.scale_of` after an
+update (so a scale is never applied twice).
 
 Adaptive variant (``update_from_validation``): after each validation, a modality whose
 validation metric (higher is better) did not improve on its best by more than
@@ -37,6 +40,8 @@ class MSLR(Balancer):
         decay: factor applied to a modality's scale when its validation metric stalls.
         min_delta: improvement a validation metric must make to count as one.
         min_scale: floor of an adapted scale.
+        applied_by_optimizer: the loop applies the scales as per-encoder learning rates
+            (param groups); the balancer does not touch gradients.
         criterion, metric, accumulation_steps, process_group: as for every balancer.
     """
 
@@ -50,6 +55,7 @@ class MSLR(Balancer):
         decay: float = 0.5,
         min_delta: float = 0.0,
         min_scale: float = 1e-3,
+        applied_by_optimizer: bool = False,
         criterion: Criterion | None = None,
         metric: str | UtilizationMetric = "accuracy",
         accumulation_steps: int = 1,
@@ -74,6 +80,7 @@ class MSLR(Balancer):
         if not 0 < decay <= 1 or min_scale <= 0 or min_delta < 0:
             raise ConfigurationError("mslr needs 0 < decay <= 1, min_scale > 0 and min_delta >= 0")
         self.decay, self.min_delta, self.min_scale = float(decay), float(min_delta), float(min_scale)
+        self.applied_by_optimizer = bool(applied_by_optimizer)
         m = len(modalities)
         self.register_buffer("scales", torch.tensor(values, dtype=torch.float32))
         self.register_buffer("best_metric", torch.full((m,), float("-inf"), dtype=torch.float64))
@@ -106,7 +113,7 @@ class MSLR(Balancer):
     def _modulate_gradients(self, telemetry: StepTelemetry) -> None:
         for index, name in enumerate(self.modality_names):
             scale = self.scales[index]
-            if float(scale) == 1.0:
+            if self.applied_by_optimizer or float(scale) == 1.0:
                 continue
             for grad in self.encoder_grads(name):
                 grad.mul_(scale.to(grad.dtype))

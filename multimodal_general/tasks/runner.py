@@ -184,12 +184,16 @@ def build(settings: TrainSettings, data: TaskData, seed: int) -> Parts:
     torch.manual_seed(seed)
     model = SequenceFusionNet(data.input_dims, data.out_dim, settings.size, settings.fusion)
     criterion = task_criterion(data.kind)
+    per_encoder_lr = settings.balancer == "mslr" and settings.optimizer == "adamw"  # see the module docstring
     balancer = attach_balancer(model, settings.balancer, criterion, data.kind, **{
-        "preset": settings.preset, "rho": settings.rho, "lam": settings.lam, **settings.balancer_options})
+        "preset": settings.preset, "rho": settings.rho, "lam": settings.lam, **settings.balancer_options,
+        **({"applied_by_optimizer": True} if per_encoder_lr else {})})
     device = torch.device(settings.device)
     model.to(device), balancer.to(device)
     encoder_params = {id(p) for e in model.encoders.values() for p in e.parameters()}
-    groups = [{"params": list(e.parameters()), "modality": name} for name, e in model.encoders.items()]
+    groups = [{"params": list(e.parameters()), "modality": name,
+               "lr": settings.lr * (balancer.scale_of(name) if per_encoder_lr else 1.0)}
+              for name, e in model.encoders.items()]
     groups.append({"params": [p for p in model.parameters() if id(p) not in encoder_params]})
     if settings.optimizer == "adamw":
         make = lambda params: torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)  # noqa: E731
@@ -336,7 +340,7 @@ def _adapt(parts: Parts, settings: TrainSettings, valid: dict, data: TaskData, e
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         values = {m: sign * v.get(metric, math.nan) for m, v in valid["heads"].items()}
         scales = balancer.update_from_validation({m: v if math.isfinite(v) else -math.inf for m, v in values.items()})
-        if settings.optimizer == "adamw":
+        if balancer.applied_by_optimizer:
             for group in parts.optimizers[0].param_groups:
                 if "modality" in group:
                     group["lr"] = settings.lr * scales[group["modality"]]
