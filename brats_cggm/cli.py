@@ -208,6 +208,34 @@ def train(
 
 
 @app.command()
+def compare(
+    data: Annotated[Path, typer.Option(help="folder with BraTS cases (training and validation)")],
+    out: Annotated[Path, typer.Option(help="the comparison folder (runs, results.md|csv|json|png)")],
+    test_data: Annotated[Path | None, typer.Option(
+        help="held-out cases, all scored (default: the cases of --data that the split leaves out)")] = None,
+    methods: Annotated[str, typer.Option(
+        help="comma-separated, or all (none, cggm, mmpareto, agm, mslr, gblending, modality_dropout, early_fusion)",
+    )] = "all",
+    seeds: Annotated[int, typer.Option(help="seeds per method (0, 1, ...)")] = 3,
+    preset: Annotated[str, typer.Option(help="starting configuration of every run: cpu-small or gpu")] = "cpu-small",
+    epochs: Annotated[int | None, typer.Option(help="epochs of every run (default: the preset's)")] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="a setting for every run, e.g. --set optim.lr=0.001 (repeatable)")
+    ] = None,
+) -> None:
+    """Train every method x seed with the same budget, select each run on its validation cases,
+    score it on held-out cases, and write one table (runs already done are reused)."""
+    from brats_cggm.compare import compare as run_comparison
+    from brats_cggm.training.progress import EpochProgress
+
+    shared = {**parse_settings(settings or []), **({"optim.epochs": epochs} if epochs is not None else {})}
+    run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
+                   report=console.print, progress=EpochProgress(console))
+    console.print((out / "results.md").read_text())
+    console.print(f"[bold green]done[/]: {out}/results.md, results.csv, results.json, results.png")
+
+
+@app.command()
 def evaluate(
     run: Annotated[Path, typer.Option(help="a run folder written by `brats-cggm train`")],
     data: Annotated[Path | None, typer.Option(help="folder with BraTS cases (default: the run's)")] = None,

@@ -85,6 +85,14 @@ def test_ogm_scores_ratio_and_exact_gradient_scaling_without_noise():
         assert torch.equal(p.grad, old * k_a)
     for old, p in zip(before["b"], encoders["b"].parameters()):
         assert torch.equal(p.grad, old)
+
+    encoders, by_optimizer = mslr_setup(scales={"a": 0.25}, applied_by_optimizer=True)
+    before = set_grads(encoders)
+    by_optimizer.extra_loss({}, torch.zeros(1), torch.zeros(1), torch.zeros(()))
+    assert torch.equal(by_optimizer.modulate().per_modality["scale"], torch.tensor([0.25, 1.0]))
+    for name in ("a", "b"):  # the scales are reported, the gradients untouched
+        for old, p in zip(before[name], encoders[name].parameters()):
+            assert torch.equal(p.grad, old)
     assert set(telemetry.as_dict()) >= {"score/a", "ratio/b", "coef/a", "grad_norm/a"}
 
 
@@ -214,10 +222,9 @@ def test_mslr_scales_gradients_exactly_and_equals_a_learning_rate_for_sgd():
 
     # three SGD-with-momentum steps: scaled gradients == per-encoder learning rates
     def train(use_groups):
-        encoders, balancer = mslr_setup(scales={"a": 0.25, "b": 2.0})
-        if use_groups:
+        encoders, balancer = mslr_setup(scales={"a": 0.25, "b": 2.0}, applied_by_optimizer=use_groups)
+        if use_groups:  # the groups apply the scales; the balancer leaves gradients alone
             optimizer = torch.optim.SGD(balancer.param_groups(0.1), lr=0.1, momentum=0.9)
-            balancer = MSLR(balancer_modalities(encoders))  # scales at 1: the groups do it
         else:
             optimizer = torch.optim.SGD([p for e in encoders.values() for p in e.parameters()], lr=0.1, momentum=0.9)
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))

@@ -799,3 +799,18 @@ def test_baselines_that_cannot_serve_segmentation_say_why(phantoms):
         resolve_config("cpu-small", overrides={"balancer.options": {"alhpa": 1.0}})
     with pytest.raises(ConfigurationError, match="rho"):
         resolve_config("cpu-small", overrides={"balancer.name": "agm", "balancer.options": {"rho": 2.0}})
+
+
+@pytest.mark.parametrize("method, options", [("mslr", {"min_delta": 2.0}), ("gblending", {"super_epoch": 1})])
+def test_validation_time_updates_resume_as_an_uninterrupted_run(phantoms, tmp_path, monkeypatch, method, options):
+    """2 epochs, then resumed to 3: the same bits as 3 epochs straight (MSLR's encoder rates in
+    the optimizer and scheduler, G-Blending's last measurement in the checkpoint)."""
+    no_plots(monkeypatch)
+    settings = {"balancer__name": method, "balancer__options": options, "validation__every": 1,
+                "optim__schedule": "none"}
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(tiny_config(phantoms, optim__epochs=3, **settings), a, CPU, report=quiet).fit()
+    Trainer(tiny_config(phantoms, optim__epochs=2, **settings), b, CPU, report=quiet).fit()
+    Trainer(tiny_config(phantoms, optim__epochs=3, **settings), b, CPU, resume=True, report=quiet).fit()
+    assert_same_training_state(a, b)
+    assert without_timing(read_metrics(a)) == without_timing(read_metrics(b))

@@ -1,0 +1,273 @@
+"""The comparison harness of the segmentation side (``brats-cggm compare``): every method x
+seed trained by the BraTS trainer with the same budget, each run selected on its validation
+cases, scored once on test cases it never saw.
+
+    brats-cggm compare --data data/phantoms --test-data data/test_phantoms \\
+        --methods none,cggm,mmpareto,agm,mslr,gblending,modality_dropout,early_fusion --seeds 3 --out runs/cmp
+
+* **Same budget.** One configuration (``--preset``, ``--epochs``, ``--set``) for every run; a
+  method changes only what makes it that method (:data:`METHODS`); the seed changes
+  initialisation, patches and augmentation, never the train/validation split.
+* **Selection** on the run's validation cases (best mean Dice, ``checkpoints/best.pt``).
+* **Test**: every case of ``--test-data`` (``brats-cggm evaluate --split all``), or, without
+  it, the cases of ``--data`` that the split leaves out of training and validation
+  (``--split test``).
+* **Resume.** ``OUT/runs/<method>-seed<k>/`` is an ordinary run folder: a finished run
+  (``summary.json``) and its evaluation are reused, an unfinished one continues from
+  ``last.pt``. ``OUT/settings.yaml`` pins the shared settings: a rerun with others is refused.
+* **Report.** ``OUT/results.md|csv|json`` and ``results.png``: test Dice per region and its
+  mean (mean ± std over seeds), the validation mean Dice of the selected epochs, each
+  sequence's auxiliary head alone on the validation cases at the end, and time per step and
+  per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from brats_cggm import MODALITIES
+from brats_cggm.data.layouts import discover
+from brats_cggm.errors import BadInputFile, ConfigurationError
+from brats_cggm.metrics import REGIONS
+from brats_cggm.training.cases import select_cases
+from brats_cggm.training.config import DataConfig
+from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.provenance import provenance
+
+#: what each method changes in the shared configuration
+METHODS: dict[str, dict[str, Any]] = {
+    "none": {"balancer.name": "none"},
+    "cggm": {"balancer.name": "cggm", "balancer.preset": "stable"},
+    "mmpareto": {"balancer.name": "mmpareto"},
+    "agm": {"balancer.name": "agm"},
+    "mslr": {"balancer.name": "mslr"},
+    "gblending": {"balancer.name": "gblending"},
+    "modality_dropout": {"balancer.name": "none", "network.modality_dropout": 0.25},
+    # one 4-channel U-Net at the widths of the multi-branch network (see early_fusion_overrides)
+    "early_fusion": {"balancer.name": "none", "network.preset": "early_fusion"},
+}
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """``"none,cggm"`` or a list of names (``"all"``: every method), checked."""
+    if methods == "all":
+        return list(METHODS)
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ConfigurationError(f"unknown method(s) {unknown or methods!r}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def method_overrides(method: str, shared: dict[str, Any], preset: str) -> dict[str, Any]:
+    """The configuration overrides of one method's run: the shared ones, then the method's."""
+    overrides = {**shared, **METHODS[method]}
+    if method == "early_fusion":
+        overrides["network.overrides"] = early_fusion_overrides(preset, shared)
+    return overrides
+
+
+def early_fusion_overrides(preset: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """The early-fusion U-Net at the widths of the multi-branch network the others train."""
+    from brats_cggm.network import PRESETS as NETWORKS
+    from brats_cggm.training import resolve_config
+
+    network = resolve_config(preset, None, shared).network
+    options = {**NETWORKS[network.preset].options, **network.overrides}
+    # MONAI's UNet strides every level but the first; the multi-branch stem's stride is its first
+    return {"channels": list(options["channels"]), "strides": list(options["strides"])[1:],
+            "num_res_units": options["num_res_units"]}
+
+
+def compare(
+    data: Path,
+    methods: str | Sequence[str],
+    seeds: int,
+    out: Path,
+    *,
+    test_data: Path | None = None,
+    preset: str = "cpu-small",
+    settings: dict[str, Any] | None = None,
+    report: Callable[[str], None] = print,
+    progress=None,
+) -> list[dict[str, Any]]:
+    """Train (or reuse) and evaluate every method x seed; write and return the per-run rows."""
+    from brats_cggm.training import Trainer, resolve_config, start, stop
+
+    names = parse_methods(methods)
+    if seeds < 1:
+        raise ConfigurationError("--seeds must be at least 1")
+    out = Path(out)
+    shared = {**(settings or {}), "data.dir": str(Path(data).resolve())}
+    test_source = str(Path(test_data).resolve()) if test_data is not None else None
+    for method in names:  # every configuration and both data folders are checked before anything is written
+        resolve_config(preset, None, method_overrides(method, shared, preset))
+    _check_cases(resolve_config(preset, None, shared).data, test_data)
+    _pin(out / "settings.yaml", {"preset": preset, "settings": shared, "test_data": test_source})
+    place = start(resolve_config(preset, None, shared).device)
+    runs = []
+    try:
+        for seed in range(seeds):
+            for method in names:
+                run_dir = out / "runs" / f"{method}-seed{seed}"
+                if not (run_dir / "summary.json").exists():
+                    resume = (run_dir / "checkpoints" / "last.pt").exists()
+                    report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
+                    config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
+                    started = time.perf_counter()
+                    Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
+                    atomic_write_text(run_dir / "wall_s.txt", f"{time.perf_counter() - started:.1f}\n")
+                runs.append(_scored(run_dir, method, seed, test_data, place.device.type, report))
+    finally:
+        stop()
+    rows = aggregate(runs, names)
+    command = (f"brats-cggm compare --data {data} {f'--test-data {test_data} ' if test_data else ''}--preset {preset} "
+               f"--methods {','.join(names)} --seeds {seeds} --out {out}"
+               + "".join(f" --set {k}={json.dumps(v)}" for k, v in (settings or {}).items()))
+    atomic_write_text(out / "results.md", markdown(rows, command, test_data))
+    atomic_write_text(out / "results.csv", _csv(rows))
+    atomic_write_text(out / "results.json", json.dumps(
+        {"command": command, "provenance": provenance("torch", "monai"), "methods": rows, "runs": runs},
+        indent=1, default=str) + "\n")
+    plot(out / "results.png", rows)
+    return runs
+
+
+def _check_cases(data: DataConfig, test_data: Path | None) -> None:
+    """A folder without usable cases, or no test cases at all, is named now, not after training."""
+    chosen = select_cases(data)
+    if test_data is None:
+        used = {c.case_id for c in (*chosen.train, *chosen.val)}
+        if all(c.case_id in used for c in discover(data.dir, data.layout).cases):
+            raise ConfigurationError(
+                f"{data.dir}: the split uses every case for training or validation, so none is left to test "
+                "on; give --test-data DIR (held-out cases) or a split file that leaves cases out"
+            )
+        return
+    found = discover(test_data)
+    problem = found.problems[0] if found.problems else next(
+        (BadInputFile(c.images[0].parent, f"case {c.case_id} has no label map; testing needs one")
+         for c in found.cases if c.label is None), None)
+    if problem is not None:
+        raise problem
+
+
+def _pin(path: Path, settings: dict[str, Any]) -> None:
+    if path.exists():
+        if yaml.safe_load(path.read_text()) != settings:
+            raise ConfigurationError(f"{path}: this comparison was made with other settings; use another --out")
+    else:
+        atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
+
+
+def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, device: str,
+            report: Callable[[str], None]) -> dict:
+    """One run's row: its selected epoch's validation Dice, the heads at the end, the test Dice."""
+    from brats_cggm.evaluation import evaluate
+
+    split = "all" if test_data is not None else "test"
+    evaluated = run_dir / "evaluation" / split / "summary.json"
+    if not evaluated.exists():
+        report(f"evaluating {run_dir.name} on {split} cases")
+        evaluate(run_dir, test_data, split, "best", device)
+    test = json.loads(evaluated.read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    best = next(r for r in rows if r["epoch"] == summary["best_epoch"])
+    return {
+        "method": method, "seed": seed, "best_epoch": summary["best_epoch"], "test_cases": test["cases"],
+        **{f"test_dice/{r}": test["metrics"][f"dice/{r}"]["mean"] for r in REGIONS},
+        **{f"test_hd95/{r}": test["metrics"][f"hd95/{r}"]["mean"] for r in REGIONS},
+        **{f"val_dice/{r}": best[f"val_dice/{r}"] for r in REGIONS},
+        **{f"head/{s}": rows[-1].get(f"val_head_dice/{s}") for s in MODALITIES},
+        "step_s": statistics.median(r["step_s"] for r in rows),
+        "train_s": sum(r["time_s"] for r in rows),
+    }
+
+
+def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method: ``[mean, std]`` over seeds of every reported value (None where a value is missing)."""
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r["method"] == name]
+        for r in mine:
+            r["test_dice/mean"] = statistics.fmean(r[f"test_dice/{g}"] for g in REGIONS)
+            r["val_dice/mean"] = statistics.fmean(r[f"val_dice/{g}"] for g in REGIONS)
+        keys = [f"test_dice/{g}" for g in (*REGIONS, "mean")] + ["val_dice/mean"]
+        keys += [f"head/{s}" for s in MODALITIES] + ["step_s", "train_s"]
+        rows.append({"method": name, "seeds": len(mine), **{k: _mean_std([r[k] for r in mine]) for k in keys}})
+    return rows
+
+
+def _mean_std(values: list) -> list[float] | None:
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def _pm(pair: list[float] | None) -> str:
+    return "—" if pair is None else f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+
+def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
+    test = f"every case of {test_data}" if test_data is not None else "the cases the split leaves out (--split test)"
+    lines = [
+        f"Each run is selected on its validation cases (best mean Dice) and scored once on {test}, "
+        "which no run saw or selected on: test Dice mean ± std over seeds; val mean = validation mean "
+        "Dice of the selected epoch; head = each sequence's auxiliary head alone (validation Dice, mean "
+        "of regions) at the end; step s = median seconds per optimizer step; run min = training minutes.",
+        "", f"Command: `{command}`", "",
+        "| method | test Dice TC | test Dice WT | test Dice ET | test mean | val mean (selected epoch) "
+        "| head FLAIR | head T1 | head T1ce | head T2 | step s | run min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [_pm(row[f"test_dice/{g}"]) for g in (*REGIONS, "mean")] + [_pm(row["val_dice/mean"])]
+        cells += [_pm(row[f"head/{s}"]) for s in MODALITIES]
+        cells += [f"{row['step_s'][0]:.2f}" if row["step_s"] else "—",
+                  f"{row['train_s'][0] / 60:.1f}" if row["train_s"] else "—"]
+        lines.append(f"| {row['method']} ({row['seeds']} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    keys = [k for k in rows[0] if k not in ("method", "seeds")] if rows else []
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "seeds", *(f"{k} {part}" for k in keys for part in ("mean", "std"))])
+    for row in rows:
+        writer.writerow([row["method"], row["seeds"], *(
+            "" if row[k] is None else f"{v:.6g}" for k in keys for v in (row[k] or [None, None]))])
+    return buffer.getvalue()
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    """Test Dice per region and mean, one group of bars per method (error bars: std over seeds)."""
+    from matplotlib.figure import Figure
+
+    regions = (*REGIONS, "mean")
+    fig = Figure(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(regions)
+    colors = {"TC": "tab:red", "WT": "tab:green", "ET": "tab:blue", "mean": "0.3"}
+    for i, region in enumerate(regions):
+        values = [row[f"test_dice/{region}"] or [0.0, 0.0] for row in rows]
+        ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [v[0] for v in values], width,
+               yerr=[v[1] for v in values], capsize=2, color=colors[region], label=region)
+    ax.set_xticks(range(len(rows)), [f"{row['method']}\n({row['seeds']} seeds)" for row in rows], fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.set_title("Selected on validation, scored on held-out cases", fontsize=10)
+    ax.legend(ncols=4, fontsize=9, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))

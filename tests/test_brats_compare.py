@@ -1,0 +1,102 @@
+"""``brats-cggm compare``: every method x seed at the tiny configuration, selected on validation,
+scored on held-out phantoms; resume, pinned settings and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from training_cases import TINY, error_line, run_cli
+
+from brats_cggm.compare import METHODS, compare, early_fusion_overrides, parse_methods
+from brats_cggm.data.phantom import write_phantoms
+from brats_cggm.errors import ConfigurationError
+from brats_cggm.training import Trainer
+
+SHARED = {**TINY, "optim.epochs": 1, "validation.every": 1}
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("compare")
+    write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
+    write_phantoms(root / "test", 3, size=32, layout="brats2021", seed=1)
+    out = root / "out"
+    runs = compare(root / "data", "none,agm,early_fusion", 2, out, test_data=root / "test", settings=SHARED,
+                   report=quiet)
+    yield root, out, runs
+    torch.set_num_threads(threads)
+
+
+def test_every_method_and_seed_is_trained_selected_and_scored_on_the_held_out_cases(comparison):
+    root, out, runs = comparison
+    assert [(r["method"], r["seed"]) for r in runs] == [
+        (m, s) for s in (0, 1) for m in ("none", "agm", "early_fusion")]
+    for run in runs:
+        run_dir = out / "runs" / f"{run['method']}-seed{run['seed']}"
+        config = yaml_config(out, run_dir.name)
+        assert config["seed"] == run["seed"] and config["optim"]["epochs"] == 1
+        test = json.loads((run_dir / "evaluation" / "all" / "summary.json").read_text())
+        assert test["cases"] == 3 and run["test_cases"] == 3  # every held-out case, none of the training ones
+        assert run["test_dice/WT"] == test["metrics"]["dice/WT"]["mean"]
+    agm = yaml_config(out, "agm-seed0")
+    assert agm["balancer"]["name"] == "agm"
+    early = yaml_config(out, "early_fusion-seed0")
+    assert early["network"]["preset"] == "early_fusion"
+    assert early["network"]["overrides"] == {"channels": [4, 8, 8], "strides": [2, 2], "num_res_units": 1}
+
+
+def yaml_config(out, name):
+    import yaml
+
+    return yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+
+
+def test_the_report_holds_one_row_per_method_with_mean_and_spread(comparison):
+    _, out, runs = comparison
+    report = (out / "results.md").read_text()
+    for method in ("none", "agm", "early_fusion"):
+        assert f"| {method} (2 seeds) |" in report
+    assert "brats-cggm compare" in report
+    rows = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
+    agm = [r for r in runs if r["method"] == "agm"]
+    mean = sum(r["test_dice/mean"] for r in agm) / 2
+    assert float(rows["agm"]["test_dice/mean mean"]) == pytest.approx(mean, rel=1e-5)
+    assert rows["early_fusion"]["head/flair mean"] == ""  # no per-sequence heads
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    payload = json.loads((out / "results.json").read_text())
+    assert len(payload["runs"]) == 6 and [m["method"] for m in payload["methods"]] == ["none", "agm", "early_fusion"]
+
+
+def test_a_rerun_reuses_finished_runs_and_refuses_other_settings(comparison, monkeypatch):
+    root, out, runs = comparison
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    again = compare(root / "data", "none,agm,early_fusion", 2, out, test_data=root / "test", settings=SHARED,
+                    report=quiet)
+    assert again == runs
+    with pytest.raises(ConfigurationError, match="other settings"):
+        compare(root / "data", "none", 1, out, test_data=root / "test", settings={**SHARED, "optim.epochs": 2},
+                report=quiet)
+
+
+def test_methods_are_checked_before_anything_runs(tmp_path):
+    assert parse_methods("all") == list(METHODS)
+    with pytest.raises(ConfigurationError, match="ogm_ge"):
+        parse_methods("none,ogm_ge")
+    assert early_fusion_overrides("cpu-small", {}) == {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
+                                                      "num_res_units": 1}
+    result = run_cli("compare", "--data", tmp_path, "--out", tmp_path / "out", "--methods", "none,cgm")
+    assert "cgm" in error_line(result)
+    assert not (tmp_path / "out").exists()
