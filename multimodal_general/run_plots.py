@@ -36,10 +36,15 @@ BALANCE_PANELS = (
     ("eps/", "head_metric/", "head {metric} (training batch)", "auxiliary head {metric} per modality"),
     ("B/", "B/", "B (encoder gradient scale)", "CGGM magnitude coefficient B per modality"),
     ("cos/", "cos/", "cosine (fused vs. modality grad)", "CGGM gradient direction: cosine"),
+    ("coef/", "coef/", "gradient coefficient", "AGM / OGM-GE: each encoder's gradient coefficient"),
+    ("scale/", "scale/", "scale", "MSLR: learning-rate scale (MMPareto: magnitude factor)"),
+    ("weight/", "weight/", "loss weight", "G-Blending: each unimodal loss's weight"),
 )
+#: panels whose value 1 means "gradient unchanged" (a dashed line there)
+UNIT_PANELS = ("B/", "coef/", "scale/")
 B_YLIM = (-1.0, 3.0)  # the B axis shows at most this range
 TELEMETRY_PANEL_PREFIXES = tuple(spec[0] for spec in BALANCE_PANELS)
-MODALITY_PREFIXES = ("eps/", "d/", "B/", "cos/", "grad_norm/")
+MODALITY_PREFIXES = ("eps/", "d/", "B/", "cos/", "grad_norm/", "coef/", "scale/", "weight/")
 
 
 # ------------------------------------------------------------------------------- reading
@@ -227,7 +232,7 @@ def balance_figure(name: str, telemetry: dict[str, np.ndarray], metrics: Sequenc
         return None
     colors = {m: MODALITY_PALETTE[i % len(MODALITY_PALETTE)] for i, m in enumerate(modalities)}
     window = smoothing_window(len(x)) if unit == "steps" else 1
-    fig, axes = new_figure(len(panels), f"{name}: training-only auxiliary heads and CGGM balance "
+    fig, axes = new_figure(len(panels), f"{name}: training-only auxiliary heads and the balancer's coefficients "
                                      f"({smoothing_label(window, unit)})")
     marker = "o" if window == 1 else None
     for ax, (kind, series, ylabel, title) in zip(axes, panels):
@@ -236,9 +241,9 @@ def balance_figure(name: str, telemetry: dict[str, np.ndarray], metrics: Sequenc
             ax.plot(x, curve, color=colors[m], lw=1.8, marker=marker, ms=3)
         if kind == "eps/":
             ax.set_ylim(-0.02, 1.02)
-        elif kind == "B/":
+        elif kind in UNIT_PANELS:
             ax.axhline(1.0, color="0.3", ls="--", lw=1.2)
-            if _limit_b_axis(ax, list(curves.values())):
+            if kind == "B/" and _limit_b_axis(ax, list(curves.values())):
                 title += f" (y axis clipped to [{B_YLIM[0]:g}, {B_YLIM[1]:g}])"
         else:
             ax.axhline(0.0, color="0.5", lw=0.8)
@@ -246,8 +251,8 @@ def balance_figure(name: str, telemetry: dict[str, np.ndarray], metrics: Sequenc
         ax.set_title(title, fontsize=10)
     axes[-1].set_xlabel(xlabel)
     handles = [Line2D([], [], color=colors[m], lw=1.8, marker=marker, label=m) for m in modalities]
-    if any(kind == "B/" for kind, *_ in panels):
-        handles.append(Line2D([], [], color="0.3", ls="--", lw=1.2, label="B = 1 (gradient unchanged)"))
+    if any(kind in UNIT_PANELS for kind, *_ in panels):
+        handles.append(Line2D([], [], color="0.3", ls="--", lw=1.2, label="1 (gradient unchanged)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
     return fig
 

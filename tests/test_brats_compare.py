@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
-from training_cases import TINY, error_line, run_cli
+from training_cases import TINY
 
+from brats_cggm import cli
 from brats_cggm.compare import METHODS, compare, early_fusion_overrides, parse_methods
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.errors import ConfigurationError
@@ -91,12 +93,24 @@ def test_a_rerun_reuses_finished_runs_and_refuses_other_settings(comparison, mon
                 report=quiet)
 
 
-def test_methods_are_checked_before_anything_runs(tmp_path):
+def test_methods_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
     assert parse_methods("all") == list(METHODS)
     with pytest.raises(ConfigurationError, match="ogm_ge"):
         parse_methods("none,ogm_ge")
     assert early_fusion_overrides("cpu-small", {}) == {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
                                                       "num_res_units": 1}
-    result = run_cli("compare", "--data", tmp_path, "--out", tmp_path / "out", "--methods", "none,cgm")
-    assert "cgm" in error_line(result)
+    monkeypatch.setattr(sys, "argv", ["brats-cggm", "compare", "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--methods", "none,cgm"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown method(s) ['cgm']")
     assert not (tmp_path / "out").exists()
+
+
+def test_data_without_test_cases_is_refused_before_anything_is_written(comparison):
+    root, _, _ = comparison
+    with pytest.raises(ConfigurationError, match="none is left to test on"):
+        compare(root / "data", "none", 1, root / "no_test", settings=SHARED, report=quiet)
+    assert not (root / "no_test").exists()
