@@ -222,13 +222,13 @@ def _pm(pair: list[float] | None) -> str:
 def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
     test = f"every case of {test_data}" if test_data is not None else "the cases the split leaves out (--split test)"
     lines = [
-        f"Each run is selected on its validation cases (best mean Dice) and scored once on {test}, "
-        "which no run saw or selected on: test Dice mean ± std over seeds; val mean = validation mean "
-        "Dice of the selected epoch; head = each sequence's auxiliary head alone (validation Dice, mean "
-        "of regions) at the end; step s = median seconds per optimizer step; run min = training minutes.",
+        (f"Each run is selected on its validation cases (best mean Dice) and scored once on {test}, "
+         "which no run saw or selected on: test Dice mean ± std over seeds; val mean = validation mean "
+         "Dice of the selected epoch; head = each sequence's auxiliary head alone (validation Dice, mean "
+         "of regions) at the end; step s = median seconds per optimizer step; run min = training minutes."),
         "", f"Command: `{command}`", "",
-        "| method | test Dice TC | test Dice WT | test Dice ET | test mean | val mean (selected epoch) "
-        "| head FLAIR | head T1 | head T1ce | head T2 | step s | run min |",
+        ("| method | test Dice TC | test Dice WT | test Dice ET | test mean | val mean (selected epoch) "
+         "| head FLAIR | head T1 | head T1ce | head T2 | step s | run min |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -39,7 +39,7 @@ def comparison(tmp_path_factory):
 
 
 def test_every_method_and_seed_is_trained_selected_and_scored_on_the_held_out_cases(comparison):
-    root, out, runs = comparison
+    _, out, runs = comparison
     assert [(r["method"], r["seed"]) for r in runs] == [
         (m, s) for s in (0, 1) for m in ("none", "agm", "early_fusion")]
     for run in runs:

@@ -11,6 +11,7 @@ with it bitwise.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -783,7 +784,7 @@ def test_gblending_weights_follow_the_heads_train_and_validation_losses(phantoms
                 **{m: (row[f"head_loss/{m}"], row[f"val_head_loss/{m}"]) for m in MODALITIES}}
 
     expected = [0.2] * 5
-    for before, after in zip(rows, rows[1:]):
+    for before, after in itertools.pairwise(rows):
         expected = blending_weights(measured(before), measured(after), keys) or expected
     state = load_last(run)["modules"]["balancer"]
     assert state["updates"] == 2

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance.base import Balancer, Criterion
+from multimodal_general.balance.base import Balancer, Criterion, check_classification
 from multimodal_general.balance.distributed import all_reduce_sum
 from multimodal_general.balance.metrics import UtilizationMetric, soft_dice
 from multimodal_general.balance.registration import Modality
@@ -184,19 +184,8 @@ class AGM(Balancer):
                     f"target masks of the same shape, got output {tuple(output.shape)} and target "
                     f"{tuple(target.shape)}"
                 )
-        elif (
-            output.dim() != 2
-            or output.shape[1] < 2
-            or target.dim() != 1
-            or target.shape[0] != output.shape[0]
-            or target.dtype.is_floating_point
-            or target.dtype == torch.bool
-        ):
-            raise ConfigurationError(
-                "agm with task_kind='classification' needs an output [N, C >= 2] and a target of "
-                f"class indices [N], got output {tuple(output.shape)} and target "
-                f"{tuple(target.shape)} of {target.dtype}"
-            )
+        else:
+            check_classification("agm with task_kind='classification' expects a classification task", output, target, 2)
 
     def _response_score(self, response: Tensor, target: Tensor) -> Tensor:
         """One score per sample of a mono-modal response: its soft Dice (segmentation) or the

@@ -43,6 +43,23 @@ from multimodal_general.errors import ConfigurationError, RegistrationError
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
 
+def check_classification(what: str, output: Tensor, target: Tensor, min_classes: int = 1) -> None:
+    """A classification step: an output ``[N, C >= min_classes]`` and class indices ``[N]``;
+    anything else is a :class:`ConfigurationError` that names ``what`` needs it."""
+    if (
+        output.dim() != 2
+        or output.shape[1] < min_classes
+        or target.dim() != 1
+        or target.shape[0] != output.shape[0]
+        or target.dtype.is_floating_point
+        or target.dtype == torch.bool
+    ):
+        raise ConfigurationError(
+            f"{what}; it needs an output [N, C{f' >= {min_classes}' if min_classes > 1 else ''}] and a target "
+            f"of class indices [N], got output {tuple(output.shape)} and target {tuple(target.shape)} of {target.dtype}"
+        )
+
+
 class Balancer(nn.Module):
     """Base class: runs the unimodal heads and measures each modality's utilization.
 

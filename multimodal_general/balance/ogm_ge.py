@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance.base import Balancer, Criterion
+from multimodal_general.balance.base import Balancer, Criterion, check_classification
 from multimodal_general.balance.distributed import all_reduce_sum
 from multimodal_general.balance.metrics import UtilizationMetric
 from multimodal_general.balance.registration import Modality
@@ -143,18 +143,7 @@ class OGMGE(Balancer):
         return out
 
     def _balance_loss(self, features, output, target, task_loss) -> Tensor:
-        if (
-            output.dim() != 2
-            or target.dim() != 1
-            or target.shape[0] != output.shape[0]
-            or target.dtype.is_floating_point
-            or target.dtype == torch.bool
-        ):
-            raise ConfigurationError(
-                "ogm_ge supports classification tasks; it needs an output [N, C] and a target of "
-                f"class indices [N], got output {tuple(output.shape)} and target "
-                f"{tuple(target.shape)} of {target.dtype}"
-            )
+        check_classification("ogm_ge supports classification tasks", output, target)
         with torch.no_grad():
             for index, logits in enumerate(self.contributions(features).values()):
                 p = logits.float().softmax(dim=1).gather(1, target.view(-1, 1))
