@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,9 +122,7 @@ def compare(
                     resume = (run_dir / "checkpoints" / "last.pt").exists()
                     report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
                     config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
-                    started = time.perf_counter()
                     Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
-                    atomic_write_text(run_dir / "wall_s.txt", f"{time.perf_counter() - started:.1f}\n")
                 runs.append(_scored(run_dir, method, seed, test_data, place.device.type, report))
     finally:
         stop()
