@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -229,10 +230,21 @@ def compare(
     from brats_cggm.training.progress import EpochProgress
 
     shared = {**parse_settings(settings or []), **({"optim.epochs": epochs} if epochs is not None else {})}
+    from brats_cggm.metrics import REGIONS
+
     run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
                    report=console.print, progress=EpochProgress(console))
-    console.print((out / "results.md").read_text())
-    console.print(f"[bold green]done[/]: {out}/results.md, results.csv, results.json, results.png")
+    rows = json.loads((out / "results.json").read_text())["methods"]
+    table = Table(title="test Dice (mean ± std over seeds), each run selected on its validation cases")
+    for column in ("method", "seeds", *REGIONS, "mean", "min/run"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        dice = [row[f"test_dice/{r}"] for r in (*REGIONS, "mean")]
+        table.add_row(row["method"], str(row["seeds"]), *(f"{m:.3f} ± {s:.3f}" for m, s in dice),
+                      f"{row['train_s'][0] / 60:.1f}")
+    console.print(table)
+    console.print(f"[bold green]done[/]: {out}/results.md (with the heads and validation Dice), results.csv, "
+                  "results.json, results.png")
 
 
 @app.command()
