@@ -259,6 +259,22 @@ def test_selection_never_scores_test_before_training_ends(data_sets, tmp_path, m
     assert events.count("score test") == 1
 
 
+def test_mslr_under_adamw_is_applied_once_as_per_encoder_learning_rates(data_sets):
+    """AdamW normalizes a gradient factor away: the scales become the encoders' rates, and the
+    balancer leaves gradients alone (applied twice, a scale would also shrink Adam's steps
+    until its moment estimates caught up)."""
+    from multimodal_general.tasks.runner import build
+
+    settings = settings_for("mosi", data_sets, balancer="mslr", optimizer="adamw",
+                            balancer_options={"scales": {"text": 0.5}})
+    parts = build(settings, load_task(settings), seed=0)
+    assert parts.balancer.applied_by_optimizer
+    rates = {g["modality"]: g["lr"] for g in parts.optimizers[0].param_groups if "modality" in g}
+    assert rates == {"text": 0.5 * settings.lr, "audio": settings.lr, "vision": settings.lr}
+    sgd = settings_for("mosi", data_sets, balancer="mslr", optimizer="sgd", balancer_options={"scales": {"text": 0.5}})
+    assert not build(sgd, load_task(sgd), seed=0).balancer.applied_by_optimizer  # SGD: the gradient factor is the rate
+
+
 # ----------------------------------------------------------------------------- seeds
 def test_two_seeds_give_two_folders_and_a_std_over_both(data_sets, tmp_path):
     out = tmp_path / "run"
