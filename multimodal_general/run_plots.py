@@ -36,6 +36,7 @@ BALANCE_PANELS = (
     ("eps/", "head_metric/", "head {metric} (training batch)", "auxiliary head {metric} per modality"),
     ("B/", "B/", "B (encoder gradient scale)", "CGGM magnitude coefficient B per modality"),
     ("cos/", "cos/", "cosine (fused vs. modality grad)", "CGGM gradient direction: cosine"),
+    ("score/", "score/", "response score", "AGM / OGM-GE: each modality's own response, scored"),
     ("coef/", "coef/", "gradient coefficient", "AGM / OGM-GE: each encoder's gradient coefficient"),
     ("scale/", "scale/", "scale", "MSLR: learning-rate scale (MMPareto: magnitude factor)"),
     ("weight/", "weight/", "loss weight", "G-Blending: each unimodal loss's weight"),
@@ -44,7 +45,7 @@ BALANCE_PANELS = (
 UNIT_PANELS = ("B/", "coef/", "scale/")
 B_YLIM = (-1.0, 3.0)  # the B axis shows at most this range
 TELEMETRY_PANEL_PREFIXES = tuple(spec[0] for spec in BALANCE_PANELS)
-MODALITY_PREFIXES = ("eps/", "d/", "B/", "cos/", "grad_norm/", "coef/", "scale/", "weight/")
+MODALITY_PREFIXES = ("eps/", "d/", "B/", "cos/", "grad_norm/", "score/", "coef/", "scale/", "weight/")
 
 
 # ------------------------------------------------------------------------------- reading
@@ -239,7 +240,7 @@ def balance_figure(name: str, telemetry: dict[str, np.ndarray], metrics: Sequenc
         curves = {m: moving_average(v, window) for m, v in series.items()}
         for m, curve in curves.items():
             ax.plot(x, curve, color=colors[m], lw=1.8, marker=marker, ms=3)
-        if kind == "eps/":
+        if kind in ("eps/", "score/"):  # Dice, accuracy or a probability
             ax.set_ylim(-0.02, 1.02)
         elif kind in UNIT_PANELS:
             ax.axhline(1.0, color="0.3", ls="--", lw=1.2)
