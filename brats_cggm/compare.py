@@ -180,11 +180,14 @@ def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, devic
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     best = next(r for r in rows if r["epoch"] == summary["best_epoch"])
+    test_dice = {r: test["metrics"][f"dice/{r}"]["mean"] for r in REGIONS}
     return {
         "method": method, "seed": seed, "best_epoch": summary["best_epoch"], "test_cases": test["cases"],
-        **{f"test_dice/{r}": test["metrics"][f"dice/{r}"]["mean"] for r in REGIONS},
+        **{f"test_dice/{r}": value for r, value in test_dice.items()},
+        "test_dice/mean": statistics.fmean(test_dice.values()),
         **{f"test_hd95/{r}": test["metrics"][f"hd95/{r}"]["mean"] for r in REGIONS},
         **{f"val_dice/{r}": best[f"val_dice/{r}"] for r in REGIONS},
+        "val_dice/mean": statistics.fmean(best[f"val_dice/{r}"] for r in REGIONS),
         **{f"head/{s}": rows[-1].get(f"val_head_dice/{s}") for s in MODALITIES},
         "step_s": statistics.median(r["step_s"] for r in rows),
         "train_s": sum(r["time_s"] for r in rows),
@@ -196,9 +199,6 @@ def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         mine = [r for r in runs if r["method"] == name]
-        for r in mine:
-            r["test_dice/mean"] = statistics.fmean(r[f"test_dice/{g}"] for g in REGIONS)
-            r["val_dice/mean"] = statistics.fmean(r[f"val_dice/{g}"] for g in REGIONS)
         keys = [f"test_dice/{g}" for g in (*REGIONS, "mean")] + ["val_dice/mean"]
         keys += [f"head/{s}" for s in MODALITIES] + ["step_s", "train_s"]
         rows.append({"method": name, "seeds": len(mine), **{k: _mean_std([r[k] for r in mine]) for k in keys}})
