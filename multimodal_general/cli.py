@@ -160,8 +160,23 @@ def _load(settings, what: str = "reading data"):
         return load_task(settings, progress=progress)
 
 
+def _changed_on_resume(ctx: typer.Context, settings, saved, seeds: int, saved_seeds: int) -> list[str]:
+    """The options given on the command line whose value differs from the run's own."""
+    changed = []
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
+        if getattr(source, "name", None) != "COMMANDLINE" or name in ("out", "resume", "epochs", "threads"):
+            continue
+        field = "balancer_options" if name == "balancer_option" else name
+        differs = seeds != saved_seeds if name == "seeds" else getattr(settings, field) != getattr(saved, field)
+        if differs:
+            changed.append("--" + name.replace("_", "-"))
+    return changed
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     task: str = typer.Option(..., help=TASK_HELP),
     data: Path = typer.Option(..., help="the dataset: MOSI pickle, IEMOCAP feature root or Food-101 root"),
     out: Path = typer.Option(..., help="the run folder (config, seed-<k>/ with metrics, telemetry, checkpoints, plots)"),
@@ -211,6 +226,10 @@ def train(
     seed_list = list(range(seeds))
     if resume and (out / "config.yaml").exists():  # the run as configured; only --epochs may change
         saved, seed_list = read_settings(out)
+        changed = _changed_on_resume(ctx, settings, saved, seeds, len(seed_list))
+        if changed:
+            raise ConfigurationError(f"{out}: --resume continues the run as configured; only --epochs may "
+                                     f"change (got other {', '.join(changed)})")
         settings = replace(saved, epochs=epochs or saved.epochs)
         seeds = len(seed_list)
     data_ = _load(settings)

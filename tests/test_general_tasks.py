@@ -357,6 +357,16 @@ def test_resume_keeps_a_finished_seed(runs, data_sets, tmp_path):
     assert {k: v for k, v in snapshot(run / "seed-0").items() if not k.startswith("plots/")} == seed_files
 
 
+def test_resume_refuses_options_that_change_the_run(runs, data_sets, tmp_path):
+    """Given again with the run's own values, options are fine (the test above); a changed one is
+    refused before anything is touched, as ``brats-cggm train --resume`` does."""
+    run = Path(shutil.copytree(runs["mosi", "cggm"], tmp_path / "run"))
+    before = snapshot(run)
+    code, _, err = cli(*train_args("mosi", data_sets["mosi"], run, data_sets, balancer="none", lr=0.5), "--resume")
+    one_line_error(code, err, "only --epochs may change", "--balancer", "--lr")
+    assert snapshot(run) == before
+
+
 def test_resume_with_more_epochs_on_a_finished_run_is_consistent(runs, data_sets, tmp_path):
     run = Path(shutil.copytree(runs["mosi", "none"], tmp_path / "run"))
     cli(*train_args("mosi", data_sets["mosi"], run, data_sets, epochs=EPOCHS["mosi"] + 1), "--resume")
