@@ -26,12 +26,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.layouts import discover
@@ -39,8 +38,9 @@ from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import REGIONS
 from brats_cggm.training.cases import select_cases
 from brats_cggm.training.config import DataConfig
-from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
 from multimodal_general.provenance import provenance
+from multimodal_general.series import mean_std, plus_minus
 
 #: what each method changes in the shared configuration
 METHODS: dict[str, dict[str, Any]] = {
@@ -111,7 +111,7 @@ def compare(
     for method in names:  # every configuration and both data folders are checked before anything is written
         resolve_config(preset, None, method_overrides(method, shared, preset))
     _check_cases(resolve_config(preset, None, shared).data, test_data)
-    _pin(out / "settings.yaml", {"preset": preset, "settings": shared, "test_data": test_source})
+    pin_settings(out / "settings.yaml", {"preset": preset, "settings": shared, "test_data": test_source})
     place = start(resolve_config(preset, None, shared).device)
     runs = []
     try:
@@ -133,7 +133,7 @@ def compare(
     atomic_write_text(out / "results.md", markdown(rows, command, test_data))
     atomic_write_text(out / "results.csv", _csv(rows))
     atomic_write_text(out / "results.json", json.dumps(
-        {"command": command, "provenance": provenance("torch", "monai"), "methods": rows, "runs": runs},
+        json_safe({"command": command, "provenance": provenance("torch", "monai"), "methods": rows, "runs": runs}),
         indent=1, default=str) + "\n")
     plot(out / "results.png", rows)
     return runs
@@ -156,14 +156,6 @@ def _check_cases(data: DataConfig, test_data: Path | None) -> None:
          for c in found.cases if c.label is None), None)
     if problem is not None:
         raise problem
-
-
-def _pin(path: Path, settings: dict[str, Any]) -> None:
-    if path.exists():
-        if yaml.safe_load(path.read_text()) != settings:
-            raise ConfigurationError(f"{path}: this comparison was made with other settings; use another --out")
-    else:
-        atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
 
 
 def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, device: str,
@@ -195,25 +187,14 @@ def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, devic
 
 
 def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per method: ``[mean, std]`` over seeds of every reported value (None where a value is missing)."""
+    """Per method: ``[mean, std]`` over seeds of every reported value (NaN where none is known)."""
     rows = []
     for name in names:
         mine = [r for r in runs if r["method"] == name]
         keys = [f"test_dice/{g}" for g in (*REGIONS, "mean")] + ["val_dice/mean"]
         keys += [f"head/{s}" for s in MODALITIES] + ["step_s", "train_s"]
-        rows.append({"method": name, "seeds": len(mine), **{k: _mean_std([r[k] for r in mine]) for k in keys}})
+        rows.append({"method": name, "seeds": len(mine), **{k: list(mean_std([r[k] for r in mine])) for k in keys}})
     return rows
-
-
-def _mean_std(values: list) -> list[float] | None:
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-
-
-def _pm(pair: list[float] | None) -> str:
-    return "—" if pair is None else f"{pair[0]:.3f} ± {pair[1]:.3f}"
 
 
 def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
@@ -229,10 +210,9 @@ def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [_pm(row[f"test_dice/{g}"]) for g in (*REGIONS, "mean")] + [_pm(row["val_dice/mean"])]
-        cells += [_pm(row[f"head/{s}"]) for s in MODALITIES]
-        cells += [f"{row['step_s'][0]:.2f}" if row["step_s"] else "—",
-                  f"{row['train_s'][0] / 60:.1f}" if row["train_s"] else "—"]
+        cells = [plus_minus(row[f"test_dice/{g}"]) for g in (*REGIONS, "mean")] + [plus_minus(row["val_dice/mean"])]
+        cells += [plus_minus(row[f"head/{s}"]) for s in MODALITIES]
+        cells += [f"{row['step_s'][0]:.2f}", f"{row['train_s'][0] / 60:.1f}"]
         lines.append(f"| {row['method']} ({row['seeds']} seeds) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -244,7 +224,7 @@ def _csv(rows: list[dict]) -> str:
     writer.writerow(["method", "seeds", *(f"{k} {part}" for k in keys for part in ("mean", "std"))])
     for row in rows:
         writer.writerow([row["method"], row["seeds"], *(
-            "" if row[k] is None else f"{v:.6g}" for k in keys for v in (row[k] or [None, None]))])
+            f"{v:.6g}" if math.isfinite(v) else "" for k in keys for v in row[k])])
     return buffer.getvalue()
 
 
@@ -258,7 +238,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     width = 0.8 / len(regions)
     colors = {"TC": "tab:red", "WT": "tab:green", "ET": "tab:blue", "mean": "0.3"}
     for i, region in enumerate(regions):
-        values = [row[f"test_dice/{region}"] or [0.0, 0.0] for row in rows]
+        values = [[v if math.isfinite(v) else 0.0 for v in row[f"test_dice/{region}"]] for row in rows]
         ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [v[0] for v in values], width,
                yerr=[v[1] for v in values], capsize=2, color=colors[region], label=region)
     ax.set_xticks(range(len(rows)), [f"{row['method']}\n({row['seeds']} seeds)" for row in rows], fontsize=9)

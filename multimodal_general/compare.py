@@ -47,7 +47,6 @@ import csv
 import io
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -58,6 +57,7 @@ import torch
 from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe
+from multimodal_general.series import mean_std, plus_minus
 from multimodal_general.tasks.imbalance import (
     FUSION_HEADS,
     TASKS,
@@ -375,32 +375,21 @@ def compare(
     return outcome
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if _finite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
-
-
 def _aggregate(name: str, runs: list[dict], reason: str | None, modalities: list[str], head: str) -> dict:
     row: dict = {"method": name, "fusion_head": head, "status": "ok", "reason": "", "runs": len(runs)}
     if reason is not None:
         row.update(status="not applicable", reason=reason, runs=0)
         runs = []
-    row["metric_mean"], row["metric_std"] = _mean_std([r["test_metric"] for r in runs])
+    row["metric_mean"], row["metric_std"] = mean_std([r["test_metric"] for r in runs])
     row["finite"] = sum(_finite(r["test_metric"]) for r in runs)
     row["diverged"] = sum(bool(r["diverged"]) for r in runs)
     for m in modalities:
-        row[f"probe_{m}_mean"], row[f"probe_{m}_std"] = _mean_std([r["probe"].get(m, math.nan) for r in runs])
-        row[f"head_{m}_mean"], row[f"head_{m}_std"] = _mean_std([r["head"].get(m, math.nan) for r in runs])
-    row["wall_s_mean"], row["wall_s_std"] = _mean_std([r["wall_s"] for r in runs])
+        row[f"probe_{m}_mean"], row[f"probe_{m}_std"] = mean_std([r["probe"].get(m, math.nan) for r in runs])
+        row[f"head_{m}_mean"], row[f"head_{m}_std"] = mean_std([r["head"].get(m, math.nan) for r in runs])
+    row["wall_s_mean"], row["wall_s_std"] = mean_std([r["wall_s"] for r in runs])
     row["wall_s_total"] = sum(r["wall_s"] for r in runs)
-    row["best_epoch_mean"], _ = _mean_std([r["best_epoch"] + 1 for r in runs if r["best_epoch"] is not None])
+    row["best_epoch_mean"], _ = mean_std([r["best_epoch"] + 1 for r in runs if r["best_epoch"] is not None])
     return row
-
-
-def _pm(mean: float, std: float, digits: int = 3) -> str:
-    return "—" if not _finite(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _header(task: str, names: list[str], seeds: int, base: RunConfig, test_size: int) -> str:
@@ -431,12 +420,12 @@ def _markdown(header: str, rows: list[dict], modalities: list[str], kind: str) -
         if row["status"] != "ok":
             cells = [row["method"], f"not applicable: {row['reason']}"] + [""] * (len(columns) - 2)
         else:
-            cells = [row["method"], _pm(row["metric_mean"], row["metric_std"]), f"{row['diverged']}/{row['runs']}"]
-            cells += [_pm(row[f"probe_{m}_mean"], row[f"probe_{m}_std"]) for m in modalities]
-            cells += [_pm(row[f"head_{m}_mean"], row[f"head_{m}_std"]) for m in modalities]
+            cells = [row["method"], plus_minus((row["metric_mean"], row["metric_std"])), f"{row['diverged']}/{row['runs']}"]
+            cells += [plus_minus((row[f"probe_{m}_mean"], row[f"probe_{m}_std"])) for m in modalities]
+            cells += [plus_minus((row[f"head_{m}_mean"], row[f"head_{m}_std"])) for m in modalities]
             cells += [
                 "—" if not _finite(row["best_epoch_mean"]) else f"{row['best_epoch_mean']:.1f}",
-                _pm(row["wall_s_mean"], row["wall_s_std"], 1),
+                plus_minus((row["wall_s_mean"], row["wall_s_std"]), 1),
                 row["fusion_head"],
             ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")

@@ -12,7 +12,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
-from multimodal_general.errors import BadDataFile, OutputError, PathError
+from multimodal_general.errors import BadDataFile, ConfigurationError, OutputError, PathError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -115,3 +115,16 @@ def load_tagged(path: str | Path, tag: str, error: type[PathError] = BadDataFile
     if not isinstance(payload, dict) or payload.get("format") != tag:
         raise error(path, f"not a {tag} file")
     return payload
+
+
+def pin_settings(path: str | Path, settings: dict) -> None:
+    """The first call writes ``settings`` to the YAML file ``path``; later calls must pass the same
+    settings (a comparison folder refuses a rerun with others: its tables would mix budgets)."""
+    import yaml
+
+    path = Path(path)
+    if path.exists():
+        if yaml.safe_load(path.read_text()) != settings:
+            raise ConfigurationError(f"{path}: this comparison was made with other settings; use another --out")
+    else:
+        atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))

@@ -1,6 +1,9 @@
-"""Smoothing of per-step training curves for plots."""
+"""Smoothing of per-step training curves for plots, and the mean ± std of per-seed results."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import numpy as np
 
@@ -17,3 +20,18 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     count = np.convolve(finite.astype(float), kernel, mode="same")
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0.5, total / np.maximum(count, 1.0), np.nan)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite numbers among ``values`` (std 0 for one;
+    ``(nan, nan)`` for none)."""
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def plus_minus(pair, digits: int = 3) -> str:
+    """``"mean ± std"``, or ``"—"`` when the mean is not a finite number."""
+    mean, std = pair
+    return "—" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -24,13 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import yaml
-
 from multimodal_general.compare import method_options, parse_methods
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.io import atomic_write, atomic_write_text, pin_settings
+from multimodal_general.series import mean_std, plus_minus
 from multimodal_general.tasks.data import TaskData
-from multimodal_general.tasks.experiment import mean_std, plus_minus
 from multimodal_general.tasks.field_metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
 from multimodal_general.tasks.runner import TrainSettings, train_seed
 
@@ -49,13 +47,7 @@ def compare_on_task(
         raise ConfigurationError("--seeds must be >= 1")
     out = Path(out)
     shared = {k: v for k, v in asdict(settings).items() if k not in ("balancer", "preset")}
-    pinned = out / "settings.yaml"
-    if pinned.exists():
-        saved = yaml.safe_load(pinned.read_text())
-        if saved != shared:
-            raise ConfigurationError(f"{pinned}: this comparison was made with other settings; use another --out")
-    else:
-        atomic_write_text(pinned, yaml.safe_dump(shared, sort_keys=False))
+    pin_settings(out / "settings.yaml", shared)
     results: dict[str, list[dict]] = {n: [] for n in names}
     not_applicable: dict[str, str] = {}
     for seed in range(seeds):

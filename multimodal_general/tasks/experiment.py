@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe
+from multimodal_general.series import mean_std, plus_minus
 from multimodal_general.tasks.data import TaskData
 from multimodal_general.tasks.field_metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
 from multimodal_general.tasks.runner import (
@@ -128,13 +128,6 @@ def evaluate_run(run_dir: Path, data: TaskData, split: str = "test", checkpoint:
     return result
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
-
-
 def _aggregate(scores: list[dict], task: str) -> dict[str, Any]:
     """``{"fused": {metric: [mean, std]}, "heads": {m: {metric: [mean, std]}}}``."""
     def table(rows: list[dict]) -> dict[str, list[float]]:
@@ -155,11 +148,6 @@ def write_summary(run_dir: Path, settings: TrainSettings, results: list[dict]) -
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
     atomic_write_text(Path(run_dir) / "summary.md", summary_markdown(summary))
     return summary
-
-
-def plus_minus(pair: list[float]) -> str:
-    mean, std = pair
-    return "—" if not math.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
