@@ -55,23 +55,18 @@ def compare_on_task(
         for name in names[shift:] + names[:shift]:  # no method always runs first
             run = replace(settings, **method_options(name))
             report = (lambda epoch, row, label=f"{name} seed {seed}": on_epoch(label, epoch)) if on_epoch else None
-            if name in not_applicable:
-                if report is not None:
-                    report(run.epochs, None)  # the bar counts the epochs it will not run
-                continue
-            try:
-                results[name].append(
-                    train_seed(run, data, seed, out / "runs" / name / f"seed-{seed}", resume=True, on_epoch=report)
-                )
-                if report is not None:
-                    report(run.epochs, None)  # a run finished before reports all its epochs at once
-            except ConfigurationError as error:
-                if results[name]:
-                    raise
-                not_applicable[name] = str(error).strip().splitlines()[0]
-                shutil.rmtree(out / "runs" / name, ignore_errors=True)  # nothing of it is a result
-                if report is not None:
-                    report(run.epochs, None)
+            if name not in not_applicable:
+                try:
+                    results[name].append(
+                        train_seed(run, data, seed, out / "runs" / name / f"seed-{seed}", resume=True, on_epoch=report)
+                    )
+                except ConfigurationError as error:
+                    if results[name]:
+                        raise
+                    not_applicable[name] = str(error).strip().splitlines()[0]
+                    shutil.rmtree(out / "runs" / name, ignore_errors=True)  # nothing of it is a result
+            if report is not None:  # every run counts all its epochs: finished before, or not applicable
+                report(run.epochs, None)
     rows = [_row(name, results[name], not_applicable.get(name), data) for name in names]
     header = _header(settings, names, seeds, data)
     atomic_write_text(out / "results.md", header + _markdown(rows, data))

@@ -205,8 +205,10 @@ def _ids(path: Path, split: str, arrays: dict[str, np.ndarray]) -> list[str]:
 def _to_split(path: Path, name: str, arrays: dict[str, np.ndarray]) -> SequenceSplit:
     # MulT pads on the left; in memory the real steps come first (positions start at the
     # first real step whatever the padding, as for every other task)
-    aligned = {m: real_steps_first(x, mask_of_zero_padding(x))
-               for m, x in ((m, _features(path, name, m, arrays[m])) for m in MODALITIES)}
+    aligned = {}
+    for m in MODALITIES:
+        x = _features(path, name, m, arrays[m])
+        aligned[m] = real_steps_first(x, mask_of_zero_padding(x))
     return SequenceSplit(
         inputs={m: x for m, (x, _) in aligned.items()},
         masks={m: mask for m, (_, mask) in aligned.items()},
