@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import typer
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -56,8 +58,10 @@ def parse_settings(settings: list[str], option: str = "--set", example: str = "o
     return parsed
 
 
-def progress_bar(console: Console, *, elapsed: bool = True, transient: bool = False) -> Progress:
-    """The command lines' progress bar: description, bar, done/total, (elapsed,) remaining."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+def progress_bar(console: Console, *, elapsed: bool = True, transient: bool = False,
+                 extra: Sequence[ProgressColumn] = ()) -> Progress:
+    """The command lines' progress bar: description, bar, done/total, (``extra`` columns,)
+    (elapsed,) remaining."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra]
     columns += [TimeElapsedColumn()] if elapsed else []
     return Progress(*columns, TimeRemainingColumn(), console=console, transient=transient)

@@ -5,25 +5,17 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import TextColumn
+
+from multimodal_general.cli_support import progress_bar
 
 
 class EpochProgress:
     """Adapter the trainer calls: ``start`` an epoch, ``advance`` per step, ``finish``."""
 
     def __init__(self, console: Console) -> None:
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.2f} s/step"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-        )
+        self.bar = progress_bar(console, transient=True, extra=(
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.2f} s/step")))
         self._loss_sum, self._count, self._started = 0.0, 0, 0.0
 
     def start(self, description: str, total: int, completed: int = 0):
