@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -226,15 +225,15 @@ def compare(
 ) -> None:
     """Train every method x seed with the same budget, select each run on its validation cases,
     score it on held-out cases, and write one table (runs already done are reused)."""
+    from brats_cggm.compare import aggregate, parse_methods
     from brats_cggm.compare import compare as run_comparison
+    from brats_cggm.metrics import REGIONS
     from brats_cggm.training.progress import EpochProgress
 
     shared = {**parse_settings(settings or []), **({"optim.epochs": epochs} if epochs is not None else {})}
-    from brats_cggm.metrics import REGIONS
-
-    run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
-                   report=console.print, progress=EpochProgress(console))
-    rows = json.loads((out / "results.json").read_text())["methods"]
+    runs = run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
+                          report=console.print, progress=EpochProgress(console))
+    rows = aggregate(runs, parse_methods(methods))
     table = Table(title="test Dice (mean ± std over seeds), each run selected on its validation cases")
     for column in ("method", "seeds", *REGIONS, "mean", "min/run"):
         table.add_column(column, justify="left" if column == "method" else "right")
