@@ -19,7 +19,8 @@ width. Columns:
 * **saved MiB**: tensors kept for backward (a proxy for the training step's peak memory).
 
 A second table splits the FLOPs of each multi-branch network by stage: branches (the four
-encoders), fusion (masked means: elementwise, no counted FLOPs), decoder, output conv,
+encoders), fusion (masked means are elementwise, no counted FLOPs; HeMIS and attention add
+1x1x1 convolutions), decoder, output conv,
 heads (training only), each forward + backward, counted stage by stage on detached inputs.
 
 By default glibc is told to keep freed memory (``--malloc tuned``, see
@@ -45,6 +46,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from brats_cggm.network import MultiBranchUNet, build_network, make_auxiliary_heads
+from multimodal_general.balance.base import detached
 from multimodal_general.io import atomic_write_text
 from multimodal_general.provenance import provenance
 from multimodal_general.runtime import keep_freed_memory
@@ -59,10 +61,13 @@ NETWORKS: dict[str, tuple[str, dict, str]] = {
     ),
     "multi-branch-default": ("default", {}, "early-fusion"),
     "multi-branch-small": ("small", {}, "early-fusion-small"),
+    "multi-branch-small-hemis": ("small", {"fusion": "hemis"}, "early-fusion-small"),
+    "multi-branch-small-attention": ("small", {"fusion": "attention"}, "early-fusion-small"),
     # design check: the default without the strided stem (every level at twice the resolution)
     "multi-branch-full-res-stem": ("default", {"strides": (1, 2, 2, 2)}, "early-fusion"),
 }
-DEFAULT_NETWORKS = ("early-fusion", "early-fusion-small", "multi-branch-default", "multi-branch-small")
+DEFAULT_NETWORKS = ("early-fusion", "early-fusion-small", "multi-branch-default", "multi-branch-small",
+                    "multi-branch-small-hemis", "multi-branch-small-attention")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -99,7 +104,7 @@ def step(net, heads: dict, image: torch.Tensor) -> None:
     logits, features = net.forward_with_features(image)
     loss = logits.float().sum()
     for name, head in heads.items():
-        loss = loss + head(features[name].detach()).float().sum()
+        loss = loss + head(detached(features[name])).float().sum()
     loss.backward()
     net.zero_grad(set_to_none=True)
     for head in heads.values():
@@ -138,7 +143,7 @@ def stage_flops(net: MultiBranchUNet, heads: dict, image: torch.Tensor) -> dict[
     keep = torch.ones(image.shape[0], len(net.modalities), dtype=torch.bool)
     branch_features, branches_fwd = flops(lambda: net.encode(image, keep))
     leaves = [[f.detach().requires_grad_() for f in levels] for levels in branch_features]
-    fused, fusion_fwd = flops(lambda: [net.fusion(level, keep) for level in zip(*leaves)])
+    fused, fusion_fwd = flops(lambda: net.fuse(leaves, keep))
     fused_leaves = [f.detach().requires_grad_() for f in fused]
     hidden, decoder_fwd = flops(lambda: net.decoder(fused_leaves))
     hidden_leaf = hidden.detach().requires_grad_()
@@ -150,7 +155,7 @@ def stage_flops(net: MultiBranchUNet, heads: dict, image: torch.Tensor) -> dict[
         [f for levels in branch_features for f in levels], [f.grad for levels in leaves for f in levels]))
     heads_total = 0.0
     for index, name in enumerate(net.modalities):
-        prediction, fwd = flops(partial(heads[name], branch_features[index][-1].detach()))
+        prediction, fwd = flops(partial(heads[name], detached(branch_features[index])))
         _, bwd = flops(prediction.sum().backward)
         heads_total += fwd + bwd
     net.zero_grad(set_to_none=True)

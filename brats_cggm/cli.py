@@ -158,6 +158,8 @@ def train(
         list[str] | None, typer.Option("--set", help="any setting, e.g. --set optim.momentum=0.9 (repeatable)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    init: Annotated[Path | None, typer.Option(
+        help="start from the network weights of another run (its best.pt) or checkpoint, e.g. phantom pre-training")] = None,
 ) -> None:
     """Train the segmentation network with a balancer (CGGM by default).
 
@@ -172,6 +174,7 @@ def train(
         "data.dir": str(data.resolve()) if data else None,  # absolute: resumable from anywhere
         "balancer.name": balancer, "balancer.preset": cggm_preset,
         "network.preset": network, "optim.epochs": epochs, "optim.lr": lr, "seed": seed, "device": device,
+        "init": str(init.resolve()) if init else None,
         **{f"balancer.options.{name}": value
            for name, value in parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5").items()},
         **parse_settings(settings or []),

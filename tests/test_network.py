@@ -22,6 +22,7 @@ from brats_cggm.network import (
 )
 from brats_cggm.network.masking import modality_dropout
 from multimodal_general.balance import CGGM
+from multimodal_general.balance.base import detached
 
 TINY = {"channels": (4, 8, 16), "strides": (2, 2, 2), "num_res_units": 1, "head_channels": 4}
 
@@ -150,7 +151,8 @@ def test_modality_dropout_acts_in_training_only_and_keeps_branch_features_real()
         _, reference_features = reference.forward_with_features(x)
     assert any(not torch.equal(a[0], b[0]) for a, b in itertools.pairwise(outputs))
     for _, features in outputs:  # dropout removes a branch from the fusion only
-        assert all(torch.equal(features[m], reference_features[m]) for m in MODALITIES)
+        assert all(torch.equal(level, ref) for m in MODALITIES
+                   for level, ref in zip(features[m], reference_features[m]))
 
 
 # ---------------------------------------------------------------- CGGM heads
@@ -162,11 +164,20 @@ def test_heads_predict_the_fused_shape_and_stay_out_of_the_network():
     assert set(net.state_dict()) == keys_before
     net_params = {id(p) for p in net.parameters()}
     logits, features = net.forward_with_features(image(2))
-    assert features["t2"].shape == (2, 16, 2, 2, 2)
+    assert [tuple(f.shape) for f in features["t2"]] == [(2, 4, 8, 8, 8), (2, 8, 4, 4, 4), (2, 16, 2, 2, 2)]
     for name, (head, last) in heads.items():
         assert last.weight.shape == net.output_conv.weight.shape == (3, 4, 1, 1, 1)
         assert not net_params & {id(p) for p in head.parameters()}
-        assert head(features[name].detach()).shape == logits.shape
+        assert head(detached(features[name])).shape == logits.shape
+
+
+def test_a_head_reads_every_level_of_its_branch_through_skip_connections():
+    net = tiny()
+    head, _ = make_auxiliary_heads(net)["t1ce"]
+    _, features = net.forward_with_features(image(1))
+    pyramid = [f.detach().requires_grad_() for f in features["t1ce"]]
+    head(pyramid).sum().backward()
+    assert all(level.grad is not None and level.grad.abs().sum() > 0 for level in pyramid)
 
 
 def test_cggm_registers_the_branches_and_scales_each_encoder_gradient():
@@ -200,7 +211,7 @@ def test_head_losses_send_no_gradient_into_the_encoders():
     net = tiny()
     heads = make_auxiliary_heads(net)
     _, features = net.forward_with_features(image(2))
-    sum(head(features[m].detach()).sum() for m, (head, _) in heads.items()).backward()
+    sum(head(detached(features[m])).sum() for m, (head, _) in heads.items()).backward()
     assert all(p.grad is None for p in net.parameters())
 
 

@@ -1,9 +1,10 @@
-"""Training-only unimodal heads for CGGM: light decoders on one branch's deepest features."""
+"""Training-only unimodal heads for CGGM: a light U-Net decoder over one branch's pyramid."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.blocks import Convolution, UpSample
 from monai.networks.layers import Conv
 from torch import Tensor, nn
@@ -13,17 +14,19 @@ from multimodal_general.balance import Modality
 
 
 class AuxiliaryHead(nn.Module):
-    """Predicts the region logits from one branch's deepest feature map alone.
+    """Segments from one branch alone: a light U-Net decoder over that branch's pyramid.
 
     From the bottleneck up, each level is a transposed convolution (kernel = stride) to
-    ``channels[i] // width_divisor`` features and one 3x3x3 convolution (no skip
-    connections: the head sees only what the branch encodes at its deepest level); the
-    last of them gives ``head_channels`` features on the stem's grid. A 1x1x1
-    :attr:`output_conv`, whose weight has the shape of the fused network's output
-    convolution (as CGGM's direction term needs), makes the logits, which are
-    interpolated (trilinear, no weights) to the input grid: the heads skip the fused
-    decoder's full-resolution layer, which in four heads would cost more than the rest
-    of them.
+    ``channels[i] // width_divisor`` features, concatenation with the branch's own features
+    of that level (the skip connection), and one 3x3x3 convolution; the last of them, on the
+    stem's grid, is a 1x1x1 convolution to ``head_channels`` features (a 3x3x3 one there
+    made four heads cost more than the whole network). A 1x1x1 :attr:`output_conv`, whose
+    weight has the shape of the fused network's output convolution (as CGGM's direction
+    term needs), makes the logits, which are interpolated (trilinear, no weights) to the
+    input grid: the heads skip the fused decoder's full-resolution layer, which in four
+    heads would cost more than the rest of them. It is the 3-D counterpart of the CGGM
+    paper's per-modality decoders: without the skips a head sees only the bottleneck and
+    cannot place a small region (T1 and T1ce heads then stayed at Dice 0).
 
     Args:
         channels, strides: the branch's widths and strides.
@@ -31,7 +34,8 @@ class AuxiliaryHead(nn.Module):
         width_divisor: how much narrower than the fused decoder the head's levels are.
         act, norm: MONAI activation and normalization names (with options).
 
-    Shapes: ``[N, channels[-1], D / prod(strides), ...]`` -> ``[N, out_channels, D, H, W]``.
+    Shapes: the branch pyramid, a list of ``[N, channels[i], D / s_i, ...]`` (``s_i`` the
+    product of the first ``i + 1`` strides) -> ``[N, out_channels, D, H, W]``.
     """
 
     def __init__(
@@ -47,22 +51,23 @@ class AuxiliaryHead(nn.Module):
     ) -> None:
         super().__init__()
         widths = [max(c // width_divisor, 1) for c in channels]
-        layers: list[nn.Module] = []
+        self.ups, self.blocks = nn.ModuleList(), nn.ModuleList()
         previous = channels[-1]
         for level in reversed(range(len(channels) - 1)):
             out = head_channels if level == 0 else widths[level]
-            layers += [
-                UpSample(3, previous, widths[level], scale_factor=strides[level + 1], mode="deconv"),
-                Convolution(3, widths[level], out, act=act, norm=norm),
-            ]
+            self.ups.append(UpSample(3, previous, widths[level], scale_factor=strides[level + 1], mode="deconv"))
+            kernel = 1 if level == 0 else 3  # on the stem's grid a 3x3x3 head layer would cost as much as the network
+            self.blocks.append(Convolution(3, widths[level] + channels[level], out, kernel_size=kernel, act=act, norm=norm))
             previous = out
-        self.decoder = nn.Sequential(*layers)
         self.output_conv = Conv[Conv.CONV, 3](head_channels, out_channels, kernel_size=1)
         self.to_input = UpSample(3, scale_factor=strides[0], mode="nontrainable", pre_conv=None,
                                  interp_mode="trilinear", align_corners=False)
 
-    def forward(self, features: Tensor) -> Tensor:
-        return self.to_input(self.output_conv(self.decoder(features)))
+    def forward(self, pyramid: Sequence[Tensor]) -> Tensor:
+        x = pyramid[-1]
+        for up, block, skip in zip(self.ups, self.blocks, reversed(pyramid[:-1])):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.to_input(self.output_conv(x))
 
 
 def make_auxiliary_heads(

@@ -12,7 +12,7 @@ from brats_cggm import MODALITIES
 from brats_cggm.errors import ConfigurationError
 from brats_cggm.network.branch_encoder import LEAKY_RELU, BranchEncoder
 from brats_cggm.network.decoder import FusedDecoder
-from brats_cggm.network.fusion import MaskedMeanFusion
+from brats_cggm.network.fusion import make_fusion
 from brats_cggm.network.masking import (
     as_voxel_mask,
     check_image,
@@ -22,15 +22,16 @@ from brats_cggm.network.masking import (
 
 
 class MultiBranchUNet(nn.Module):
-    """One :class:`BranchEncoder` per sequence, a masked mean per level, one shared decoder.
+    """One :class:`BranchEncoder` per sequence, a fusion per level, one shared decoder.
 
     Each branch sees one input channel. At every resolution level the features of the
-    branches that are switched on are averaged (:class:`MaskedMeanFusion`); the fused
-    pyramid feeds a U-Net decoder (:class:`FusedDecoder`) and a 1x1x1 convolution
+    branches that are switched on are fused (``fusion``: a masked mean, HeMIS mean and
+    variance, or per-voxel attention over the branches; :mod:`brats_cggm.network.fusion`);
+    the fused pyramid feeds a U-Net decoder (:class:`FusedDecoder`) and a 1x1x1 convolution
     (:attr:`output_conv`) gives one logit per region (TC, WT, ET; apply a sigmoid).
 
     A branch switched off by ``modality_mask`` gets a zero input and is left out of
-    every mean: its input cannot change the output. With ``modality_dropout > 0`` the
+    every fusion: its input cannot change the output. With ``modality_dropout > 0`` the
     network switches branches off at random in training (never all branches of a
     sample), so that it learns to segment with a sequence missing. A sample with every
     branch switched off gets the prediction of an all-zero fused pyramid.
@@ -46,6 +47,7 @@ class MultiBranchUNet(nn.Module):
         num_res_units: convolutions per residual unit of the branch levels below the stem.
         head_channels: features on the input grid that the output convolution reads.
         modality_dropout: probability of switching a branch off per sample in training.
+        fusion: ``mean``, ``hemis`` or ``attention`` (one module per level).
         act, norm: MONAI activation and normalization names (with options).
 
     Shapes: ``image [N, M, D, H, W]``, ``modality_mask [N, M]`` (bool or 0/1, optional)
@@ -62,6 +64,7 @@ class MultiBranchUNet(nn.Module):
         num_res_units: int = 2,
         head_channels: int = 16,
         modality_dropout: float = 0.0,
+        fusion: str = "mean",
         act: tuple | str = LEAKY_RELU,
         norm: tuple | str = "instance",
     ) -> None:
@@ -81,12 +84,13 @@ class MultiBranchUNet(nn.Module):
         self.out_channels, self.head_channels = out_channels, head_channels
         self.channels, self.strides = tuple(channels), tuple(strides)
         self.modality_dropout = float(modality_dropout)
+        self.fusion_name = fusion
         self.act, self.norm = act, norm
         self.branches = nn.ModuleDict(
             {name: BranchEncoder(channels, strides, num_res_units=num_res_units, act=act, norm=norm)
              for name in self.modalities}
         )
-        self.fusion = MaskedMeanFusion()
+        self.fusions = nn.ModuleList(make_fusion(fusion, c, len(self.modalities)) for c in channels)
         self.decoder = FusedDecoder(channels, strides, head_channels, act=act, norm=norm)
         self.output_conv = Conv[Conv.CONV, 3](head_channels, out_channels, kernel_size=1)
 
@@ -108,13 +112,13 @@ class MultiBranchUNet(nn.Module):
 
     def forward_with_features(
         self, image: Tensor, modality_mask: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and, per sequence, its branch's deepest feature map
-        ``[N, channels[-1], D / divisor, H / divisor, W / divisor]`` (with its graph; what
-        the CGGM heads read, detached). Modality dropout removes a branch from the fusion
-        only: its features are still those of its real input."""
+    ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        """Logits and, per sequence, its branch's feature pyramid (a list of
+        ``[N, channels[i], ...]`` from the stem's grid down; with its graph; what the CGGM
+        heads read, detached). Modality dropout removes a branch from the fusion only: its
+        features are still those of its real input."""
         logits, branch_features = self.forward_with_pyramids(image, modality_mask)
-        return logits, self.deepest_features(branch_features)
+        return logits, self.features_by_name(branch_features)
 
     def forward_with_pyramids(
         self, image: Tensor, modality_mask: Tensor | None = None
@@ -128,9 +132,9 @@ class MultiBranchUNet(nn.Module):
             keep = modality_dropout(available, self.modality_dropout)
         return self.decode(branch_features, keep), branch_features
 
-    def deepest_features(self, branch_features: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
-        """``{sequence: its branch's deepest feature map}`` from the branch pyramids."""
-        return {name: levels[-1] for name, levels in zip(self.modalities, branch_features)}
+    def features_by_name(self, branch_features: Sequence[Sequence[Tensor]]) -> dict[str, list[Tensor]]:
+        """``{sequence: its branch's pyramid}`` from the branch pyramids in branch order."""
+        return {name: list(levels) for name, levels in zip(self.modalities, branch_features)}
 
     def encode(self, image: Tensor, available: Tensor) -> list[list[Tensor]]:
         """Every branch's feature pyramid; an unavailable branch of a sample sees zeros.
@@ -148,5 +152,8 @@ class MultiBranchUNet(nn.Module):
 
     def decode(self, branch_features: Sequence[Sequence[Tensor]], keep: Tensor) -> Tensor:
         """Logits from the branch pyramids, fusing only the branches ``keep [N, M]`` keeps."""
-        fused = [self.fusion(level, keep) for level in zip(*branch_features)]
-        return self.output_conv(self.decoder(fused))
+        return self.output_conv(self.decoder(self.fuse(branch_features, keep)))
+
+    def fuse(self, branch_features: Sequence[Sequence[Tensor]], keep: Tensor) -> list[Tensor]:
+        """The fused pyramid: each level's branch features fused over the branches ``keep`` keeps."""
+        return [fusion(level, keep) for fusion, level in zip(self.fusions, zip(*branch_features))]

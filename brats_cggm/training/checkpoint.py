@@ -96,7 +96,30 @@ def network_from_payload(payload: dict[str, Any], path: Path, device: str | torc
     from brats_cggm.training.config import TrainConfig
 
     config = TrainConfig.from_dict(payload["config"], str(path))
-    weights = payload["network"] if payload.get("kind") == "model" else payload["modules"]["net"]
     net = network_from_config(config.network)
-    net.load_state_dict(weights)
+    net.load_state_dict(network_weights(payload))
     return net.to(device).eval(), config
+
+
+def network_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's state dict in a checkpoint read with :func:`load`."""
+    return payload["network"] if payload.get("kind") == "model" else payload["modules"]["net"]
+
+
+def initialize_from(net: torch.nn.Module, source: str | Path) -> Path:
+    """Weights-only initialisation (``--init``): ``net`` takes the network weights of a run
+    folder's ``best.pt`` (or of the checkpoint file ``source``); optimizer, schedule, balancer
+    and progress start afresh. The network must be built as the source's was."""
+    path = Path(source)
+    if path.is_dir():
+        path = run_checkpoint(path, "best")
+    weights = network_weights(load(path))
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise IncompatibleModel(
+            f"{path}: its network does not match this run's (same network preset, fusion and "
+            f"overrides needed): {detail}"
+        ) from None
+    return path

@@ -109,7 +109,10 @@ def set_encoder_rates(parts: Components, base_lr: float) -> None:
 
 
 def network_from_config(network: NetworkConfig) -> nn.Module:
-    return build_network(network.preset, modality_dropout=network.modality_dropout, **network.overrides)
+    options = {"modality_dropout": network.modality_dropout, **network.overrides}
+    if network.fusion != "mean":  # early fusion has no branches to fuse, and takes no fusion
+        options["fusion"] = network.fusion
+    return build_network(network.preset, **options)
 
 
 def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module,

@@ -70,6 +70,8 @@ class NetworkConfig:
     #: ``default``, ``small`` (multi-branch) or ``early_fusion`` (baseline)
     preset: str = "small"
     modality_dropout: float = 0.0
+    #: how the branches are fused at every level (multi-branch presets): mean, hemis or attention
+    fusion: str = "mean"
     #: constructor arguments that replace the preset's (e.g. ``channels: [8, 16, 32, 64]``)
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -129,6 +131,9 @@ class TrainConfig:
     seed: int = 0
     #: auto (cuda when available), cpu or cuda
     device: str = "auto"
+    #: weights-only initialisation: a run folder (its best.pt) or a checkpoint file whose
+    #: network this run starts from (e.g. phantom pre-training before real fine-tuning)
+    init: str | None = None
 
     @property
     def preprocessing(self) -> PreprocessConfig:
@@ -148,6 +153,7 @@ class TrainConfig:
     def check(self) -> None:
         """Reject values that cannot work, with the option's name."""
         from brats_cggm.network import PRESETS as NETWORKS
+        from brats_cggm.network.fusion import FUSIONS
 
         self.preprocessing  # noqa: B018 - PreprocessConfig validates itself
         o, d, v = self.optim, self.data, self.validation
@@ -158,6 +164,7 @@ class TrainConfig:
             "data.cache": (d.cache, CACHE_MODES),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "network.preset": (self.network.preset, tuple(NETWORKS)),
+            "network.fusion": (self.network.fusion, FUSIONS),
             "balancer.name": (self.balancer.name, SEGMENTATION_BALANCERS),
         }
         if self.balancer.name in REFUSED_BALANCERS:

@@ -82,7 +82,7 @@ class FeatureNet(nn.Module):
             return self.net.forward_with_features(image)
         logits, pyramids = self.net.forward_with_pyramids(image)
         self.responses.remember(pyramids)
-        return logits, self.net.deepest_features(pyramids)
+        return logits, self.net.features_by_name(pyramids)
 
 
 class Trainer:
@@ -123,6 +123,9 @@ class Trainer:
             raise ConfigurationError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
             )
+        elif config.init is not None:
+            source = checkpoint.initialize_from(self.parts.net, config.init)
+            report(f"network initialised from {source}")
         self.logbook = Logbook(self.run_dir, place.is_main, resume_step=self.state.step if resume else None,
                                resume_epoch=self.state.epoch if resume else None)
         if place.is_main and not resume:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance.base import Balancer, Criterion, check_classification
+from multimodal_general.balance.base import Balancer, Criterion, check_classification, detached
 from multimodal_general.balance.distributed import all_reduce_sum
 from multimodal_general.balance.metrics import UtilizationMetric, soft_dice
 from multimodal_general.balance.registration import Modality
@@ -162,10 +162,10 @@ class AGM(Balancer):
         missing = [n for n in self.modality_names if n not in features]
         if missing:
             raise RegistrationError(f"features has no entry for modality(ies) {missing}")
-        detached = {name: h.detach() for name, h in features.items()}
+        without_graph = {name: detached(h) for name, h in features.items()}
         with torch.no_grad():
             for index, name in enumerate(self.modality_names):
-                response = self.unimodal_output(detached, name)
+                response = self.unimodal_output(without_graph, name)
                 if response.shape != output.shape:
                     raise RegistrationError(
                         f"unimodal_output(features, '{name}') has shape {tuple(response.shape)}, "

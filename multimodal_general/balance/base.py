@@ -43,6 +43,14 @@ from multimodal_general.errors import ConfigurationError, RegistrationError
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
 
+def detached(features: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+    """A modality's features without their graph: one tensor, or a list of tensors (a
+    feature pyramid, which a head with skip connections reads)."""
+    if isinstance(features, Tensor):
+        return features.detach()
+    return [level.detach() for level in features]
+
+
 def check_classification(what: str, output: Tensor, target: Tensor, min_classes: int = 1) -> None:
     """A classification step: an output ``[N, C >= min_classes]`` and class indices ``[N]``;
     anything else is a :class:`ConfigurationError` that names ``what`` needs it."""
@@ -135,7 +143,8 @@ class Balancer(nn.Module):
         """What to add to ``task_loss`` before backward, for one (micro-)batch.
 
         Args:
-            features: each modality's encoder output ``h_i`` (with its graph).
+            features: each modality's encoder output ``h_i`` (with its graph): a tensor, or
+                a list of tensors (a feature pyramid) when its head reads several levels.
             output: the fused prediction.
             target: the task target.
             task_loss: ``criterion(output, target)`` as the loop computed it.
@@ -218,7 +227,7 @@ class Balancer(nn.Module):
                 continue
             if name not in features:
                 raise RegistrationError(f"features has no entry for modality '{name}'")
-            prediction = self.heads[name](features[name].detach())
+            prediction = self.heads[name](detached(features[name]))
             if prediction.shape != output.shape:
                 raise RegistrationError(
                     f"head of modality '{name}' predicts shape {tuple(prediction.shape)}, the "
