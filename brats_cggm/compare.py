@@ -53,6 +53,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "modality_dropout": {"balancer.name": "none", "network.modality_dropout": 0.25},
     # one 4-channel U-Net at the widths of the multi-branch network (see early_fusion_overrides)
     "early_fusion": {"balancer.name": "none", "network.preset": "early_fusion"},
+    "early_fusion_dropout": {"balancer.name": "none", "network.preset": "early_fusion", "network.modality_dropout": 0.25},
 }
 
 
@@ -70,7 +71,8 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 def method_overrides(method: str, shared: dict[str, Any], preset: str) -> dict[str, Any]:
     """The configuration overrides of one method's run: the shared ones, then the method's."""
     overrides = {**shared, **METHODS[method]}
-    if method == "early_fusion":
+    if METHODS[method].get("network.preset") == "early_fusion":
+        overrides["network.fusion"] = "mean"  # one U-Net over stacked sequences: no branches to fuse
         overrides["network.overrides"] = early_fusion_overrides(preset, shared)
     return overrides
 
@@ -98,8 +100,11 @@ def compare(
     settings: dict[str, Any] | None = None,
     report: Callable[[str], None] = print,
     progress=None,
+    subsets: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train (or reuse) and evaluate every method x seed; write and return the per-run rows."""
+    """Train (or reuse) and evaluate every method x seed; write and return the per-run rows.
+    With ``subsets`` the test cases are also scored with each of the 15 non-empty subsets of
+    the sequences (``brats-cggm evaluate --subsets``)."""
     from brats_cggm.training import Trainer, resolve_config, start, stop
 
     names = parse_methods(methods)
@@ -123,7 +128,7 @@ def compare(
                     report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
                     config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
                     Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
-                runs.append(_scored(run_dir, method, seed, test_data, place.device.type, report))
+                runs.append(_scored(run_dir, method, seed, test_data, place.device.type, report, subsets))
     finally:
         stop()
     rows = aggregate(runs, names)
@@ -159,15 +164,16 @@ def _check_cases(data: DataConfig, test_data: Path | None) -> None:
 
 
 def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, device: str,
-            report: Callable[[str], None]) -> dict:
-    """One run's row: its selected epoch's validation Dice, the heads at the end, the test Dice."""
+            report: Callable[[str], None], subsets: bool = False) -> dict:
+    """One run's row: its selected epoch's validation Dice, the heads at the end, the test Dice
+    (with ``subsets``: also the 15-subset average per region and the worst subset)."""
     from brats_cggm.evaluation import evaluate
 
     split = "all" if test_data is not None else "test"
     evaluated = run_dir / "evaluation" / split / "summary.json"
-    if not evaluated.exists():
+    if not evaluated.exists() or (subsets and "subsets" not in json.loads(evaluated.read_text())):
         report(f"evaluating {run_dir.name} on {split} cases")
-        evaluate(run_dir, test_data, split, "best", device)
+        evaluate(run_dir, test_data, split, "best", device, subsets=subsets)
     test = json.loads(evaluated.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -183,7 +189,18 @@ def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, devic
         **{f"head/{s}": rows[-1].get(f"val_head_dice/{s}") for s in MODALITIES},
         "step_s": statistics.median(r["step_s"] for r in rows),
         "train_s": sum(r["time_s"] for r in rows),
+        **_subset_columns(test.get("subsets")),
     }
+
+
+def _subset_columns(table: dict[str, Any] | None) -> dict[str, Any]:
+    """The 15-subset average Dice per region and the worst subset's mean Dice (when scored)."""
+    if table is None:
+        return {}
+    worst = table["worst"]
+    return {**{f"subsets_dice/{r}": table["average"][f"dice/{r}"] for r in REGIONS},
+            "worst_subset": worst["subset"],
+            "worst_subset_dice/mean": statistics.fmean(worst[f"dice/{r}"] for r in REGIONS)}
 
 
 def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:

@@ -202,14 +202,16 @@ class Segmenter:
     def _predict(self, case_id: str, arrays: dict[str, np.ndarray], affine: np.ndarray,
                  header: nib.Nifti1Header | None, tta: bool = False, contributions: str | None = None,
                  label_scheme: str = "brats2021", inputs: dict[str, str | None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """``progress(done, total)`` is called after each batch of sliding windows."""
+                 progress: Callable[[int, int], None] | None = None, any_subset: bool = False) -> Prediction:
+        """``progress(done, total)`` is called after each batch of sliding windows; ``any_subset``
+        lets a model trained without modality dropout run with sequences missing (to score
+        how it degrades, as ``brats-cggm evaluate --subsets`` does)."""
         if label_scheme not in OUTPUT_SCHEMES:
             raise ConfigurationError(f"label scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
         start = time.perf_counter()
         present = [m in arrays for m in MODALITIES]
         missing = [m for m in MODALITIES if m not in arrays]
-        if missing and not self.allows_missing:
+        if missing and not (self.allows_missing or any_subset):
             raise IncompatibleModel(
                 f"{case_id}: {', '.join(missing)} missing, and {self.source} was trained without modality "
                 "dropout: it needs all four sequences"

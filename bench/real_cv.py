@@ -1,0 +1,116 @@
+"""Real BraTS cases: cross-validation by source, same budget for every row, one table.
+
+The labelled cases of ``--data`` (e.g. the BraTS 2018 cases of ``../shared/data/real``) are
+split into ``--folds`` folds **by source** (the institution in the case id,
+``Brats18_<source>_...``; no source is split across folds), so a test fold holds scanners no
+training case came from. Per fold, the other folds' cases train (one of them, the first by
+name, validates: epoch selection), and the fold's cases are the test cases, scored once:
+
+* full-sequence Dice WT/TC/ET on each case's own 1 mm grid;
+* the 15 non-empty subsets of the four sequences (the others switched off through the
+  modality mask; early fusion gets zero channels): their average per region, and the worst
+  subset (``brats-cggm evaluate --subsets``);
+* each sequence's auxiliary head alone (validation Dice at the end) and seconds per step.
+
+Every run is an ordinary ``brats-cggm compare`` run folder at the ``cpu-real`` preset
+(``OUT/<fusion>/fold<k>/runs/<method>-seed0``): finished runs are reused and unfinished ones
+continue, so the table can be filled across sessions (``--rows`` picks rows). The table
+(mean ± std over the folds that are done) goes to ``--results`` as real_cv.md|csv|json|png.
+
+    python bench/real_cv.py --data ../shared/data/real/brats2018 --out runs/real_cv
+    python bench/real_cv.py --data ../shared/data/real/brats2018 --rows ef,hemis-none --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from brats_cggm.data.layouts import discover
+from brats_cggm.data.splits import save_split
+
+#: row key -> (label, fusion group folder, compare method)
+ROWS: dict[str, tuple[str, str, str]] = {
+    "ef": ("early fusion (4-channel U-Net)", "mean", "early_fusion"),
+    "ef-dropout": ("early fusion + sequence dropout", "mean", "early_fusion_dropout"),
+    "mean-none": ("4 branches, mean fusion, joint training", "mean", "none"),
+    "hemis-none": ("4 branches, HeMIS fusion, joint training", "hemis", "none"),
+    "attention-none": ("4 branches, attention fusion, joint training", "attention", "none"),
+    "hemis-cggm": ("4 branches, HeMIS fusion, CGGM", "hemis", "cggm"),
+    "hemis-mmpareto": ("4 branches, HeMIS fusion, MMPareto", "hemis", "mmpareto"),
+    "hemis-dropout": ("4 branches, HeMIS fusion, sequence dropout", "hemis", "modality_dropout"),
+}
+PRESET = "cpu-real"
+
+
+def source_of(case_id: str) -> str:
+    """The institution of a BraTS 2018 training case id (``Brats18_TCIA01_201_1`` -> ``TCIA01``);
+    a case id of another form is its own source."""
+    match = re.match(r"Brats\d\d_([A-Za-z0-9]+)_", case_id)
+    return match.group(1) if match else case_id
+
+
+def source_folds(case_ids: Sequence[str], folds: int) -> dict:
+    """A split file of ``folds`` folds by source: sources go, largest first, to the fold with
+    the fewest cases; fold k's cases are its test cases, the others train, and the first of
+    those by name validates."""
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for case_id in sorted(case_ids):
+        by_source[source_of(case_id)].append(case_id)
+    if len(by_source) < folds:
+        raise SystemExit(f"error: {len(by_source)} source(s) cannot make {folds} folds by source")
+    parts: list[list[str]] = [[] for _ in range(folds)]
+    for source in sorted(by_source, key=lambda s: (-len(by_source[s]), s)):
+        min(parts, key=len).extend(by_source[source])
+    split = []
+    for k in range(folds):
+        rest = sorted(c for j, part in enumerate(parts) if j != k for c in part)
+        split.append({"train": rest[1:], "val": rest[:1], "test": sorted(parts[k])})
+    return {"seed": 0, "scheme": f"{folds} folds by source", "folds": split}
+
+
+def fold_settings(split_file: Path, fold: int, fusion: str, epochs: int | None) -> dict:
+    settings = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": fusion,
+                "network.modality_dropout": 0.0}
+    return {**settings, **({"optim.epochs": epochs} if epochs else {})}
+
+
+def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None) -> None:
+    from brats_cggm.compare import compare
+
+    labelled = [c.case_id for c in discover(data).cases if c.label is not None]
+    split_file = save_split(source_folds(labelled, folds), out / "split.json")
+    for key in rows:  # row by row over the folds: each finished row is complete
+        _, fusion, method = ROWS[key]
+        for fold in range(folds):
+            compare(data, [method], 1, out / fusion / f"fold{fold}", preset=PRESET,
+                    settings=fold_settings(split_file, fold, fusion, epochs), subsets=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder of labelled BraTS cases")
+    parser.add_argument("--out", type=Path, default=Path("runs/real_cv"))
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the preset's)")
+    parser.add_argument("--table-only", action="store_true", help="write the table from the runs that are done")
+    args = parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not args.table_only:
+        run_rows(args.data, args.out, rows, args.folds, args.epochs)
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
