@@ -143,7 +143,7 @@ def train(
     out: Annotated[Path, typer.Option(help="the run folder (config, checkpoints, metrics, plots)")],
     data: Annotated[Path | None, typer.Option(help="folder with BraTS cases")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration; these options override it")] = None,
-    preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default) or gpu")] = None,
+    preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default; phantoms, minutes), cpu-real (real scans at 2 mm, ~15-30 min) or gpu")] = None,
     balancer: Annotated[str | None, typer.Option(help="none, cggm, mmpareto, agm, mslr or gblending")] = None,
     balancer_option: Annotated[list[str] | None, typer.Option(
         "--balancer-option", help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)",
@@ -217,14 +217,17 @@ def compare(
     test_data: Annotated[Path | None, typer.Option(
         help="held-out cases, all scored (default: the cases of --data that the split leaves out)")] = None,
     methods: Annotated[str, typer.Option(
-        help="comma-separated, or all (none, cggm, mmpareto, agm, mslr, gblending, modality_dropout, early_fusion)",
+        help="comma-separated, or all (none, cggm, mmpareto, agm, mslr, gblending, modality_dropout, early_fusion, "
+             "early_fusion_dropout)",
     )] = "all",
     seeds: Annotated[int, typer.Option(help="seeds per method (0, 1, ...)")] = 3,
-    preset: Annotated[str, typer.Option(help="starting configuration of every run: cpu-small or gpu")] = "cpu-small",
+    preset: Annotated[str, typer.Option(help="starting configuration of every run: cpu-small, cpu-real or gpu")] = "cpu-small",
     epochs: Annotated[int | None, typer.Option(help="epochs of every run (default: the preset's)")] = None,
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="a setting for every run, e.g. --set optim.lr=0.001 (repeatable)")
     ] = None,
+    subsets: Annotated[bool, typer.Option(
+        help="also score the test cases with each of the 15 non-empty subsets of the sequences")] = False,
 ) -> None:
     """Train every method x seed with the same budget, select each run on its validation cases,
     score it on held-out cases, and write one table (runs already done are reused)."""
@@ -235,7 +238,7 @@ def compare(
 
     shared = {**parse_settings(settings or []), **({"optim.epochs": epochs} if epochs is not None else {})}
     runs = run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
-                          report=console.print, progress=EpochProgress(console))
+                          report=console.print, progress=EpochProgress(console), subsets=subsets)
     rows = aggregate(runs, parse_methods(methods))
     table = Table(title="test Dice (mean ± std over seeds), each run selected on its validation cases")
     for column in ("method", "seeds", *REGIONS, "mean", "min/run"):
@@ -256,6 +259,8 @@ def evaluate(
     split: Annotated[str, typer.Option(help="val (the run's validation cases), test (cases the run never saw) or all")] = "val",
     checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    subsets: Annotated[bool, typer.Option(
+        help="also score each of the 15 non-empty subsets of the sequences (the others switched off)")] = False,
 ) -> None:
     """Score a trained run per case (Dice and HD95 of TC, WT, ET on each case's own grid)."""
     from brats_cggm.evaluation import evaluate as run_evaluation
@@ -263,8 +268,11 @@ def evaluate(
 
     with progress_bar() as bar:
         rows, summary, folder = run_evaluation(
-            run, data, split, checkpoint, device, track=lambda items, text: bar.track(items, description=text)
+            run, data, split, checkpoint, device, track=lambda items, text: bar.track(items, description=text),
+            subsets=subsets,
         )
+    if subsets:
+        console.print(_subset_table(summary["subsets"], f"{run.name}: Dice with each subset of the sequences"))
     metrics = summary["metrics"]
     table = Table(title=f"{run.name}: {len(rows)} {split} case(s), {checkpoint} checkpoint")
     table.add_column("region")
@@ -274,7 +282,25 @@ def evaluate(
         dice, hd = metrics[f"dice/{region}"], metrics[f"hd95/{region}"]
         table.add_row(region, f"{dice['mean']:.3f} ± {dice['std']:.3f}", f"{hd['mean']:.1f} ± {hd['std']:.1f}")
     console.print(table)
-    console.print(f"per-case results: {folder / 'cases.csv'}; summary: {folder / 'summary.json'}")
+    more = f", per case and subset: {folder / 'subsets.csv'}" if subsets else ""
+    console.print(f"per-case results: {folder / 'cases.csv'}; summary: {folder / 'summary.json'}{more}")
+
+
+def _subset_table(table: dict, title: str) -> Table:
+    """The 15-subset table: one row per subset, then the average and the worst subset."""
+    from brats_cggm.metrics import REGIONS
+
+    out = Table(title=title)
+    out.add_column("sequences")
+    for region in REGIONS:
+        out.add_column(f"Dice {region}", justify="right")
+    for subset, dice in table["subsets"].items():
+        out.add_row(subset, *(f"{dice[f'dice/{r}']:.3f}" for r in REGIONS))
+    out.add_section()
+    out.add_row("[bold]average of the 15[/]", *(f"[bold]{table['average'][f'dice/{r}']:.3f}[/]" for r in REGIONS))
+    worst = table["worst"]
+    out.add_row(f"worst: {worst['subset']}", *(f"{worst[f'dice/{r}']:.3f}" for r in REGIONS))
+    return out
 
 
 @app.command()

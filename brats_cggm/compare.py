@@ -128,7 +128,7 @@ def compare(
                     report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
                     config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
                     Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
-                runs.append(_scored(run_dir, method, seed, test_data, place.device.type, report, subsets))
+                runs.append(score_run(run_dir, method, seed, test_data, place.device.type, report, subsets))
     finally:
         stop()
     rows = aggregate(runs, names)
@@ -136,7 +136,7 @@ def compare(
                f"--methods {','.join(names)} --seeds {seeds} --out {out}"
                + "".join(f" --set {k}={json.dumps(v)}" for k, v in (settings or {}).items()))
     atomic_write_text(out / "results.md", markdown(rows, command, test_data))
-    atomic_write_text(out / "results.csv", _csv(rows))
+    atomic_write_text(out / "results.csv", results_csv(rows))
     atomic_write_text(out / "results.json", json.dumps(
         json_safe({"command": command, "provenance": provenance("torch", "monai"), "methods": rows, "runs": runs}),
         indent=1, default=str) + "\n")
@@ -163,7 +163,7 @@ def _check_cases(data: DataConfig, test_data: Path | None) -> None:
         raise problem
 
 
-def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, device: str,
+def score_run(run_dir: Path, method: str, seed: int, test_data: Path | None, device: str,
             report: Callable[[str], None], subsets: bool = False) -> dict:
     """One run's row: its selected epoch's validation Dice, the heads at the end, the test Dice
     (with ``subsets``: also the 15-subset average per region and the worst subset)."""
@@ -193,6 +193,10 @@ def _scored(run_dir: Path, method: str, seed: int, test_data: Path | None, devic
     }
 
 
+#: the 15-subset columns of a run scored with ``subsets``
+SUBSET_KEYS = (*(f"subsets_dice/{r}" for r in REGIONS), "worst_subset_dice/mean")
+
+
 def _subset_columns(table: dict[str, Any] | None) -> dict[str, Any]:
     """The 15-subset average Dice per region and the worst subset's mean Dice (when scored)."""
     if table is None:
@@ -210,31 +214,37 @@ def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
         mine = [r for r in runs if r["method"] == name]
         keys = [f"test_dice/{g}" for g in (*REGIONS, "mean")] + ["val_dice/mean"]
         keys += [f"head/{s}" for s in MODALITIES] + ["step_s", "train_s"]
+        keys += [k for k in SUBSET_KEYS if mine and all(k in r for r in mine)]
         rows.append({"method": name, "seeds": len(mine), **{k: list(mean_std([r[k] for r in mine])) for k in keys}})
     return rows
 
 
 def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
     test = f"every case of {test_data}" if test_data is not None else "the cases the split leaves out (--split test)"
+    with_subsets = bool(rows) and all(k in row for row in rows for k in SUBSET_KEYS)
+    subset_header = " | 15-subset TC | 15-subset WT | 15-subset ET | worst subset mean" if with_subsets else ""
     lines = [
         (f"Each run is selected on its validation cases (best mean Dice) and scored once on {test}, "
          "which no run saw or selected on: test Dice mean ± std over seeds; val mean = validation mean "
          "Dice of the selected epoch; head = each sequence's auxiliary head alone (validation Dice, mean "
-         "of regions) at the end; step s = median seconds per optimizer step; run min = training minutes."),
+         "of regions) at the end; step s = median seconds per optimizer step; run min = training minutes."
+         + (" 15-subset = test Dice averaged over the 15 non-empty subsets of the sequences; worst subset "
+            "mean = the mean Dice of the regions of the worst of them." if with_subsets else "")),
         "", f"Command: `{command}`", "",
         ("| method | test Dice TC | test Dice WT | test Dice ET | test mean | val mean (selected epoch) "
-         "| head FLAIR | head T1 | head T1ce | head T2 | step s | run min |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+         f"| head FLAIR | head T1 | head T1ce | head T2 | step s | run min{subset_header} |"),
+        "|---" * (12 + 4 * with_subsets) + "|",
     ]
     for row in rows:
         cells = [plus_minus(row[f"test_dice/{g}"]) for g in (*REGIONS, "mean")] + [plus_minus(row["val_dice/mean"])]
         cells += [plus_minus(row[f"head/{s}"]) for s in MODALITIES]
         cells += [f"{row['step_s'][0]:.2f}", f"{row['train_s'][0] / 60:.1f}"]
+        cells += [plus_minus(row[k]) for k in SUBSET_KEYS] if with_subsets else []
         lines.append(f"| {row['method']} ({row['seeds']} seeds) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _csv(rows: list[dict]) -> str:
+def results_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     keys = [k for k in rows[0] if k not in ("method", "seeds")] if rows else []
     writer = csv.writer(buffer)
@@ -245,8 +255,9 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def plot(path: Path, rows: list[dict]) -> None:
-    """Test Dice per region and mean, one group of bars per method (error bars: std over seeds)."""
+def plot(path: Path, rows: list[dict], unit: str = "seeds") -> None:
+    """Test Dice per region and mean, one group of bars per method (error bars: std over
+    ``unit``, the seeds or the folds of cross-validation)."""
     from matplotlib.figure import Figure
 
     regions = (*REGIONS, "mean")
@@ -258,9 +269,9 @@ def plot(path: Path, rows: list[dict]) -> None:
         values = [[v if math.isfinite(v) else 0.0 for v in row[f"test_dice/{region}"]] for row in rows]
         ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [v[0] for v in values], width,
                yerr=[v[1] for v in values], capsize=2, color=colors[region], label=region)
-    ax.set_xticks(range(len(rows)), [f"{row['method']}\n({row['seeds']} seeds)" for row in rows], fontsize=9)
+    ax.set_xticks(range(len(rows)), [f"{row['method']}\n({row['seeds']} {unit})" for row in rows], fontsize=9)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.set_ylabel(f"test Dice (mean ± std over {unit})")
     ax.set_title("Selected on validation, scored on held-out cases", fontsize=10)
     ax.legend(ncols=4, fontsize=9, loc="upper left")
     ax.grid(axis="y", alpha=0.3)

@@ -72,7 +72,7 @@ def subset_name(subset: Sequence[str]) -> str:
     return "+".join(subset)
 
 
-def _reference(case: Case) -> tuple[torch.Tensor, list[float]]:
+def reference_regions(case: Case) -> tuple[torch.Tensor, list[float]]:
     """The case's TC/WT/ET masks ``[3, ...]`` on its own grid, and its voxel size."""
     label_file = nib.load(case.label)
     label = to_brats2021(np.asanyarray(label_file.dataobj).astype(np.int16), case.label_scheme)
@@ -84,7 +84,7 @@ def evaluate_case(segmenter: Segmenter, case: Case) -> dict[str, Any]:
     """Metrics of one case, on its original grid."""
     validate_case(case)
     prediction = segmenter.predict_case(case)
-    reference, spacing = _reference(case)
+    reference, spacing = reference_regions(case)
     row = {"case_id": case.case_id}
     row.update(region_metrics(torch.as_tensor(prediction.regions), reference, spacing, hd95=True))
     return row
@@ -98,7 +98,7 @@ def evaluate_subsets(segmenter: Segmenter, case: Case) -> list[dict[str, Any]]:
     volumes = load_sequences(case)
     if len(volumes) < len(MODALITIES):
         raise InconsistentCase(case.case_id, "scoring the subsets of the sequences needs all four")
-    reference, spacing = _reference(case)
+    reference, spacing = reference_regions(case)
     affine, header = volumes[MODALITIES[0]].affine, volumes[MODALITIES[0]].header
     rows = []
     for subset in SUBSETS:

@@ -823,3 +823,38 @@ def test_validation_time_updates_resume_as_an_uninterrupted_run(phantoms, tmp_pa
     Trainer(tiny_config(phantoms, optim__epochs=3, **settings), b, CPU, resume=True, report=quiet).fit()
     assert_same_training_state(a, b)
     assert without_timing(read_metrics(a)) == without_timing(read_metrics(b))
+
+
+# ------------------------------------------------------- weights-only initialisation
+def test_init_starts_from_another_runs_weights_and_nothing_else(straight, phantoms, tmp_path):
+    from brats_cggm.training import checkpoint
+
+    lines: list[str] = []
+    run = tmp_path / "fine_tuned"
+    trainer = Trainer(tiny_config(phantoms, init=str(straight.run)), run, CPU, report=lines.append)
+    expected = checkpoint.network_weights(checkpoint.load(straight.run / "checkpoints" / "best.pt"))
+    state = trainer.parts.net.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert (trainer.state.epoch, trainer.state.step) == (0, 0)  # progress, optimizer, schedule start afresh
+    assert any(line.startswith("network initialised from") and "best.pt" in line for line in lines)
+    assert yaml.safe_load((run / "config.yaml").read_text())["init"] == str(straight.run)
+
+
+def test_init_from_a_different_network_is_refused_before_anything_is_written(straight, phantoms, tmp_path):
+    from brats_cggm.errors import IncompatibleModel
+
+    run = tmp_path / "other"
+    with pytest.raises(IncompatibleModel, match=r"best.pt: its network does not match this run's"):
+        Trainer(tiny_config(phantoms, init=str(straight.run), network__fusion="hemis"), run, CPU)
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+def test_the_cpu_real_preset_is_the_real_data_recipe():
+    config = resolve_config("cpu-real")
+    assert config.preprocessing.spacing == (2.0, 2.0, 2.0) and config.preprocessing.patch_size == (64, 64, 64)
+    assert config.network.fusion == "hemis" and config.network.modality_dropout > 0  # any subset works
+    assert config.preprocessing.bias_field > 0 and config.optim.optimizer == "adamw"
+    from brats_cggm.training.components import network_from_config
+
+    net = network_from_config(config.network)
+    assert net.fusion_name == "hemis" and 64 % net.divisor == 0
