@@ -310,13 +310,15 @@ def export(
     checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
     parity_cases: Annotated[int, typer.Option(help="validation cases of the run to check parity on")] = 1,
     description: Annotated[str, typer.Option(help="what the model is, for its card (e.g. the data it saw)")] = "",
+    evaluation: Annotated[Path | None, typer.Option(
+        help="a JSON file of results on cases the model (or its recipe) never saw, stored in the card")] = None,
 ) -> None:
     """Export the trained network (no auxiliary heads) to ONNX with its model card, after
     checking the graph and its parity with torch."""
     from brats_cggm.export import card_path, export_run
 
     with console.status("exporting to ONNX and checking parity"):
-        card = export_run(run, out, checkpoint, parity_cases, description)
+        card = export_run(run, out, checkpoint, parity_cases, description, evaluation)
     parity = card["parity"]
     console.print(
         f"wrote {out} and {card_path(out)}: opset {card['opset']}, max |p_onnx - p_torch| = "

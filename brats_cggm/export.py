@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS
-from brats_cggm.errors import ConfigurationError
+from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.inference.card import CARD_FORMAT, METADATA_KEY, card_path, check_card, graph_sha256
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint, state_sha256
 from brats_cggm.training.config import TrainConfig
@@ -58,10 +58,12 @@ def weights_sha256(net: nn.Module) -> str:
 
 
 def model_card(
-    run_dir: Path, payload: dict[str, Any], net: nn.Module, config: TrainConfig, description: str = ""
+    run_dir: Path, payload: dict[str, Any], net: nn.Module, config: TrainConfig, description: str = "",
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything inference needs to feed the model as in training, and where it came from
-    (``payload``: the checkpoint, as :func:`load` read it)."""
+    (``payload``: the checkpoint, as :func:`load` read it); ``evaluation``: how the model (or
+    its recipe, cross-validated) scored on cases it never saw, stored as given."""
     split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else None
     fold = split["folds"][config.data.fold] if split else {"train": [], "val": []}
     pre = config.preprocessing
@@ -76,12 +78,14 @@ def model_card(
         "inference": {"patch_size": list(pre.patch_size), "overlap": config.validation.overlap,
                       "divisor": int(getattr(net, "divisor", 16))},
         "network": {"preset": config.network.preset, "modality_dropout": config.network.modality_dropout,
-                    "overrides": config.network.overrides},
+                    "overrides": config.network.overrides,
+                    **({"fusion": net.fusion_name} if hasattr(net, "fusion_name") else {})},
         "training": {"balancer": config.balancer.name,
                      "cggm_preset": config.balancer.preset if config.balancer.name == "cggm" else None,
                      "epochs": payload.get("epoch"), "train_cases": len(fold["train"]),
-                     "val_cases": len(fold["val"]), "data": config.data.dir},
+                     "val_cases": len(fold["val"]), "data": config.data.dir, "init": config.init},
         "validation_metrics": payload.get("metrics", {}),
+        **({"evaluation": evaluation} if evaluation else {}),
         "weights_sha256": weights_sha256(net),
         "versions": versions("torch", "monai", "onnx", "onnxruntime", "brats-cggm"),
         "git": git_revision(),
@@ -90,19 +94,21 @@ def model_card(
 
 
 def export_run(
-    run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = ""
+    run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = "",
+    evaluation: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
 
     Parity is also checked on ``parity_cases`` of the run's validation cases (when its data
-    folder is still there).
+    folder is still there). ``evaluation``: a JSON file of results on unseen cases for the card.
     """
     if out.suffix != ".onnx":
         raise ConfigurationError(f"{out}: the exported file must end in .onnx")
+    results = read_evaluation(evaluation) if evaluation is not None else None
     path = run_checkpoint(run_dir, checkpoint)
     payload = load(path)
     net, config = network_from_payload(payload, path)
-    card = check_card(model_card(run_dir, payload, net, config, description), path)
+    card = check_card(model_card(run_dir, payload, net, config, description, results), path)
     graph = InferenceGraph(net).eval()
     model = _to_onnx(graph, config.preprocessing.patch_size, int(card["inference"]["divisor"]))
     onnx.checker.check_model(model, full_check=True)
@@ -114,6 +120,19 @@ def export_run(
     atomic_write(out, lambda handle: handle.write(data))
     atomic_write_text(card_path(out), json.dumps(card, indent=1) + "\n")
     return card
+
+
+def read_evaluation(path: Path) -> dict[str, Any]:
+    """The JSON object of ``--evaluation``; one-line errors for a missing or malformed file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInputFile(path, "evaluation file is missing") from None
+    except (OSError, ValueError) as error:
+        raise BadInputFile(path, f"not a readable JSON file ({error})") from None
+    if not isinstance(values, dict):
+        raise BadInputFile(path, "the evaluation must be a JSON object")
+    return values
 
 
 def _to_onnx(graph: nn.Module, patch: Sequence[int], divisor: int) -> onnx.ModelProto:
