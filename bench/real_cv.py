@@ -34,7 +34,9 @@ from pathlib import Path
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.splits import save_split
 
-#: row key -> (label, fusion group folder, compare method)
+#: a row that scores a trained model file instead of training one
+MODEL = "model"
+#: row key -> (label, fusion group folder, compare method) or (label, MODEL, model file)
 ROWS: dict[str, tuple[str, str, str]] = {
     "ef": ("early fusion (4-channel U-Net)", "mean", "early_fusion"),
     "ef-dropout": ("early fusion + sequence dropout", "mean", "early_fusion_dropout"),
@@ -44,6 +46,8 @@ ROWS: dict[str, tuple[str, str, str]] = {
     "hemis-cggm": ("4 branches, HeMIS fusion, CGGM", "hemis", "cggm"),
     "hemis-mmpareto": ("4 branches, HeMIS fusion, MMPareto", "hemis", "mmpareto"),
     "hemis-dropout": ("4 branches, HeMIS fusion, sequence dropout", "hemis", "modality_dropout"),
+    # no training: the phantom-trained demo model (3 mm, mean fusion) scored on every test fold
+    "phantom-only": ("phantom-only demo model (no real training)", MODEL, "models/brats_cggm_phantom_demo.onnx"),
 }
 PRESET = "cpu-real"
 
@@ -88,8 +92,39 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
     for key in rows:  # row by row over the folds: each finished row is complete
         _, fusion, method = ROWS[key]
         for fold in range(folds):
+            if fusion == MODEL:
+                score_model(Path(method), data, split_file, fold, out / key / f"fold{fold}.json")
+                continue
             compare(data, [method], 1, out / fusion / f"fold{fold}", preset=PRESET,
                     settings=fold_settings(split_file, fold, fusion, epochs), subsets=True)
+
+
+def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path) -> None:
+    """A trained model file on one fold's test cases (full set and the 15 subsets), written
+    as a run row (nothing was trained: no validation, heads or step time)."""
+    import math
+    import statistics
+
+    from brats_cggm.compare import subset_columns
+    from brats_cggm.evaluation import evaluate_case, evaluate_subsets, subset_table
+    from brats_cggm.inference.segmenter import Segmenter
+    from brats_cggm.metrics import REGIONS
+    from multimodal_general.io import atomic_write_text
+
+    if out.exists():
+        return
+    test = set(json.loads(split_file.read_text())["folds"][fold]["test"])
+    cases = [c for c in discover(data).cases if c.case_id in test]
+    segmenter = Segmenter.load(model)
+    full = [evaluate_case(segmenter, case) for case in cases]
+    subsets = subset_table([row for case in cases for row in evaluate_subsets(segmenter, case)])
+    dice = {r: statistics.fmean(row[f"dice/{r}"] for row in full) for r in REGIONS}
+    nan = math.nan
+    row = {"method": str(model), "seed": 0, "best_epoch": 0, "test_cases": len(cases),
+           **{f"test_dice/{r}": v for r, v in dice.items()}, "test_dice/mean": statistics.fmean(dice.values()),
+           "val_dice/mean": nan, **{f"head/{m}": nan for m in ("flair", "t1", "t1ce", "t2")},
+           "step_s": nan, "train_s": nan, **subset_columns(subsets)}
+    atomic_write_text(out, json.dumps(row, indent=1) + "\n")
 
 
 def collect(out: Path, rows: Sequence[str], folds: int) -> list[dict]:
@@ -100,6 +135,11 @@ def collect(out: Path, rows: Sequence[str], folds: int) -> list[dict]:
     for key in rows:
         _, fusion, method = ROWS[key]
         for fold in range(folds):
+            if fusion == MODEL:
+                scored = out / key / f"fold{fold}.json"
+                if scored.exists():
+                    runs.append({**json.loads(scored.read_text()), "method": key, "fold": fold})
+                continue
             run_dir = out / fusion / f"fold{fold}" / "runs" / f"{method}-seed0"
             if (run_dir / "summary.json").exists():
                 runs.append({**score_run(run_dir, method, 0, None, "cpu", print, subsets=True), "method": key, "fold": fold})

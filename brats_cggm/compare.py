@@ -189,7 +189,7 @@ def score_run(run_dir: Path, method: str, seed: int, test_data: Path | None, dev
         **{f"head/{s}": rows[-1].get(f"val_head_dice/{s}") for s in MODALITIES},
         "step_s": statistics.median(r["step_s"] for r in rows),
         "train_s": sum(r["time_s"] for r in rows),
-        **_subset_columns(test.get("subsets")),
+        **subset_columns(test.get("subsets")),
     }
 
 
@@ -197,7 +197,7 @@ def score_run(run_dir: Path, method: str, seed: int, test_data: Path | None, dev
 SUBSET_KEYS = (*(f"subsets_dice/{r}" for r in REGIONS), "worst_subset_dice/mean")
 
 
-def _subset_columns(table: dict[str, Any] | None) -> dict[str, Any]:
+def subset_columns(table: dict[str, Any] | None) -> dict[str, Any]:
     """The 15-subset average Dice per region and the worst subset's mean Dice (when scored)."""
     if table is None:
         return {}

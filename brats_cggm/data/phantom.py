@@ -60,6 +60,27 @@ CONTRAST = {
     "t1ce": {"csf": 0.32, "gm": 0.75, "wm": 1.0, "ed": 0.65, "ncr": 0.38, "et": 1.75},
     "t2": {"csf": 3.0, "gm": 1.45, "wm": 1.0, "ed": 2.2, "ncr": 2.8, "et": 1.7},
 }
+#: case-to-case standard deviation of each :data:`CONTRAST` value (a case draws each one
+#: from a normal distribution clipped at two standard deviations)
+CONTRAST_SPREAD = {
+    m: {"csf": 0.0, "gm": 0.0, "wm": 0.0, "ed": 0.0, "ncr": 0.0, "et": 0.0} for m in CONTRAST
+}
+#: Rician noise sigma, relative to the median brain intensity (range over cases), per sequence
+NOISE = {m: (0.02, 0.05) for m in CONTRAST}
+#: standard deviation of the log bias field (range over cases), per sequence
+BIAS = {m: (0.05, 0.15) for m in CONTRAST}
+#: tumour shape: whole-tumour semi-axes (mm), tumour core and necrosis as fractions of the
+#: enclosing region, the least oedema around the core (in core radii), the density of the
+#: oedema at its outer edge (1 next to the core)
+WT_RADIUS_MM = (16.0, 36.0)
+CORE_FRACTION = (0.65, 1.05)
+NECROSIS_FRACTION = (0.65, 0.92)
+OEDEMA_WRAP = 1.1
+OEDEMA_EDGE = 0.4
+#: chance that a lesion enhances, that a case has two lesions
+ENHANCING = 0.85
+TWO_LESIONS = 0.15
+NCR_NOISE = 0.3
 #: the dominant normal tissue in :attr:`PhantomCase.tissue`
 TISSUE_CODES = {"background": 0, "csf": 1, "gm": 2, "wm": 3}
 
@@ -110,15 +131,17 @@ def generate_case(seed: int, size: int | str | Sequence[int] = DEFAULT_SIZE) -> 
     inside = (csf + gm + wm) >= 0.5
     label = np.zeros(inside.shape, np.uint8)
     texture = np.zeros(inside.shape, np.float32)
+    density = np.zeros(inside.shape, np.float32)
     for lesion in lesions:
-        lesion.paint(label, texture, box_axes, inside, wm, csf)
+        lesion.paint(label, texture, density, box_axes, inside, wm, csf)
 
-    fractions = {"csf": csf, "gm": gm, "wm": wm, **_tumour_weights(label, spacing)}
+    fractions = {"csf": csf, "gm": gm, "wm": wm, **_tumour_weights(label, density, spacing)}
+    contrast = _case_contrast(intensity_rng)
     images = {}
     for modality in MODALITIES:
-        image = _mix(fractions, CONTRAST[modality], texture)
-        image *= _intensity_scale(intensity_rng, box_axes)
-        images[modality] = _finish(image, inside, noise_rng, intensity_rng)
+        image = _mix(fractions, contrast[modality], texture)
+        image *= _intensity_scale(intensity_rng, box_axes, BIAS[modality])
+        images[modality] = _finish(image, inside, NOISE[modality], noise_rng, intensity_rng)
     tissue = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1) * inside  # TISSUE_CODES order
     return PhantomCase(
         images={m: _paste(v, box, size, np.float32) for m, v in images.items()},
@@ -388,7 +411,7 @@ class _Lesion:
     def random_set(
         cls, rng: np.random.Generator, anatomy: _Anatomy, placement: _Placement
     ) -> list[_Lesion]:
-        count = 2 if rng.random() < 0.25 else 1
+        count = 2 if rng.random() < TWO_LESIONS else 1
         lesions = [cls.random(rng, anatomy, placement, scale=1.0)]
         if count == 2:
             lesions.append(cls.random(rng, anatomy, placement, scale=rng.uniform(0.5, 0.8)))
@@ -405,15 +428,15 @@ class _Lesion:
             )
             if np.all(np.abs(centre) < limit):
                 break
-        radii = scale * rng.uniform(16, 32) * rng.uniform(0.8, 1.2, 3)
+        radii = scale * rng.uniform(*WT_RADIUS_MM) * rng.uniform(0.8, 1.2, 3)
         low, high = centre - _reach(radii), centre + _reach(radii)
         return cls(
             centre=centre,
             rotation=_rotation(rng.uniform(-np.pi, np.pi, 3)),
             radii=radii,
-            core=rng.uniform(0.5, 0.75) * rng.uniform(0.85, 1.15, 3),
-            necrosis=rng.uniform(0.5, 0.85) if rng.random() < 0.9 else 0.0,
-            enhancing=rng.random() < 0.9,
+            core=rng.uniform(*CORE_FRACTION) * rng.uniform(0.85, 1.15, 3),
+            necrosis=rng.uniform(*NECROSIS_FRACTION) if rng.random() < 0.9 else 0.0,
+            enhancing=rng.random() < ENHANCING,
             push=rng.uniform(0.15, 0.5),
             shape_noise=tuple(_SmoothField(rng, low, high, h) for h in (10.0, 6.0, 5.0)),
             texture=_SmoothField(rng, low, high, 3.0),
@@ -448,12 +471,14 @@ class _Lesion:
         self,
         label: np.ndarray,
         texture: np.ndarray,
+        density: np.ndarray,
         axes: Sequence[np.ndarray],
         inside: np.ndarray,
         wm: np.ndarray,
         csf: np.ndarray,
     ) -> None:
-        """Add this lesion to ``label`` (BraTS 2021 values) and its texture to ``texture``."""
+        """Add this lesion to ``label`` (BraTS 2021 values), its texture to ``texture`` and
+        how dense its oedema is (1 at the core, :data:`OEDEMA_EDGE` at the edge) to ``density``."""
         region = self._region(axes, _reach(self.radii))
         if region is None:
             return
@@ -470,18 +495,20 @@ class _Lesion:
         # oedema spreads along the white matter, not into the CSF spaces
         core_distance = distance(self.radii * self.core) + 0.2 * tc_noise
         core = (core_distance < 1) & brain
-        whole = (distance(self.radii) + 0.25 * wt_noise - 0.4 * (wm - 0.5) < 1) & (
-            csf[region] < 0.5
-        )
-        whole = (whole | (core_distance < 1.3)) & brain  # oedema always wraps the core
+        wt_distance = distance(self.radii) + 0.25 * wt_noise - 0.4 * (wm - 0.5)
+        whole = (wt_distance < 1) & (csf[region] < 0.5)
+        whole = (whole | (core_distance < OEDEMA_WRAP)) & brain  # oedema always wraps the core
         whole = _connected_to(whole, core) if core.any() else whole
         sub = label[region]
         sub[whole & (sub == 0)] = ED
         sub[core] = ET if self.enhancing else NCR
         if self.necrosis:
-            necrotic = distance(self.radii * self.core * self.necrosis) + 0.15 * ncr_noise < 1
+            necrotic = distance(self.radii * self.core * self.necrosis) + NCR_NOISE * ncr_noise < 1
             sub[necrotic & ndimage.binary_erosion(core)] = NCR  # inside a rim of at least one voxel
         texture[region] += np.where(core, 0.12, np.where(whole, 0.05, 0)) * self.texture(sub_axes)
+        # real oedema fades into the normal tissue: from dense next to the core to a thin mix
+        fade = np.clip((1 - wt_distance) / (1 - float(self.core.mean())), 0, 1)
+        np.maximum(density[region], whole * (OEDEMA_EDGE + (1 - OEDEMA_EDGE) * fade), out=density[region])
 
 
 def _connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -495,9 +522,12 @@ def _reach(radii: np.ndarray) -> float:
     return float(radii.max() * 1.6 + 6)
 
 
-def _tumour_weights(label: np.ndarray, spacing: np.ndarray) -> dict[str, np.ndarray]:
-    """Fractions of oedema, necrosis and enhancing tumour per voxel: the label's classes,
-    blurred by ~1 mm so that boundaries are soft, as in real images."""
+def _tumour_weights(
+    label: np.ndarray, density: np.ndarray, spacing: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Fractions of oedema, necrosis and enhancing tumour per voxel: the label's classes
+    (oedema times its ``density``), blurred by ~1 mm so that boundaries are soft, as in real
+    images."""
     weights = {name: np.zeros(label.shape, np.float32) for name in ("ed", "ncr", "et")}
     found = np.argwhere(label)
     if not len(found):
@@ -511,9 +541,10 @@ def _tumour_weights(label: np.ndarray, spacing: np.ndarray) -> dict[str, np.ndar
         for lo, hi, p, n in zip(found.min(0), found.max(0), pad, label.shape)
     )
     for name, value in (("ed", ED), ("ncr", NCR), ("et", ET)):
-        weights[name][region] = ndimage.gaussian_filter(
-            (label[region] == value).astype(np.float32), sigma
-        )
+        present = (label[region] == value).astype(np.float32)
+        if value == ED:
+            present *= density[region]
+        weights[name][region] = ndimage.gaussian_filter(present, sigma)
     return weights
 
 
@@ -530,20 +561,39 @@ def _mix(
     return image
 
 
-def _intensity_scale(rng: np.random.Generator, axes: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-sequence scale (white matter at 300..1500) times a smooth bias field (about +-15 %)."""
+def _case_contrast(rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """This case's :data:`CONTRAST`: each value drawn around the table's
+    (:data:`CONTRAST_SPREAD`), as real cases differ in tumour biology, scanner and protocol."""
+    return {
+        m: {
+            t: value + CONTRAST_SPREAD[m][t] * float(np.clip(rng.standard_normal(), -2, 2))
+            for t, value in table.items()
+        }
+        for m, table in CONTRAST.items()
+    }
+
+
+def _intensity_scale(
+    rng: np.random.Generator, axes: Sequence[np.ndarray], bias_range: tuple[float, float]
+) -> np.ndarray:
+    """Per-sequence scale (white matter at 300..1500) times a smooth bias field whose log
+    has a standard deviation in ``bias_range``."""
     level = rng.uniform(300, 1500)
     bias = _SmoothField(rng, -FIELD_OF_VIEW_MM / 2, FIELD_OF_VIEW_MM / 2, 90.0)
-    return level * np.exp(rng.uniform(0.05, 0.15) * bias(axes))
+    return level * np.exp(rng.uniform(*bias_range) * bias(axes))
 
 
 def _finish(
-    image: np.ndarray, inside: np.ndarray, noise_rng: np.random.Generator, rng: np.random.Generator
+    image: np.ndarray,
+    inside: np.ndarray,
+    noise: tuple[float, float],
+    noise_rng: np.random.Generator,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """Rician noise (the magnitude of a complex signal with Gaussian noise), rounded to
     whole numbers in int16 range; 0 outside the brain."""
     signal = image[inside]
-    sigma = np.float32(rng.uniform(0.02, 0.05) * np.median(signal))
+    sigma = np.float32(rng.uniform(*noise) * np.median(signal))
     real = signal + sigma * noise_rng.standard_normal(signal.shape, dtype=np.float32)
     imaginary = sigma * noise_rng.standard_normal(signal.shape, dtype=np.float32)
     result = np.zeros(image.shape, np.float32)
