@@ -220,6 +220,9 @@ def test_a_run_writes_its_folder(straight):
             dice = [row[f"val_dice/{r}"] for r in REGIONS]
             assert all(0 <= d <= 1 for d in dice) and row["val_dice/mean"] == pytest.approx(sum(dice) / 3)
             assert all(f"val_head_dice/{m}" in row for m in MODALITIES)
+            for m in MODALITIES:  # per region too; their mean is the head's mean Dice
+                per_region = [row[f"val_head_region_dice/{m}/{r}"] for r in REGIONS]
+                assert row[f"val_head_dice/{m}"] == pytest.approx(sum(per_region) / 3, abs=1e-4)
         else:
             assert not any(k.startswith("val_") for k in row)
     assert all(math.isfinite(r["train_loss"]) for r in rows)

@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
-from brats_cggm.metrics import region_metrics
+from brats_cggm.metrics import REGIONS, region_metrics
 from multimodal_general.balance.metrics import hard_dice
 
 
@@ -41,7 +41,8 @@ def validate_cases(
     criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> list[dict]:
     """One row per case: ``case_id``, ``dice/<region>``, ``hd95/<region>`` of the fused
-    prediction and ``head_dice/<modality>`` (each head's hard Dice, averaged over regions);
+    prediction, ``head_dice/<modality>`` (each head's hard Dice, averaged over regions) and
+    ``head_region_dice/<modality>/<region>`` (the same per region, as the fused Dice is);
     with a ``criterion`` also the training loss of the whole case, ``loss`` (fused) and
     ``head_loss/<modality>`` (what G-Blending's weights are estimated from).
 
@@ -71,6 +72,8 @@ def validate_cases(
                 row["loss"] = float(criterion(outputs[0], target))
             for name, head_logits in zip(heads, outputs[1:]):
                 row[f"head_dice/{name}"] = float(hard_dice(head_logits.float(), target)[0])
+                by_region = region_metrics((head_logits[0] > 0).cpu(), target[0].cpu() > 0.5, spacing, hd95=False)
+                row.update({f"head_region_dice/{name}/{r}": by_region[f"dice/{r}"] for r in REGIONS})
                 if criterion is not None:
                     row[f"head_loss/{name}"] = float(criterion(head_logits, target))
             rows.append(row)
