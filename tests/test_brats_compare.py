@@ -114,3 +114,26 @@ def test_data_without_test_cases_is_refused_before_anything_is_written(compariso
     with pytest.raises(ConfigurationError, match="none is left to test on"):
         compare(root / "data", "none", 1, root / "no_test", settings=SHARED, report=quiet)
     assert not (root / "no_test").exists()
+
+
+def test_scoring_with_subsets_adds_their_average_and_the_worst_one(comparison):
+    from brats_cggm.compare import SUBSET_KEYS, aggregate, markdown, score_run
+
+    root, out, runs = comparison
+    run = score_run(out / "runs" / "early_fusion-seed0", "early_fusion", 0, root / "test", "cpu", quiet, subsets=True)
+    summary = json.loads((out / "runs" / "early_fusion-seed0" / "evaluation" / "all" / "summary.json").read_text())
+    assert run["subsets_dice/WT"] == pytest.approx(summary["subsets"]["average"]["dice/WT"])
+    assert run["worst_subset"] in summary["subsets"]["subsets"] and 0 <= run["worst_subset_dice/mean"] <= 1
+    full = next(r for r in runs if (r["method"], r["seed"]) == ("early_fusion", 0))
+    assert run["test_dice/WT"] == full["test_dice/WT"]  # the full-set scores stay those of the run
+    rows = aggregate([run], ["early_fusion"])
+    assert all(key in rows[0] for key in SUBSET_KEYS)
+    assert "15-subset WT" in markdown(rows, "cmd", root / "test")
+
+
+def test_early_fusion_with_sequence_dropout_is_a_method_of_its_own():
+    from brats_cggm.compare import method_overrides
+
+    overrides = method_overrides("early_fusion_dropout", {"network.fusion": "hemis"}, "cpu-real")
+    assert overrides["network.preset"] == "early_fusion" and overrides["network.modality_dropout"] == 0.25
+    assert overrides["network.fusion"] == "mean"  # one U-Net over stacked sequences has no branches to fuse
