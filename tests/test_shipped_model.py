@@ -1,5 +1,7 @@
-"""The demo model in models/: it loads (card and weight digest checked), says what it is,
-and segments phantom cases it never saw, also with a sequence missing."""
+"""The shipped default model in models/ (trained on real BraTS 2018 cases): it loads (card and
+weight digest checked), says what it is, and segments phantom cases, also with a sequence
+missing: checks that run on every machine (tests/test_real_cases.py scores it on real scans
+where ../shared/data/real exists)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ from brats_cggm.metrics import region_metrics
 @pytest.fixture(scope="module")
 def segmenter():
     torch.set_num_threads(1)
-    return Segmenter.load()  # the default: models/brats_cggm_phantom_demo.onnx
+    return Segmenter.load()  # the default: models/brats_cggm_real.onnx
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     root = tmp_path_factory.mktemp("unseen")
-    write_phantoms(root, 2, size=64, layout="brats2021", seed=100)  # the model saw seed 0
+    write_phantoms(root, 2, size=64, layout="brats2021", seed=100)  # the model saw no phantom
     return discover(root).cases
 
 
@@ -37,7 +39,8 @@ def wt_dice(prediction, case) -> float:
 def test_the_default_model_is_the_shipped_one_and_says_what_it_is(segmenter):
     assert segmenter.source == str(DEFAULT_MODEL)
     card = segmenter.card
-    assert "phantom" in card["description"] and "NOT for clinical use" in card["description"]
+    assert "BraTS 2018" in card["description"] and "NOT for clinical use" in card["description"]
+    assert card["network"]["fusion"] == "hemis" and card["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
     assert "not for clinical use" in card["intended_use"]
     assert segmenter.allows_missing  # trained with modality dropout
     assert card["parity"]["max_abs_diff_probabilities"] <= card["parity"]["tolerance"]

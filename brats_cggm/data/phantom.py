@@ -53,30 +53,41 @@ FIELD_OF_VIEW_MM = np.array([240.0, 240.0, 155.0])
 AXES_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 NCR, ED, ET = 1, 2, 4
-#: mean intensity of each tissue relative to normal white matter, per sequence
+#: median intensity of each tissue relative to normal white matter, per sequence, calibrated
+#: on real BraTS 2018 cases (docs/data.md): see :data:`CALIBRATION`
 CONTRAST = {
-    "flair": {"csf": 0.15, "gm": 1.25, "wm": 1.0, "ed": 1.9, "ncr": 1.1, "et": 1.55},
-    "t1": {"csf": 0.30, "gm": 0.72, "wm": 1.0, "ed": 0.65, "ncr": 0.35, "et": 0.68},
-    "t1ce": {"csf": 0.32, "gm": 0.75, "wm": 1.0, "ed": 0.65, "ncr": 0.38, "et": 1.75},
-    "t2": {"csf": 3.0, "gm": 1.45, "wm": 1.0, "ed": 2.2, "ncr": 2.8, "et": 1.7},
+    "flair": {"csf": 0.33, "gm": 0.99, "wm": 1.0, "ed": 1.70, "ncr": 1.65, "et": 1.61},
+    "t1": {"csf": 0.45, "gm": 0.78, "wm": 1.0, "ed": 0.79, "ncr": 0.65, "et": 0.76},
+    "t1ce": {"csf": 0.55, "gm": 0.88, "wm": 1.0, "ed": 0.83, "ncr": 0.72, "et": 1.22},
+    "t2": {"csf": 2.65, "gm": 1.03, "wm": 1.0, "ed": 1.71, "ncr": 2.22, "et": 1.71},
 }
 #: case-to-case standard deviation of each :data:`CONTRAST` value (a case draws each one
 #: from a normal distribution clipped at two standard deviations)
 CONTRAST_SPREAD = {
-    m: {"csf": 0.0, "gm": 0.0, "wm": 0.0, "ed": 0.0, "ncr": 0.0, "et": 0.0} for m in CONTRAST
+    "flair": {"csf": 0.14, "gm": 0.01, "wm": 0.0, "ed": 0.19, "ncr": 0.2, "et": 0.25},
+    "t1": {"csf": 0.05, "gm": 0.035, "wm": 0.0, "ed": 0.06, "ncr": 0.06, "et": 0.07},
+    "t1ce": {"csf": 0.085, "gm": 0.015, "wm": 0.0, "ed": 0.065, "ncr": 0.055, "et": 0.1},
+    "t2": {"csf": 0.16, "gm": 0.01, "wm": 0.0, "ed": 0.2, "ncr": 0.29, "et": 0.22},
 }
-#: Rician noise sigma, relative to the median brain intensity (range over cases), per sequence
-NOISE = {m: (0.02, 0.05) for m in CONTRAST}
+#: fine texture of the tissue (vessels, small structures, partial volumes: what makes real
+#: white matter vary by 5-12 % at the scale of a few mm), as a fraction of the intensity:
+#: one pattern, signed per sequence (water-rich spots bright on FLAIR/T2, dark on T1)
+GRAIN = {"flair": 0.12, "t1": -0.06, "t1ce": -0.09, "t2": 0.12}
+GRAIN_MM = 4.0
+#: Rician noise sigma relative to the median brain intensity (range over cases), per sequence
+NOISE = {"flair": (0.013, 0.032), "t1": (0.004, 0.010), "t1ce": (0.007, 0.017), "t2": (0.009, 0.023)}
 #: standard deviation of the log bias field (range over cases), per sequence
-BIAS = {m: (0.05, 0.15) for m in CONTRAST}
+BIAS = {"flair": (0.034, 0.10), "t1": (0.044, 0.13), "t1ce": (0.02, 0.06), "t2": (0.052, 0.155)}
+#: the brain's linear size relative to the MNI152 template (range over cases)
+BRAIN_SCALE = (0.82, 0.96)
 #: tumour shape: whole-tumour semi-axes (mm), tumour core and necrosis as fractions of the
 #: enclosing region, the least oedema around the core (in core radii), the density of the
 #: oedema at its outer edge (1 next to the core)
 WT_RADIUS_MM = (16.0, 36.0)
 CORE_FRACTION = (0.65, 1.05)
 NECROSIS_FRACTION = (0.65, 0.92)
-OEDEMA_WRAP = 1.1
-OEDEMA_EDGE = 0.4
+OEDEMA_WRAP = 1.02
+OEDEMA_EDGE = 0.5
 #: chance that a lesion enhances, that a case has two lesions
 ENHANCING = 0.85
 TWO_LESIONS = 0.15
@@ -137,9 +148,11 @@ def generate_case(seed: int, size: int | str | Sequence[int] = DEFAULT_SIZE) -> 
 
     fractions = {"csf": csf, "gm": gm, "wm": wm, **_tumour_weights(label, density, spacing)}
     contrast = _case_contrast(intensity_rng)
+    grain = _grain(noise_rng, inside.shape, spacing)
     images = {}
     for modality in MODALITIES:
         image = _mix(fractions, contrast[modality], texture)
+        image *= 1 + GRAIN[modality] * grain
         image *= _intensity_scale(intensity_rng, box_axes, BIAS[modality])
         images[modality] = _finish(image, inside, NOISE[modality], noise_rng, intensity_rng)
     tissue = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1) * inside  # TISSUE_CODES order
@@ -321,9 +334,9 @@ class _Placement:
     @classmethod
     def random(cls, rng: np.random.Generator, anatomy: _Anatomy) -> _Placement:
         rotation = _rotation(np.radians(rng.uniform(-1, 1, 3) * (8, 6, 10)))
-        size = rng.uniform(0.88, 1.04) * rng.uniform(
-            0.96, 1.04, 3
-        )  # the brain's size, relative to MNI152
+        # the brain's size relative to MNI152, whose mask (~1.75 l) is larger than a
+        # skull-stripped BraTS brain (1.44 +- 0.18 l, bench/phantom_vs_real.py)
+        size = rng.uniform(*BRAIN_SCALE) * rng.uniform(0.96, 1.04, 3)
         matrix = rotation @ np.diag(1 / size) @ AXES_TO_RAS
         top_margin = rng.uniform(3, 12)  # mm between the top of the brain and of the field of view
         centre = np.array([0, 0, FIELD_OF_VIEW_MM[2] / 2 - top_margin]) + rng.uniform(-1, 1, 3) * (
@@ -505,7 +518,7 @@ class _Lesion:
         if self.necrosis:
             necrotic = distance(self.radii * self.core * self.necrosis) + NCR_NOISE * ncr_noise < 1
             sub[necrotic & ndimage.binary_erosion(core)] = NCR  # inside a rim of at least one voxel
-        texture[region] += np.where(core, 0.12, np.where(whole, 0.05, 0)) * self.texture(sub_axes)
+        texture[region] += np.where(core, 0.06, np.where(whole, 0.05, 0)) * self.texture(sub_axes)
         # real oedema fades into the normal tissue: from dense next to the core to a thin mix
         fade = np.clip((1 - wt_distance) / (1 - float(self.core.mean())), 0, 1)
         np.maximum(density[region], whole * (OEDEMA_EDGE + (1 - OEDEMA_EDGE) * fade), out=density[region])
@@ -571,6 +584,15 @@ def _case_contrast(rng: np.random.Generator) -> dict[str, dict[str, float]]:
         }
         for m, table in CONTRAST.items()
     }
+
+
+def _grain(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray) -> np.ndarray:
+    """Unit-variance texture of :data:`GRAIN_MM` correlation length: white noise, blurred.
+    Drawn per voxel, like the noise (so, unlike the anatomy, it depends on the grid), which
+    costs a fraction of a second where a smooth field in millimetres would cost seconds."""
+    grain = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), GRAIN_MM / spacing)
+    grain /= grain.std()
+    return grain
 
 
 def _intensity_scale(

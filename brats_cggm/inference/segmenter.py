@@ -1,7 +1,7 @@
 """The segmenter: one object that turns a case into a label map, for the CLI, the web app
 and pipelines.
 
->>> segmenter = Segmenter.load("models/brats_cggm_phantom_demo.onnx")     # or a run folder
+>>> segmenter = Segmenter.load("models/brats_cggm_real.onnx")     # or a run folder
 >>> result = segmenter.predict_case(case, tta=True, contributions="occlusion")
 >>> result.labels.shape == result.shape, result.volumes_ml()["WT"]
 
@@ -44,7 +44,7 @@ from brats_cggm.inference.card import read_onnx
 from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan, region_shares
 
 #: the shipped demonstration model (see models/README.md); BRATS_CGGM_MODEL overrides it
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "brats_cggm_phantom_demo.onnx"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "brats_cggm_real.onnx"
 OUTPUT_SCHEMES = ("brats2021", "brats2023")
 #: every mirroring of a 3-D window (nnU-Net's test-time augmentation), identity first
 MIRRORS = tuple(axes for n in range(4) for axes in combinations((2, 3, 4), n))
