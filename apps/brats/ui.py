@@ -62,7 +62,7 @@ CSS = """
 def build_app(model: Path | None = None, *, workdir: Path | None = None, concurrency: int = 2,
               segmenter: Segmenter | None = None) -> gr.Blocks:
     """The app for ``model`` (an exported ``.onnx`` or a run folder; default: the shipped
-    demo model), or for an already loaded ``segmenter``. Its files live under ``workdir``
+    model), or for an already loaded ``segmenter``. Its files live under ``workdir``
     (default: a new temporary folder, removed at exit); Gradio's uploads and cache go there
     too (this sets ``GRADIO_TEMP_DIR`` for the process). ``concurrency``: how many
     segmentations run at once; further requests wait in the queue."""
