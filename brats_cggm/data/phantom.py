@@ -4,26 +4,37 @@ Every case starts from a real brain, the MNI152 2009 template that ``nilearn`` s
 (grey- and white-matter probability maps; CSF is the rest of its brain mask), randomly
 scaled, rotated, shifted and elastically deformed. One glioma, sometimes two, grows in the
 white matter and pushes the tissue aside: an irregular necrotic core (label 1) inside an
-enhancing rim (4) inside oedema (2) that spreads along the white matter; about one lesion
-in ten has no enhancing tumour and one in ten no necrosis, as in real BraTS. Each sequence sees the tissues with its own
-contrast (:data:`CONTRAST`), so each carries different, partial information: enhancement
-only on T1ce, oedema bright on FLAIR and T2, CSF bright on T2 but dark on FLAIR, necrosis
-dark on T1/T1ce and bright on T2. Rician noise, a smooth bias field per sequence and a
-per-case intensity scale finish it; the background outside the brain is exactly 0, as in
-skull-stripped BraTS.
+enhancing rim (4) inside oedema (2) that spreads along the white matter and thins out
+towards its edge; about one lesion in seven has no enhancing tumour and one in ten no
+necrosis, as in real BraTS. Each sequence sees the tissues with its own contrast
+(:data:`CONTRAST`, drawn per case around it), so each carries different, partial
+information: enhancement only on T1ce, oedema bright on FLAIR and T2, CSF bright on T2 but
+dark on FLAIR, necrosis dark on T1/T1ce and bright on FLAIR/T2. A fine tissue texture,
+Rician noise, a smooth bias field per sequence and a per-case intensity scale finish it;
+the background outside the brain is exactly 0, as in skull-stripped BraTS.
+
+Calibration. Contrasts, their spread from case to case, texture, noise, bias field, brain
+size and tumour shapes are set so that ``bench/phantom_vs_real.py`` measures on phantoms
+what it measures on real labelled BraTS 2018 cases (:data:`CALIBRATION`; the side-by-side
+table is in docs/data.md). Before that, phantoms were far easier than real scans: in brain
+standard deviations, enhancement stood 5 above T1 on T1ce instead of 2, noise was twice the
+real one, and the oedema was a uniform bright shell around a small core.
 
 Geometry. The field of view is always 240 x 240 x 155 mm, on BraTS's (SRI24) axes: the
 array runs along -x, -y, +z of RAS, so the affine is ``diag(-sx, -sy, sz)`` with an origin
 near BraTS's ``(0, 239, 0)``, jittered by a few mm per case. The default grid samples it at
 exactly 1 mm (240 x 240 x 155 voxels); any other grid samples the same field of view, so
 its spacing is ``240/nx x 240/ny x 155/nz`` mm (64^3: 3.75 x 3.75 x 2.42 mm) and the
-whole brain stays visible. All random choices except the noise are made in millimetres,
-so one seed gives the same brain and tumour at every grid size (up to resolution).
+whole brain stays visible. All random choices except the noise and the fine texture are
+made in millimetres, so one seed gives the same brain and tumour at every grid size (up to
+resolution).
 
-Time per case on 2 CPU cores (shared with another job while measured): 3.3-4 s at
-240 x 240 x 155 (peak memory about 0.6 GB), 0.15-0.3 s at 64^3 and 0.2-0.5 s at
-96 x 128 x 80; writing the gzip'd NIfTI files adds about 1 s per full-size case. Once per
-process: 0.7-1 s to load the template, and 0.5 s to blur it for each grid coarser than 1 mm.
+Time per case, one thread on a 2-core machine shared with another job: 1.6-1.7 s at
+240 x 240 x 155 (peak memory about 0.6 GB), 0.05 s at 64^3 and 0.17 s at 96 x 128 x 80
+(the calibration's texture and oedema density cost up to 10 % at 1 mm); under heavier load
+3.3-4 s, 0.15-0.3 s and 0.2-0.5 s. Writing the gzip'd NIfTI files adds about 1 s per
+full-size case. Once per process: 0.7-1 s to load the template, and 0.5 s to blur it for
+each grid coarser than 1 mm.
 """
 
 from __future__ import annotations
@@ -56,9 +67,9 @@ NCR, ED, ET = 1, 2, 4
 #: median intensity of each tissue relative to normal white matter, per sequence, calibrated
 #: on real BraTS 2018 cases (docs/data.md): see :data:`CALIBRATION`
 CONTRAST = {
-    "flair": {"csf": 0.33, "gm": 0.99, "wm": 1.0, "ed": 1.70, "ncr": 1.65, "et": 1.61},
+    "flair": {"csf": 0.33, "gm": 0.99, "wm": 1.0, "ed": 1.63, "ncr": 1.65, "et": 1.61},
     "t1": {"csf": 0.45, "gm": 0.78, "wm": 1.0, "ed": 0.79, "ncr": 0.65, "et": 0.76},
-    "t1ce": {"csf": 0.55, "gm": 0.88, "wm": 1.0, "ed": 0.83, "ncr": 0.72, "et": 1.22},
+    "t1ce": {"csf": 0.55, "gm": 0.88, "wm": 1.0, "ed": 0.83, "ncr": 0.72, "et": 1.19},
     "t2": {"csf": 2.65, "gm": 1.03, "wm": 1.0, "ed": 1.71, "ncr": 2.22, "et": 1.71},
 }
 #: case-to-case standard deviation of each :data:`CONTRAST` value (a case draws each one
@@ -75,14 +86,17 @@ CONTRAST_SPREAD = {
 GRAIN = {"flair": 0.12, "t1": -0.06, "t1ce": -0.09, "t2": 0.12}
 GRAIN_MM = 4.0
 #: Rician noise sigma relative to the median brain intensity (range over cases), per sequence
-NOISE = {"flair": (0.013, 0.032), "t1": (0.004, 0.010), "t1ce": (0.007, 0.017), "t2": (0.009, 0.023)}
+NOISE = {
+    "flair": (0.013, 0.032), "t1": (0.004, 0.010), "t1ce": (0.007, 0.017), "t2": (0.009, 0.023)
+}
 #: standard deviation of the log bias field (range over cases), per sequence
-BIAS = {"flair": (0.034, 0.10), "t1": (0.044, 0.13), "t1ce": (0.02, 0.06), "t2": (0.052, 0.155)}
+BIAS = {"flair": (0.034, 0.1), "t1": (0.044, 0.13), "t1ce": (0.02, 0.06), "t2": (0.052, 0.155)}
 #: the brain's linear size relative to the MNI152 template (range over cases)
 BRAIN_SCALE = (0.82, 0.96)
 #: tumour shape: whole-tumour semi-axes (mm), tumour core and necrosis as fractions of the
-#: enclosing region, the least oedema around the core (in core radii), the density of the
-#: oedema at its outer edge (1 next to the core)
+#: enclosing region, the least oedema around the core (in core radii: real oedema borders
+#: about two thirds of the core's surface), the density of the oedema at its outer edge (1
+#: next to the core)
 WT_RADIUS_MM = (16.0, 36.0)
 CORE_FRACTION = (0.65, 1.05)
 NECROSIS_FRACTION = (0.65, 0.92)
@@ -91,7 +105,12 @@ OEDEMA_EDGE = 0.5
 #: chance that a lesion enhances, that a case has two lesions
 ENHANCING = 0.85
 TWO_LESIONS = 0.15
-NCR_NOISE = 0.3
+#: what the intensities are calibrated to: means over the 12 labelled BraTS 2018 cases of
+#: ../shared/data/real, measured by bench/phantom_vs_real.py (``gap/<key>``), in z-scores of
+#: each sequence over its brain: enhancing tumour on T1ce minus on T1, oedema on FLAIR, CSF
+#: on T2 minus on FLAIR, each relative to the normal brain's median. Between cases they
+#: vary by about 0.7 (real and phantom alike).
+CALIBRATION = {"et_t1ce_minus_t1": 2.00, "ed_flair": 1.97, "csf_t2_minus_flair": 4.05}
 #: the dominant normal tissue in :attr:`PhantomCase.tissue`
 TISSUE_CODES = {"background": 0, "csf": 1, "gm": 2, "wm": 3}
 
@@ -510,18 +529,19 @@ class _Lesion:
         core = (core_distance < 1) & brain
         wt_distance = distance(self.radii) + 0.25 * wt_noise - 0.4 * (wm - 0.5)
         whole = (wt_distance < 1) & (csf[region] < 0.5)
-        whole = (whole | (core_distance < OEDEMA_WRAP)) & brain  # oedema always wraps the core
+        whole = (whole | (core_distance < OEDEMA_WRAP)) & brain  # oedema wraps most of the core
         whole = _connected_to(whole, core) if core.any() else whole
         sub = label[region]
         sub[whole & (sub == 0)] = ED
         sub[core] = ET if self.enhancing else NCR
         if self.necrosis:
-            necrotic = distance(self.radii * self.core * self.necrosis) + NCR_NOISE * ncr_noise < 1
+            necrotic = distance(self.radii * self.core * self.necrosis) + 0.3 * ncr_noise < 1
             sub[necrotic & ndimage.binary_erosion(core)] = NCR  # inside a rim of at least one voxel
         texture[region] += np.where(core, 0.06, np.where(whole, 0.05, 0)) * self.texture(sub_axes)
         # real oedema fades into the normal tissue: from dense next to the core to a thin mix
         fade = np.clip((1 - wt_distance) / (1 - float(self.core.mean())), 0, 1)
-        np.maximum(density[region], whole * (OEDEMA_EDGE + (1 - OEDEMA_EDGE) * fade), out=density[region])
+        dense = whole * (OEDEMA_EDGE + (1 - OEDEMA_EDGE) * fade)
+        np.maximum(density[region], dense, out=density[region])
 
 
 def _connected_to(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -576,7 +596,8 @@ def _mix(
 
 def _case_contrast(rng: np.random.Generator) -> dict[str, dict[str, float]]:
     """This case's :data:`CONTRAST`: each value drawn around the table's
-    (:data:`CONTRAST_SPREAD`), as real cases differ in tumour biology, scanner and protocol."""
+    (:data:`CONTRAST_SPREAD`; white matter, the reference, stays 1), as real cases differ in
+    tumour biology, scanner and protocol."""
     return {
         m: {
             t: value + CONTRAST_SPREAD[m][t] * float(np.clip(rng.standard_normal(), -2, 2))
@@ -590,7 +611,8 @@ def _grain(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray
     """Unit-variance texture of :data:`GRAIN_MM` correlation length: white noise, blurred.
     Drawn per voxel, like the noise (so, unlike the anatomy, it depends on the grid), which
     costs a fraction of a second where a smooth field in millimetres would cost seconds."""
-    grain = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), GRAIN_MM / spacing)
+    white = rng.standard_normal(shape, dtype=np.float32)
+    grain = ndimage.gaussian_filter(white, GRAIN_MM / spacing)
     grain /= grain.std()
     return grain
 
