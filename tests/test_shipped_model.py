@@ -40,7 +40,7 @@ def test_the_default_model_is_the_shipped_one_and_says_what_it_is(segmenter):
     assert segmenter.source == str(DEFAULT_MODEL)
     card = segmenter.card
     assert "BraTS 2018" in card["description"] and "NOT for clinical use" in card["description"]
-    assert card["network"]["fusion"] == "hemis" and card["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+    assert card["network"]["preset"] == "early_fusion" and card["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
     assert "not for clinical use" in card["intended_use"]
     assert segmenter.allows_missing  # trained with modality dropout
     assert card["parity"]["max_abs_diff_probabilities"] <= card["parity"]["tolerance"]
