@@ -157,16 +157,16 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
     table = aggregate(runs, done)
     regions = ("WT", "TC", "ET")
     lines = [
-        f"Cross-validation on real BraTS 2018 cases, {folds} folds by source (no institution in two folds), "
-        "`cpu-real` preset for every row (2 mm, 64^3 patches, 150 epochs, AdamW 1e-3); each run selected on one "
-        "validation case and scored once on its test fold, on each case's 1 mm grid. Mean ± std over folds "
-        "(`folds` = folds done). 15-subset = Dice averaged over the 15 non-empty subsets of the sequences "
-        "(the others switched off; early fusion gets zero channels); worst = mean Dice of the regions of "
-        "the worst subset; head = each sequence's auxiliary head alone (validation, mean of regions); "
-        "s/step = median seconds per optimizer step (2 patches, with the heads).",
+        (f"Cross-validation on real BraTS 2018 cases, {folds} folds by source (no institution in two folds), "
+         "`cpu-real` preset for every row (2 mm, 64^3 patches, 150 epochs, AdamW 1e-3); each run selected on one "
+         "validation case and scored once on its test fold, on each case's 1 mm grid. Mean ± std over folds "
+         "(`folds` = folds done). 15-subset = Dice averaged over the 15 non-empty subsets of the sequences "
+         "(the others switched off; early fusion gets zero channels); worst = mean Dice of the regions of "
+         "the worst subset; head = each sequence's auxiliary head alone (validation, mean of regions); "
+         "s/step = median seconds per optimizer step (2 patches, with the heads)."),
         "", f"Command: `{command}`", "",
-        "| configuration | folds | WT | TC | ET | 15-subset WT | 15-subset TC | 15-subset ET | worst subset "
-        "| head FLAIR | head T1 | head T1ce | head T2 | s/step |",
+        ("| configuration | folds | WT | TC | ET | 15-subset WT | 15-subset TC | 15-subset ET | worst subset "
+         "| head FLAIR | head T1 | head T1ce | head T2 | s/step |"),
         "|---" * 14 + "|",
     ]
     for row in table:

@@ -14,8 +14,15 @@ from training_cases import CPU, run_cli, tiny_config
 from brats_cggm import MODALITIES
 from brats_cggm.data.layouts import Case, discover
 from brats_cggm.data.phantom import write_phantoms
-from brats_cggm.evaluation import SUBSETS, evaluate, evaluate_subsets, reference_regions, subset_name, subset_table
 from brats_cggm.errors import IncompatibleModel
+from brats_cggm.evaluation import (
+    SUBSETS,
+    evaluate,
+    evaluate_subsets,
+    reference_regions,
+    subset_name,
+    subset_table,
+)
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.metrics import REGIONS, region_metrics
 from brats_cggm.training import Trainer

@@ -345,7 +345,7 @@ def test_bench_measures_files_as_it_measures_memory(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH), "--cases", "2", "--size", "40x40x32", "--seed", "4",
          "--real", str(tmp_path / "cases"), "--out", str(tmp_path / "report")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "report.json").read_text())
@@ -360,7 +360,7 @@ def test_bench_says_in_one_line_that_real_cases_are_missing(tmp_path):
     absent, out = tmp_path / "absent", tmp_path / "report"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--real", str(absent), "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1

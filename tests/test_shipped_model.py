@@ -5,8 +5,8 @@ where ../shared/data/real exists)."""
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
