@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases 
 
 @pytest.fixture(scope="module")
 def segmenter():
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    return Segmenter.load(default_model())
+    yield Segmenter.load(default_model())
+    torch.set_num_threads(threads)
 
 
 def test_the_default_model_was_trained_on_real_scans_and_says_so(segmenter):
