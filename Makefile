@@ -20,7 +20,9 @@ install: $(BIN)/python
 # a short CGGM training on the CPU -> evaluation of the validation cases -> ONNX export ->
 # ONNX Runtime segmentation of every phantom with contribution maps (~6 min on 2 cores).
 DEMO := runs/demo
-DEMO_TRAIN ?= --epochs 12
+# 24 epochs: at 12 the CGGM run found WT and TC but no enhancing tumour (Dice 0.55 / 0.41 / 0.00); at 24
+# all three regions (WT 0.68, TC 0.47, ET 0.50 on the validation phantoms), ~2 min of training.
+DEMO_TRAIN ?= --epochs 24
 demo: | $(BIN)/python
 	$(BIN)/python bench/imbalance.py --quick --out $(DEMO)/imbalance
 	rm -rf $(DEMO)/phantoms $(DEMO)/brats
@@ -28,7 +30,7 @@ demo: | $(BIN)/python
 	$(BIN)/brats-cggm check $(DEMO)/phantoms
 	$(BIN)/brats-cggm train --data $(DEMO)/phantoms --out $(DEMO)/brats --preset cpu-small $(DEMO_TRAIN)
 	$(BIN)/brats-cggm evaluate --run $(DEMO)/brats
-	$(BIN)/brats-cggm export --run $(DEMO)/brats --out $(DEMO)/model/demo.onnx --description "make demo: 12 epochs on 20 phantoms"
+	$(BIN)/brats-cggm export --run $(DEMO)/brats --out $(DEMO)/model/demo.onnx --description "make demo: 24 epochs on 20 phantoms"
 	$(BIN)/brats-cggm predict --model $(DEMO)/model/demo.onnx --input $(DEMO)/phantoms --out $(DEMO)/predictions --contributions --overwrite
 
 test: | $(BIN)/python
