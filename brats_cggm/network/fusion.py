@@ -35,13 +35,26 @@ from brats_cggm.network.masking import as_voxel_mask
 _OFF = -1.0e4
 
 
+def _present(features: Sequence[Tensor], keep: Tensor) -> list[Tensor]:
+    """Each branch's features where ``keep`` switches it on, zeros elsewhere (NaN-proof)."""
+    return [torch.where(as_voxel_mask(keep[:, i]), f, 0.0) for i, f in enumerate(features)]
+
+
+def _count(features: Sequence[Tensor], keep: Tensor) -> Tensor:
+    """How many branches are on per sample (at least 1), shaped to broadcast over voxels."""
+    return as_voxel_mask(keep.sum(dim=1).clamp_min(1).to(features[0].dtype))
+
+
+def masked_mean(features: Sequence[Tensor], keep: Tensor) -> Tensor:
+    """Mean over the branches ``keep`` keeps, per sample (zeros where none is on)."""
+    return sum(_present(features, keep)) / _count(features, keep)
+
+
 def masked_moments(features: Sequence[Tensor], keep: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and (population) variance over the branches ``keep`` keeps, per sample."""
-    count = as_voxel_mask(keep.sum(dim=1).clamp_min(1).to(features[0].dtype))
-    present = [torch.where(as_voxel_mask(keep[:, i]), f, 0.0) for i, f in enumerate(features)]
-    mean = sum(present) / count
-    spread = [torch.where(as_voxel_mask(keep[:, i]), f - mean, 0.0) for i, f in enumerate(present)]
-    return mean, sum(s * s for s in spread) / count
+    mean = masked_mean(features, keep)
+    spread = _present([f - mean for f in features], keep)
+    return mean, sum(s * s for s in spread) / _count(features, keep)
 
 
 class MaskedMeanFusion(nn.Module):
@@ -53,8 +66,7 @@ class MaskedMeanFusion(nn.Module):
     """
 
     def forward(self, features: Sequence[Tensor], keep: Tensor) -> Tensor:
-        count = as_voxel_mask(keep.sum(dim=1).clamp_min(1).to(features[0].dtype))
-        return sum(torch.where(as_voxel_mask(keep[:, i]), f, 0.0) for i, f in enumerate(features)) / count
+        return masked_mean(features, keep)
 
 
 class MeanVarianceFusion(nn.Module):
@@ -92,7 +104,7 @@ class BranchAttentionFusion(nn.Module):
 
     def weights(self, features: Sequence[Tensor], keep: Tensor) -> Tensor:
         """``[N, M, *spatial]``: each present branch's weight per voxel (0 for the others)."""
-        mean, _ = masked_moments(features, keep)
+        mean = masked_mean(features, keep)
         logits = torch.cat(
             [score(torch.cat([f, mean], dim=1)) for score, f in zip(self.scores, features)], dim=1
         )
@@ -101,9 +113,7 @@ class BranchAttentionFusion(nn.Module):
 
     def forward(self, features: Sequence[Tensor], keep: Tensor) -> Tensor:
         weights = self.weights(features, keep)
-        return sum(
-            torch.where(as_voxel_mask(keep[:, i]), f, 0.0) * weights[:, i : i + 1] for i, f in enumerate(features)
-        )
+        return sum(f * weights[:, i : i + 1] for i, f in enumerate(_present(features, keep)))
 
 
 #: the fusion names the network takes (``MultiBranchUNet(fusion=...)``)
