@@ -33,6 +33,7 @@ from pathlib import Path
 
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.splits import save_split
+from multimodal_general.io import atomic_write_text
 
 #: a row that scores a trained model file instead of training one
 MODEL = "model"
@@ -106,24 +107,22 @@ def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path)
     import statistics
 
     from brats_cggm.compare import subset_columns
-    from brats_cggm.evaluation import evaluate_case, evaluate_subsets, subset_table
+    from brats_cggm.evaluation import evaluate_cases
     from brats_cggm.inference.segmenter import Segmenter
     from brats_cggm.metrics import REGIONS
-    from multimodal_general.io import atomic_write_text
 
     if out.exists():
         return
     test = set(json.loads(split_file.read_text())["folds"][fold]["test"])
     cases = [c for c in discover(data).cases if c.case_id in test]
-    segmenter = Segmenter.load(model)
-    full = [evaluate_case(segmenter, case) for case in cases]
-    subsets = subset_table([row for case in cases for row in evaluate_subsets(segmenter, case)])
-    dice = {r: statistics.fmean(row[f"dice/{r}"] for row in full) for r in REGIONS}
+    _, summary, _ = evaluate_cases(Segmenter.load(model), cases, out.with_suffix(""), {"model": str(model)},
+                                   subsets=True)
+    dice = {r: summary["metrics"][f"dice/{r}"]["mean"] for r in REGIONS}
     nan = math.nan
     row = {"method": str(model), "seed": 0, "best_epoch": 0, "test_cases": len(cases),
            **{f"test_dice/{r}": v for r, v in dice.items()}, "test_dice/mean": statistics.fmean(dice.values()),
            "val_dice/mean": nan, **{f"head/{m}": nan for m in ("flair", "t1", "t1ce", "t2")},
-           "step_s": nan, "train_s": nan, **subset_columns(subsets)}
+           "step_s": nan, "train_s": nan, **subset_columns(summary["subsets"])}
     atomic_write_text(out, json.dumps(row, indent=1) + "\n")
 
 

@@ -254,27 +254,48 @@ def compare(
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Option(help="a run folder written by `brats-cggm train`")],
-    data: Annotated[Path | None, typer.Option(help="folder with BraTS cases (default: the run's)")] = None,
-    split: Annotated[str, typer.Option(help="val (the run's validation cases), test (cases the run never saw) or all")] = "val",
-    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    run: Annotated[Path | None, typer.Option(help="a run folder written by `brats-cggm train`")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="an exported .onnx file, scored on every labelled case of --data (default without --run: the "
+             "shipped model)")] = None,
+    data: Annotated[Path | None, typer.Option(help="folder with labelled BraTS cases (a run's default: its own)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="where a model's results go (default: evaluation/<model name>); a run's go to RUN/evaluation/<split>")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="a run's val (its validation cases, the default), test (cases it never saw) or all")] = None,
+    checkpoint: Annotated[str, typer.Option(help="a run's best or last")] = "best",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     subsets: Annotated[bool, typer.Option(
         help="also score each of the 15 non-empty subsets of the sequences (the others switched off)")] = False,
 ) -> None:
-    """Score a trained run per case (Dice and HD95 of TC, WT, ET on each case's own grid)."""
-    from brats_cggm.evaluation import evaluate as run_evaluation
+    """Score a trained run or an exported model per case (Dice and HD95 of TC, WT, ET on each
+    case's own grid)."""
+    from brats_cggm.evaluation import evaluate as evaluate_run
+    from brats_cggm.evaluation import evaluate_model
+    from brats_cggm.inference.segmenter import default_model
     from brats_cggm.metrics import REGIONS
 
+    if run is not None and (model is not None or out is not None):
+        raise ConfigurationError("--model and --out score an exported model; a run's results go to RUN/evaluation")
+    if run is None and data is None:
+        raise ConfigurationError("scoring a model needs --data DIR, a folder of labelled BraTS cases")
+    if run is None and split not in (None, "all"):
+        raise ConfigurationError("--split picks a run's cases; a model is scored on every case of --data")
+    name = run.name if run is not None else (model or default_model()).stem
     with progress_bar() as bar:
-        rows, summary, folder = run_evaluation(
-            run, data, split, checkpoint, device, track=lambda items, text: bar.track(items, description=text),
-            subsets=subsets,
-        )
+        def track(items, text):
+            return bar.track(items, description=text)
+
+        if run is not None:
+            rows, summary, folder = evaluate_run(run, data, split or "val", checkpoint, device, track, subsets)
+        else:
+            rows, summary, folder = evaluate_model(model, data, out or Path("evaluation") / name, device, track,
+                                                   subsets)
     if subsets:
-        console.print(_subset_table(summary["subsets"], f"{run.name}: Dice with each subset of the sequences"))
+        console.print(_subset_table(summary["subsets"], f"{name}: Dice with each subset of the sequences"))
     metrics = summary["metrics"]
-    table = Table(title=f"{run.name}: {len(rows)} {split} case(s), {checkpoint} checkpoint")
+    which = f", {checkpoint} checkpoint" if run is not None else ""
+    table = Table(title=f"{name}: {len(rows)} {summary['split']} case(s){which}")
     table.add_column("region")
     table.add_column("Dice (mean ± std)", justify="right")
     table.add_column("HD95 mm (mean ± std)", justify="right")
@@ -334,7 +355,7 @@ def predict(
     ],
     out: Annotated[Path, typer.Option(help="folder for the label maps and their JSON summaries")],
     model: Annotated[
-        Path | None, typer.Option(help="an exported .onnx file or a run folder (default: the shipped demo model)")
+        Path | None, typer.Option(help="an exported .onnx file or a run folder (default: the shipped model)")
     ] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu or cuda")] = "cpu",
     device: Annotated[str, typer.Option(help="torch device for a run folder: cpu or cuda")] = "cpu",

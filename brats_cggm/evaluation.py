@@ -1,10 +1,11 @@
-"""Evaluate a trained run on whole cases, on each case's original grid.
+"""Evaluate a trained run or an exported model on whole cases, on each case's original grid.
 
-Each case goes through the segmenter (the run's preprocessing, sliding-window inference,
+Each case goes through the segmenter (the model's preprocessing, sliding-window inference,
 back to the grid of its files), the same code as ``brats-cggm predict``; the regions are
 then compared with the case's own label file at its own voxel size, as the BraTS
-challenge scores them. Writes ``RUN/evaluation/<split>/cases.csv`` (one row per case)
-and ``summary.json`` (mean, std, median per metric).
+challenge scores them. Writes ``cases.csv`` (one row per case) and ``summary.json`` (mean,
+std, median per metric) to ``RUN/evaluation/<split>`` for a run, to a folder of your
+choice for a model file.
 """
 
 from __future__ import annotations
@@ -44,22 +45,32 @@ def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, spli
     folder = data_dir or (Path(config.data.dir) if config.data.dir else None)
     if folder is None:
         raise ConfigurationError("no data folder: give --data DIR")
-    found = discover(folder, config.data.layout if data_dir is None else None)
-    if found.problems:
-        raise found.problems[0]
+    cases = _discover(folder, config.data.layout if data_dir is None else None)
     fold = load_split(run_dir / "split.json")["folds"][config.data.fold]
     used = set(fold["train"]) | set(fold["val"])
     chosen = {
-        "val": [c for c in found.cases if c.case_id in set(fold["val"])],
-        "test": [c for c in found.cases if c.case_id not in used],
-        "all": found.cases,
+        "val": [c for c in cases if c.case_id in set(fold["val"])],
+        "test": [c for c in cases if c.case_id not in used],
+        "all": cases,
     }[split]
-    if not chosen:
-        raise BadInputFile(folder, f"no {split} cases of this run in the folder")
-    missing = [c.case_id for c in chosen if c.label is None]
+    return _labelled(chosen, folder, f"no {split} cases of this run in the folder")
+
+
+def _discover(folder: Path, layout: str | None = None) -> list[Case]:
+    found = discover(folder, layout)
+    if found.problems:
+        raise found.problems[0]
+    return found.cases
+
+
+def _labelled(cases: list[Case], folder: Path, none: str) -> list[Case]:
+    """``cases``, each checked to have a label map (``none``: the error when there is no case)."""
+    if not cases:
+        raise BadInputFile(folder, none)
+    missing = [c.case_id for c in cases if c.label is None]
     if missing:
         raise BadInputFile(folder, f"case {missing[0]} has no label map; evaluation needs one")
-    return chosen
+    return cases
 
 
 #: every non-empty subset of the sequences, all four first, then by size and canonical order
@@ -80,33 +91,32 @@ def reference_regions(case: Case) -> tuple[torch.Tensor, list[float]]:
     return torch.as_tensor(ConvertToMultiChannelBasedOnBratsClasses()(label)), spacing
 
 
-def evaluate_case(segmenter: Segmenter, case: Case) -> dict[str, Any]:
-    """Metrics of one case, on its original grid."""
-    validate_case(case)
-    prediction = segmenter.predict_case(case)
-    reference, spacing = reference_regions(case)
-    row = {"case_id": case.case_id}
-    row.update(region_metrics(torch.as_tensor(prediction.regions), reference, spacing, hd95=True))
-    return row
-
-
-def evaluate_subsets(segmenter: Segmenter, case: Case) -> list[dict[str, Any]]:
-    """Dice of one case with each of the 15 non-empty subsets of its sequences (the others
-    left out, as a missing sequence is: switched off through the modality mask; early fusion
-    gets a zero channel), on its original grid."""
+def score_case(segmenter: Segmenter, case: Case, subsets: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One case on its original grid: Dice and HD95 per region with the sequences it has and,
+    with ``subsets``, the Dice of each of the 15 non-empty subsets of its four sequences (the
+    others left out as a missing sequence is: switched off through the modality mask; early
+    fusion gets a zero channel). The files are read once and the full set predicted once."""
     validate_case(case)
     volumes = load_sequences(case)
-    if len(volumes) < len(MODALITIES):
+    if subsets and len(volumes) < len(MODALITIES):
         raise InconsistentCase(case.case_id, "scoring the subsets of the sequences needs all four")
     reference, spacing = reference_regions(case)
-    affine, header = volumes[MODALITIES[0]].affine, volumes[MODALITIES[0]].header
-    rows = []
-    for subset in SUBSETS:
-        prediction = segmenter.predict_arrays({m: volumes[m].data for m in subset}, affine, case.case_id, header,
-                                              any_subset=True)
-        dice = region_metrics(torch.as_tensor(prediction.regions), reference, spacing, hd95=False)
-        rows.append({"case_id": case.case_id, "subset": subset_name(subset), **dice})
-    return rows
+    first = next(iter(volumes.values()))
+
+    def regions(subset: Sequence[str], any_subset: bool) -> torch.Tensor:
+        arrays = {m: volumes[m].data for m in subset}
+        prediction = segmenter.predict_arrays(arrays, first.affine, case.case_id, first.header, any_subset=any_subset)
+        return torch.as_tensor(prediction.regions)
+
+    full = regions(tuple(volumes), any_subset=False)  # refuses a missing sequence the model cannot take
+    row = {"case_id": case.case_id, **region_metrics(full, reference, spacing, hd95=True)}
+    per_subset = [
+        {"case_id": case.case_id, "subset": subset_name(subset),
+         **region_metrics(full if subset == MODALITIES else regions(subset, any_subset=True),
+                          reference, spacing, hd95=False)}
+        for subset in (SUBSETS if subsets else ())
+    ]
+    return row, per_subset
 
 
 def subset_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -130,22 +140,51 @@ def evaluate(
     track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
     subsets: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
-    """Evaluate ``RUN/checkpoints/<checkpoint>.pt``; returns the per-case rows, the summary
-    and the folder they were written to. With ``subsets`` the summary also holds the
-    15-subset table (:func:`subset_table`; per case and subset in ``subsets.csv``)."""
+    """Evaluate ``RUN/checkpoints/<checkpoint>.pt`` on the run's ``split`` cases, written to
+    ``RUN/evaluation/<split>``; returns what :func:`evaluate_cases` returns."""
     if split not in SPLITS:
         raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
     segmenter = Segmenter.load(run_dir, device=check_device(device), checkpoint=checkpoint)
-    path = Path(segmenter.source)
     cases = choose_cases(run_dir, segmenter.train_config, data_dir, split)
-    rows = [evaluate_case(segmenter, case) for case in track(cases, f"evaluating {split}")]
+    return evaluate_cases(segmenter, cases, run_dir / "evaluation" / split, {"run": str(run_dir), "split": split},
+                          track, subsets)
+
+
+def evaluate_model(
+    model: Path | None,
+    data_dir: Path,
+    out: Path,
+    provider: str = "cpu",
+    track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
+    subsets: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+    """Evaluate an exported model (default: the shipped one) on every labelled case of
+    ``data_dir``, written to ``out``; returns what :func:`evaluate_cases` returns."""
+    segmenter = Segmenter.load(model, provider=provider)
+    cases = _labelled(_discover(data_dir), data_dir, "no BraTS cases in the folder")
+    return evaluate_cases(segmenter, cases, out, {"model": str(segmenter.source), "split": "all"}, track, subsets)
+
+
+def evaluate_cases(
+    segmenter: Segmenter,
+    cases: Sequence[Case],
+    out: Path,
+    about: dict[str, Any],
+    track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
+    subsets: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+    """Score ``cases`` (:func:`score_case`) and write ``out/cases.csv`` and ``summary.json``
+    (``about``, the model file, mean/std/median per metric; with ``subsets`` also the
+    15-subset table of :func:`subset_table`, per case and subset in ``subsets.csv``).
+    Returns the per-case rows, the summary and ``out``."""
+    scored = [score_case(segmenter, case, subsets) for case in track(cases, f"evaluating {len(cases)} case(s)")]
+    rows = [row for row, _ in scored]
     summary = {
-        "run": str(run_dir), "checkpoint": str(path), "split": split, "cases": len(rows),
+        **about, "checkpoint": str(segmenter.source), "cases": len(rows),
         "metrics": summarize([{k: v for k, v in r.items() if k != "case_id"} for r in rows]),
     }
-    out = run_dir / "evaluation" / split
     if subsets:
-        subset_rows = [row for case in track(cases, "evaluating 15 subsets") for row in evaluate_subsets(segmenter, case)]
+        subset_rows = [row for _, per_subset in scored for row in per_subset]
         summary["subsets"] = subset_table(subset_rows)
         atomic_write_text(out / "subsets.csv", _csv(subset_rows))
     atomic_write_text(out / "cases.csv", _csv(rows))

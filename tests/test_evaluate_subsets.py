@@ -18,8 +18,8 @@ from brats_cggm.errors import IncompatibleModel
 from brats_cggm.evaluation import (
     SUBSETS,
     evaluate,
-    evaluate_subsets,
     reference_regions,
+    score_case,
     subset_name,
     subset_table,
 )
@@ -51,7 +51,10 @@ def test_the_fifteen_subsets_are_every_non_empty_one_all_four_first():
 def test_a_subset_is_scored_exactly_as_a_case_with_those_sequences_missing(run):
     segmenter = Segmenter.load(run)
     case = discover(run.parent / "data").cases[0]
-    rows = {r["subset"]: r for r in evaluate_subsets(segmenter, case)}
+    row, subsets = score_case(segmenter, case, subsets=True)
+    rows = {r["subset"]: r for r in subsets}
+    assert {k: v for k, v in rows["flair+t1+t1ce+t2"].items() if k != "subset"} == {
+        k: v for k, v in row.items() if not k.startswith("hd95/")}  # the full set is predicted once
     assert list(rows) == [subset_name(s) for s in SUBSETS]
     without_t1 = Case(case.case_id, case.layout, (case.images[0], None, *case.images[2:]), case.label)
     with pytest.raises(IncompatibleModel, match="trained without modality dropout"):

@@ -5,10 +5,13 @@ where ../shared/data/real exists)."""
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from training_cases import run_cli
 
 from brats_cggm.data.layouts import Case, discover
 from brats_cggm.data.phantom import write_phantoms
@@ -58,3 +61,24 @@ def test_it_segments_with_a_sequence_missing(segmenter, cases):
     prediction = segmenter.predict_case(without_t1)
     assert prediction.sequences_used == ("flair", "t1ce", "t2")
     assert wt_dice(prediction, case) > 0.4
+
+
+def test_evaluate_scores_the_shipped_model_by_default(segmenter, cases, tmp_path):
+    folder = cases[0].label.parent.parent
+    result = run_cli("evaluate", "--data", folder, "--out", tmp_path / "scores")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert summary["model"] == str(DEFAULT_MODEL) and summary["cases"] == len(cases)
+    expected = np.mean([wt_dice(segmenter.predict_case(case), case) for case in cases])
+    assert summary["metrics"]["dice/WT"]["mean"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("evaluate",), "needs --data DIR"),
+    (("evaluate", "--run", "some-run", "--model", "m.onnx"), "--model and --out score an exported model"),
+    (("evaluate", "--data", ".", "--split", "val"), "--split picks a run's cases"),
+])
+def test_evaluate_refuses_options_that_do_not_go_together(args, words):
+    result = run_cli(*args)
+    assert result.returncode == 2 and words in result.stderr + result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
