@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from training_cases import torch_threads
 
 from multimodal_general.balance import CGGM, Modality
 from multimodal_general.tasks.imbalance import LateFusionNet, unimodal_head
@@ -17,10 +18,8 @@ FEATURES = 32
 def one_torch_thread():
     """Tiny models: one intra-op thread is far faster on a shared machine (as the CLI's default);
     the global thread count is restored after the test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def make_setup(m: int = 2, *, preset: str = "stable", lam: float = 0.1, rho: float = 1.2, seed: int = 0, **options):

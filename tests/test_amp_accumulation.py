@@ -13,6 +13,7 @@ import contextlib
 import pytest
 import torch
 from torch import Tensor, nn
+from training_cases import torch_threads
 
 from multimodal_general.balance import CGGM, Modality
 from multimodal_general.errors import ConfigurationError
@@ -27,10 +28,8 @@ close = torch.testing.assert_close
 def one_thread():
     """The models are tiny: with two OpenMP threads on a busy 2-core machine every op waits
     milliseconds for the other thread; one thread is ~100x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def true_class_probability(logits: Tensor, target: Tensor) -> Tensor:

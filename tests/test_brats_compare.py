@@ -8,8 +8,7 @@ import json
 import sys
 
 import pytest
-import torch
-from training_cases import TINY
+from training_cases import TINY, torch_threads
 
 from brats_cggm import cli
 from brats_cggm.compare import METHODS, compare, early_fusion_overrides, parse_methods
@@ -26,16 +25,14 @@ def quiet(line: str) -> None:
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("compare")
-    write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
-    write_phantoms(root / "test", 3, size=32, layout="brats2021", seed=1)
-    out = root / "out"
-    runs = compare(root / "data", "none,agm,early_fusion", 2, out, test_data=root / "test", settings=SHARED,
-                   report=quiet)
-    yield root, out, runs
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        root = tmp_path_factory.mktemp("compare")
+        write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
+        write_phantoms(root / "test", 3, size=32, layout="brats2021", seed=1)
+        out = root / "out"
+        runs = compare(root / "data", "none,agm,early_fusion", 2, out, test_data=root / "test", settings=SHARED,
+                       report=quiet)
+        yield root, out, runs
 
 
 def test_every_method_and_seed_is_trained_selected_and_scored_on_the_held_out_cases(comparison):

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 import torch
-from training_cases import CPU, run_cli, tiny_config
+from training_cases import CPU, run_cli, tiny_config, torch_threads
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.layouts import Case, discover
@@ -31,14 +31,12 @@ from brats_cggm.training import Trainer
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One epoch of the tiny configuration without sequence dropout (6 phantoms, 2 validate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("subsets")
-    write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
-    Trainer(tiny_config(root / "data", optim__epochs=1, validation__every=1), root / "run", CPU,
-            report=lambda line: None).fit()
-    yield root / "run"
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        root = tmp_path_factory.mktemp("subsets")
+        write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
+        Trainer(tiny_config(root / "data", optim__epochs=1, validation__every=1), root / "run", CPU,
+                report=lambda line: None).fit()
+        yield root / "run"
 
 
 def test_the_fifteen_subsets_are_every_non_empty_one_all_four_first():

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from training_cases import torch_threads
 
 from multimodal_general.cli import main
 from multimodal_general.tasks.data import SequenceBatch
@@ -118,12 +119,9 @@ def one_thread_and_small_plots():
     run plots are drawn at a low resolution here (PNG encoding dominates these tiny runs)."""
     from multimodal_general import run_plots
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
+    with torch_threads(1), pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_plots, "DPI", 20)
         yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- data and runs

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from training_cases import torch_threads
 
 from brats_cggm.data.layouts import discover
 from brats_cggm.inference.segmenter import Segmenter, default_model
@@ -23,10 +24,8 @@ pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases 
 
 @pytest.fixture(scope="module")
 def segmenter():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield Segmenter.load(default_model())
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield Segmenter.load(default_model())
 
 
 def test_the_default_model_was_trained_on_real_scans_and_says_so(segmenter):

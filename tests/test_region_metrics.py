@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from training_cases import torch_threads
 
 from brats_cggm.metrics import HD95_MISSED, REGIONS, region_metrics, summarize
 
@@ -88,10 +89,8 @@ def one_torch_thread():
     """MONAI's edge and bounding-box code is a string of tiny tensor ops; with 2 OpenMP
     threads on a machine where another process is busy they ran 14x slower (1.3 s instead
     of 0.1 s per case). One thread keeps this file at a few seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_cases_are_realistic_nested_blobs():

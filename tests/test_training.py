@@ -46,6 +46,7 @@ from training_cases import (
     start_cli,
     subprocess_env,
     tiny_config,
+    torch_threads,
     without_timing,
 )
 
@@ -83,10 +84,8 @@ def write_config(path: Path, data_dir: Path, **dotted) -> Path:
 def one_thread():
     """One thread: these tensors are tiny, and the CPUs are shared (spinning OpenMP
     threads of two processes on 2 cores make a step 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

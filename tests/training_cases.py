@@ -1,5 +1,6 @@
-"""Helpers of ``tests/test_training.py``: a tiny training configuration, readers of a run
-folder, bitwise comparison of checkpoints, and the console script in a subprocess.
+"""Helpers of the tests: a tiny training configuration, readers of a run folder, bitwise
+comparison of checkpoints, the console script in a subprocess, and torch's thread count
+set for a while.
 
 Run as a script under torchrun, this file is the distributed worker of the DDP test::
 
@@ -19,6 +20,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,19 @@ MODALITIES = ("flair", "t1", "t1ce", "t2")
 #: metrics that are measured, not computed: they differ between two identical runs
 TIMING = ("time_s", "step_s")
 CPU = Place(0, 1, torch.device("cpu"))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, restored after it.
+    The tests' models are tiny: on a shared 2-core machine, two OpenMP threads spin against
+    each other and the other processes, and one thread is often many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 #: A configuration that trains in about a second per epoch on 2 CPU cores: 32^3 phantoms
 #: (7.5 mm voxels) resampled to 7.5 mm (about 19 x 23 x 20 voxels once cropped), 16^3
