@@ -13,9 +13,14 @@ name, validates: epoch selection), and the fold's cases are the test cases, scor
 * each sequence's auxiliary head alone (validation Dice at the end) and seconds per step.
 
 Every run is an ordinary ``brats-cggm compare`` run folder at the ``cpu-real`` preset
-(``OUT/<fusion>/fold<k>/runs/<method>-seed0``): finished runs are reused and unfinished ones
+(``OUT/<group>/fold<k>/runs/<method>-seed0``): finished runs are reused and unfinished ones
 continue, so the table can be filled across sessions (``--rows`` picks rows). The table
 (mean ± std over the folds that are done) goes to ``--results`` as real_cv.md|csv|json|png.
+
+Phantom pre-training: ``phantom-calibrated`` scores, on each test fold, a network trained on
+phantoms only (30 calibrated phantoms, ``cpu-real`` for 60 epochs, trained once into
+``OUT/phantom-pretrain``); ``hemis-dropout-init`` starts each fold's real training from its
+weights (``--init``), with the same real-data budget as every other row.
 
     python bench/real_cv.py --data ../shared/data/real/brats2018 --out runs/real_cv
     python bench/real_cv.py --data ../shared/data/real/brats2018 --rows ef,hemis-none --table-only
@@ -29,27 +34,52 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.splits import save_split
 from multimodal_general.io import atomic_write_text
 
-#: a row that scores a trained model file instead of training one
-MODEL = "model"
-#: row key -> (label, fusion group folder, compare method) or (label, MODEL, model file)
-ROWS: dict[str, tuple[str, str, str]] = {
-    "ef": ("early fusion (4-channel U-Net)", "mean", "early_fusion"),
-    "ef-dropout": ("early fusion + sequence dropout", "mean", "early_fusion_dropout"),
-    "mean-none": ("4 branches, mean fusion, joint training", "mean", "none"),
-    "hemis-none": ("4 branches, HeMIS fusion, joint training", "hemis", "none"),
-    "attention-none": ("4 branches, attention fusion, joint training", "attention", "none"),
-    "hemis-cggm": ("4 branches, HeMIS fusion, CGGM", "hemis", "cggm"),
-    "hemis-mmpareto": ("4 branches, HeMIS fusion, MMPareto", "hemis", "mmpareto"),
-    "hemis-dropout": ("4 branches, HeMIS fusion, sequence dropout", "hemis", "modality_dropout"),
-    # no training: the phantom-trained demo model (3 mm, mean fusion) scored on every test fold
-    "phantom-only": ("phantom-only demo model (no real training)", MODEL, "models/brats_cggm_phantom_demo.onnx"),
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a ``brats-cggm compare`` method trained on each fold, or (no
+    ``fusion``) a trained model scored on each test fold."""
+
+    label: str
+    #: the compare method; for a scored model, the model file or run folder (``PRETRAINED``: the pre-training run)
+    method: str
+    fusion: str | None = None
+    #: start from the phantom pre-training's weights
+    init: bool = False
+
+    @property
+    def group(self) -> str:
+        """The folder (under OUT) of the row's runs: rows that share it share runs."""
+        return f"{self.fusion}-init" if self.init else str(self.fusion)
+
+
+#: a scored row's stand-in for OUT/phantom-pretrain
+PRETRAINED = "phantom-pretrain"
+ROWS: dict[str, Row] = {
+    "ef": Row("early fusion (4-channel U-Net)", "early_fusion", "mean"),
+    "ef-dropout": Row("early fusion + sequence dropout", "early_fusion_dropout", "mean"),
+    "mean-none": Row("4 branches, mean fusion, joint training", "none", "mean"),
+    "hemis-none": Row("4 branches, HeMIS fusion, joint training", "none", "hemis"),
+    "attention-none": Row("4 branches, attention fusion, joint training", "none", "attention"),
+    "hemis-cggm": Row("4 branches, HeMIS fusion, CGGM", "cggm", "hemis"),
+    "hemis-mmpareto": Row("4 branches, HeMIS fusion, MMPareto", "mmpareto", "hemis"),
+    "hemis-dropout": Row("4 branches, HeMIS fusion, sequence dropout", "modality_dropout", "hemis"),
+    "hemis-dropout-init": Row("phantom pre-training, then as the row above", "modality_dropout", "hemis", init=True),
+    # no real training: the phantom-trained demo model (3 mm, mean fusion, old phantoms), and
+    # the pre-training run (calibrated phantoms, the cpu-real recipe), scored on every test fold
+    "phantom-only": Row("phantom-only demo model (no real training)", "models/brats_cggm_phantom_demo.onnx"),
+    "phantom-calibrated": Row("calibrated phantoms only, cpu-real recipe (no real training)", PRETRAINED),
 }
+#: the phantom pre-training: ``brats-cggm phantom`` and ``train`` options
+PHANTOMS = ("--cases", "30", "--size", "96", "--seed", "0")
+PRETRAIN = ("--preset", "cpu-real", "--epochs", "60", "--set", "validation.every=20")
 PRESET = "cpu-real"
 
 
@@ -79,10 +109,28 @@ def source_folds(case_ids: Sequence[str], folds: int) -> dict:
     return {"seed": 0, "scheme": f"{folds} folds by source", "folds": split}
 
 
-def fold_settings(split_file: Path, fold: int, fusion: str, epochs: int | None) -> dict:
-    settings = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": fusion,
+def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int | None) -> dict:
+    settings = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
                 "network.modality_dropout": 0.0}
+    if row.init:
+        settings["init"] = str(pretrain(out))
     return {**settings, **({"optim.epochs": epochs} if epochs else {})}
+
+
+def pretrain(out: Path) -> Path:
+    """OUT/phantom-pretrain: the phantom-only network (trained once, then reused)."""
+    import subprocess
+    import sys
+
+    run = out / PRETRAINED
+    if not (run / "summary.json").exists():
+        cli = [str(Path(sys.executable).with_name("brats-cggm"))]
+        if not (out / "phantoms").is_dir():
+            subprocess.run([*cli, "phantom", "--out", str(out / "phantoms"), *PHANTOMS], check=True)
+        resume = ["--resume"] if (run / "config.yaml").exists() else []
+        subprocess.run([*cli, "train", "--data", str(out / "phantoms"), "--out", str(run), *PRETRAIN, *resume],
+                       check=True)
+    return run
 
 
 def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None) -> None:
@@ -91,13 +139,14 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
     labelled = [c.case_id for c in discover(data).cases if c.label is not None]
     split_file = save_split(source_folds(labelled, folds), out / "split.json")
     for key in rows:  # row by row over the folds: each finished row is complete
-        _, fusion, method = ROWS[key]
+        row = ROWS[key]
         for fold in range(folds):
-            if fusion == MODEL:
-                score_model(Path(method), data, split_file, fold, out / key / f"fold{fold}.json")
+            if row.fusion is None:
+                model = pretrain(out) if row.method == PRETRAINED else Path(row.method)
+                score_model(model, data, split_file, fold, out / key / f"fold{fold}.json")
                 continue
-            compare(data, [method], 1, out / fusion / f"fold{fold}", preset=PRESET,
-                    settings=fold_settings(split_file, fold, fusion, epochs), subsets=True)
+            compare(data, [row.method], 1, out / row.group / f"fold{fold}", preset=PRESET,
+                    settings=fold_settings(split_file, fold, row, out, epochs), subsets=True)
 
 
 def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path) -> None:
@@ -132,16 +181,16 @@ def collect(out: Path, rows: Sequence[str], folds: int) -> list[dict]:
 
     runs = []
     for key in rows:
-        _, fusion, method = ROWS[key]
+        row = ROWS[key]
         for fold in range(folds):
-            if fusion == MODEL:
+            if row.fusion is None:
                 scored = out / key / f"fold{fold}.json"
                 if scored.exists():
                     runs.append({**json.loads(scored.read_text()), "method": key, "fold": fold})
                 continue
-            run_dir = out / fusion / f"fold{fold}" / "runs" / f"{method}-seed0"
+            run_dir = out / row.group / f"fold{fold}" / "runs" / f"{row.method}-seed0"
             if (run_dir / "summary.json").exists():
-                runs.append({**score_run(run_dir, method, 0, None, "cpu", print, subsets=True), "method": key, "fold": fold})
+                runs.append({**score_run(run_dir, row.method, 0, None, "cpu", print, subsets=True), "method": key, "fold": fold})
     return runs
 
 
@@ -173,8 +222,8 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
         cells += [plus_minus(row[f"subsets_dice/{r}"]) for r in regions] + [plus_minus(row[SUBSET_KEYS[-1]])]
         cells += [plus_minus(row[f"head/{m}"]) for m in ("flair", "t1", "t1ce", "t2")]
         cells.append(f"{row['step_s'][0]:.2f}")
-        lines.append(f"| {ROWS[row['method']][0]} | {row['seeds']} | " + " | ".join(cells) + " |")
-    worst = sorted({f"{ROWS[r['method']][0]}, fold {r['fold']}: {r['worst_subset']}" for r in runs})
+        lines.append(f"| {ROWS[row['method']].label} | {row['seeds']} | " + " | ".join(cells) + " |")
+    worst = sorted({f"{ROWS[r['method']].label}, fold {r['fold']}: {r['worst_subset']}" for r in runs})
     lines += ["", "Worst subset of each run: " + "; ".join(worst) + "."]
     markdown = "\n".join(lines) + "\n"
     results.mkdir(parents=True, exist_ok=True)
@@ -192,10 +241,10 @@ def card_summary(out: Path, key: str, folds: int, command: str) -> dict:
     and the 15-subset table, each the mean over the folds (per fold in ``folds``)."""
     from brats_cggm.metrics import REGIONS
 
-    _, fusion, method = ROWS[key]
+    row = ROWS[key]
     tables = []
     for fold in range(folds):
-        summary = out / fusion / f"fold{fold}" / "runs" / f"{method}-seed0" / "evaluation" / "test" / "summary.json"
+        summary = out / row.group / f"fold{fold}" / "runs" / f"{row.method}-seed0" / "evaluation" / "test" / "summary.json"
         if summary.exists():
             tables.append(json.loads(summary.read_text()))
     if not tables:
@@ -209,7 +258,7 @@ def card_summary(out: Path, key: str, folds: int, command: str) -> dict:
                for name in tables[0]["subsets"]["subsets"]}
     average = {r: over_folds([v[r] for v in subsets.values()]) for r in REGIONS}
     worst = min(subsets, key=lambda name: sum(subsets[name].values()))
-    return {"what": f"the recipe ({ROWS[key][0]}), cross-validated by source on real BraTS 2018 cases: "
+    return {"what": f"the recipe ({row.label}), cross-validated by source on real BraTS 2018 cases: "
                     "Dice on the test folds' cases (never trained on or selected on), mean over folds",
             "command": command, "folds": len(tables), "test_cases": sum(t["cases"] for t in tables),
             "dice": full, "subsets": subsets, "subset_average": average, "worst_subset": {"subset": worst, **subsets[worst]}}
