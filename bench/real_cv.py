@@ -18,9 +18,9 @@ continue, so the table can be filled across sessions (``--rows`` picks rows). Th
 (mean ± std over the folds that are done) goes to ``--results`` as real_cv.md|csv|json|png.
 
 Phantom pre-training: ``phantom-calibrated`` scores, on each test fold, a network trained on
-phantoms only (30 calibrated phantoms, ``cpu-real`` for 60 epochs, trained once into
-``OUT/phantom-pretrain``); ``hemis-dropout-init`` starts each fold's real training from its
-weights (``--init``), with the same real-data budget as every other row.
+phantoms only (30 calibrated phantoms, ``cpu-real`` for 60 epochs, trained once per network
+into ``OUT/phantom-pretrain-<network>``); the ``-init`` rows start each fold's real training
+from those weights (``--init``), with the same real-data budget as every other row.
 
     python bench/real_cv.py --data ../shared/data/real/brats2018 --out runs/real_cv
     python bench/real_cv.py --data ../shared/data/real/brats2018 --rows ef,hemis-none --table-only
@@ -48,11 +48,11 @@ class Row:
     ``fusion``) a trained model scored on each test fold."""
 
     label: str
-    #: the compare method; for a scored model, the model file or run folder (``PRETRAINED``: the pre-training run)
+    #: the compare method; for a scored model, the model file (``PRETRAINED``: the pre-training run)
     method: str
     fusion: str | None = None
-    #: start from the phantom pre-training's weights
-    init: bool = False
+    #: the phantom pre-training (a key of ``PRETRAIN``) the row starts from, or (scored) is
+    init: str | None = None
 
     @property
     def group(self) -> str:
@@ -60,7 +60,7 @@ class Row:
         return f"{self.fusion}-init" if self.init else str(self.fusion)
 
 
-#: a scored row's stand-in for OUT/phantom-pretrain
+#: a scored row's stand-in for its phantom pre-training run
 PRETRAINED = "phantom-pretrain"
 ROWS: dict[str, Row] = {
     "ef": Row("early fusion (4-channel U-Net)", "early_fusion", "mean"),
@@ -71,15 +71,20 @@ ROWS: dict[str, Row] = {
     "hemis-cggm": Row("4 branches, HeMIS fusion, CGGM", "cggm", "hemis"),
     "hemis-mmpareto": Row("4 branches, HeMIS fusion, MMPareto", "mmpareto", "hemis"),
     "hemis-dropout": Row("4 branches, HeMIS fusion, sequence dropout", "modality_dropout", "hemis"),
-    "hemis-dropout-init": Row("phantom pre-training, then as the row above", "modality_dropout", "hemis", init=True),
+    "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
+                              "modality_dropout", "hemis", init="hemis"),
+    "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
+                           "mean", init="early_fusion"),
     # no real training: the phantom-trained demo model (3 mm, mean fusion, old phantoms), and
     # the pre-training run (calibrated phantoms, the cpu-real recipe), scored on every test fold
     "phantom-only": Row("phantom-only demo model (no real training)", "models/brats_cggm_phantom_demo.onnx"),
-    "phantom-calibrated": Row("calibrated phantoms only, cpu-real recipe (no real training)", PRETRAINED),
+    "phantom-calibrated": Row("calibrated phantoms only, 4 branches, cpu-real recipe (no real training)",
+                              PRETRAINED, init="hemis"),
 }
-#: the phantom pre-training: ``brats-cggm phantom`` and ``train`` options
+#: the phantom pre-training: ``brats-cggm phantom`` and ``train`` options, and per network its own
 PHANTOMS = ("--cases", "30", "--size", "96", "--seed", "0")
-PRETRAIN = ("--preset", "cpu-real", "--epochs", "60", "--set", "validation.every=20")
+PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validation.every=20")
+PRETRAIN = {"hemis": ("--set", "network.fusion=hemis"), "early_fusion": ("--network", "early_fusion")}
 PRESET = "cpu-real"
 
 
@@ -113,23 +118,22 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
     settings = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
                 "network.modality_dropout": 0.0}
     if row.init:
-        settings["init"] = str(pretrain(out))
+        settings["init"] = str(pretrain(out, row.init))
     return {**settings, **({"optim.epochs": epochs} if epochs else {})}
 
 
-def pretrain(out: Path) -> Path:
-    """OUT/phantom-pretrain: the phantom-only network (trained once, then reused)."""
+def pretrain(out: Path, network: str) -> Path:
+    """OUT/phantom-pretrain-<network>: the phantom-only network (trained once, then reused)."""
     import subprocess
     import sys
 
-    run = out / PRETRAINED
+    run = out / f"{PRETRAINED}-{network}"
     if not (run / "summary.json").exists():
         cli = [str(Path(sys.executable).with_name("brats-cggm"))]
         if not (out / "phantoms").is_dir():
             subprocess.run([*cli, "phantom", "--out", str(out / "phantoms"), *PHANTOMS], check=True)
-        resume = ["--resume"] if (run / "config.yaml").exists() else []
-        subprocess.run([*cli, "train", "--data", str(out / "phantoms"), "--out", str(run), *PRETRAIN, *resume],
-                       check=True)
+        subprocess.run([*cli, "train", "--data", str(out / "phantoms"), "--out", str(run), *PRETRAIN_RECIPE,
+                        *PRETRAIN[network]], check=True)
     return run
 
 
@@ -142,7 +146,7 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
         row = ROWS[key]
         for fold in range(folds):
             if row.fusion is None:
-                model = pretrain(out) if row.method == PRETRAINED else Path(row.method)
+                model = pretrain(out, row.init) if row.method == PRETRAINED else Path(row.method)
                 score_model(model, data, split_file, fold, out / key / f"fold{fold}.json")
                 continue
             compare(data, [row.method], 1, out / row.group / f"fold{fold}", preset=PRESET,
