@@ -180,11 +180,15 @@ def train(
         **parse_settings(settings or []),
     }
     if resume:
-        changed = sorted(k for k, v in overrides.items() if v is not None and k != "optim.epochs")
-        changed += [name for name, given in (("--config", config), ("--preset", preset)) if given is not None]
+        saved = resolve_config("cpu-small", out / "config.yaml")
+        # what this command line asks for: all of it with --preset/--config, else the run's with the options given
+        asked = (resolve_config(preset or "cpu-small", config, overrides) if preset or config
+                 else resolve_config("cpu-small", out / "config.yaml", overrides))
+        changed = {k: v for k, v in saved.differences(asked).items() if k != "optim.epochs"}
         if changed:
-            raise ConfigurationError(f"--resume continues the run as configured; only --epochs may change (got {', '.join(changed)})")
-        resolved = resolve_config("cpu-small", out / "config.yaml", overrides)
+            got = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigurationError(f"--resume continues the run as configured; only --epochs may change (got {got})")
+        resolved = resolve_config("cpu-small", out / "config.yaml", {"optim.epochs": epochs})
     else:
         resolved = resolve_config(preset or "cpu-small", config, overrides)
     place = start(resolved.device)

@@ -534,8 +534,8 @@ def test_second_train_into_a_run_folder_is_an_error(cli_run, capsys):
     (["--set", "optim.momentum=0.9"], "optim.momentum"),
     (["--balancer", "none"], "balancer.name"),
     (["--data", "elsewhere"], "data.dir"),
-    (["--config", "tiny.yaml"], "--config"),
-    (["--preset", "gpu"], "--preset"),
+    (["--config", "tiny.yaml", "--set", "validation.every=3"], "validation.every 2 -> 3"),
+    (["--preset", "gpu"], "network.preset"),
 ])
 def test_resume_refuses_changed_options(cli_run, capsys, option, named):
     option = [str(cli_run.config) if o == "tiny.yaml" else o for o in option]
@@ -544,6 +544,14 @@ def test_resume_refuses_changed_options(cli_run, capsys, option, named):
     assert code == 2, f"exit status {code}: {out}{err}"
     assert err.strip().startswith("error: ") and named in err and "--epochs" in err, err
     assert load_last(cli_run.run)["progress"] == before
+
+
+def test_resume_accepts_the_command_that_started_the_run(cli_run, capsys):
+    """The exact command plus --resume continues the run (as nnU-Net's --c does)."""
+    code, out, err = in_process(capsys, "train", "--config", cli_run.config, "--out", cli_run.run, "--epochs", "1",
+                                "--resume")
+    assert code == 0, f"exit status {code}: {out}{err}"
+    assert load_last(cli_run.run)["progress"]["epoch"] == 1
 
 
 def test_resume_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):

@@ -196,6 +196,23 @@ class TrainConfig:
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """``{dotted name: (mine, other's)}`` for every setting the two do not share."""
+        mine, theirs = _flat(self.to_dict()), _flat(other.to_dict())
+        return {name: (mine.get(name), theirs.get(name))
+                for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)}
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}`` (a section's mapping values flattened too)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 #: The starting points of ``--preset``; a configuration file and options change them.
 PRESETS: dict[str, dict[str, Any]] = {
