@@ -84,7 +84,18 @@ ROWS: dict[str, Row] = {
 #: the phantom pre-training: ``brats-cggm phantom`` and ``train`` options, and per network its own
 PHANTOMS = ("--cases", "30", "--size", "96", "--seed", "0")
 PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validation.every=20")
-PRETRAIN = {"hemis": ("--set", "network.fusion=hemis"), "early_fusion": ("--network", "early_fusion")}
+#: the networks a phantom pre-training exists for
+PRETRAIN = ("hemis", "early_fusion")
+
+
+def pretrain_options(network: str) -> list[str]:
+    """``brats-cggm train`` options of the phantom pre-training of ``network`` (of ``PRETRAIN``)."""
+    if network == "hemis":
+        return ["--set", "network.fusion=hemis"]
+    from brats_cggm.compare import early_fusion_overrides
+
+    widths = early_fusion_overrides(PRESET, {})  # those compare's early-fusion rows train at
+    return ["--network", "early_fusion", "--set", f"network.overrides={json.dumps(widths)}"]
 PRESET = "cpu-real"
 
 
@@ -133,7 +144,7 @@ def pretrain(out: Path, network: str) -> Path:
         if not (out / "phantoms").is_dir():
             subprocess.run([*cli, "phantom", "--out", str(out / "phantoms"), *PHANTOMS], check=True)
         subprocess.run([*cli, "train", "--data", str(out / "phantoms"), "--out", str(run), *PRETRAIN_RECIPE,
-                        *PRETRAIN[network]], check=True)
+                        *pretrain_options(network)], check=True)
     return run
 
 

@@ -469,6 +469,15 @@ def test_early_fusion_trains_without_a_balancer(phantoms, tmp_path):
     assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "dice.png"}
 
 
+@pytest.mark.parametrize("network, fusion", [("early_fusion", None), ("small", "hemis")])
+def test_the_cpu_real_preset_builds_either_network(network, fusion):
+    """cpu-real's HeMIS fusion goes to the four-branch network; early fusion has no branches."""
+    from brats_cggm.training.components import network_from_config
+
+    net = network_from_config(resolve_config("cpu-real", None, {"network.preset": network}).network)
+    assert getattr(net, "fusion_name", None) == fusion
+
+
 def test_early_fusion_with_cggm_is_refused_naming_the_network(phantoms, tmp_path):
     run = tmp_path / "run"
     config = tiny_config(phantoms, network__preset="early_fusion", network__overrides=EARLY_FUSION,

@@ -20,6 +20,7 @@ from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from brats_cggm.errors import ConfigurationError
+from brats_cggm.network import PRESETS as NETWORKS
 from brats_cggm.network import (
     MultiBranchUNet,
     balancer_modalities,
@@ -110,7 +111,8 @@ def set_encoder_rates(parts: Components, base_lr: float) -> None:
 
 def network_from_config(network: NetworkConfig) -> nn.Module:
     options = {"modality_dropout": network.modality_dropout, **network.overrides}
-    if network.fusion != "mean":  # early fusion has no branches to fuse, and takes no fusion
+    preset = NETWORKS.get(network.preset)
+    if preset is not None and issubclass(preset.network, MultiBranchUNet):  # early fusion has no branches to fuse
         options["fusion"] = network.fusion
     return build_network(network.preset, **options)
 
