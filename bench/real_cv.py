@@ -205,8 +205,48 @@ def collect(out: Path, rows: Sequence[str], folds: int) -> list[dict]:
                 continue
             run_dir = out / row.group / f"fold{fold}" / "runs" / f"{row.method}-seed0"
             if (run_dir / "summary.json").exists():
-                runs.append({**score_run(run_dir, row.method, 0, None, "cpu", print, subsets=True), "method": key, "fold": fold})
+                runs.append({**score_run(run_dir, row.method, 0, None, "cpu", print, subsets=True),
+                             **telemetry_means(run_dir), "method": key, "fold": fold})
     return runs
+
+
+#: CGGM's per-sequence telemetry the table summarises: the magnitude coefficient and the cosine
+#: between the fused gradient and the sequence head's gradient (the direction term)
+TELEMETRY = ("B", "cos")
+SEQUENCES = ("flair", "t1", "t1ce", "t2")
+
+
+def telemetry_means(run_dir: Path) -> dict[str, float]:
+    """``telemetry/<B|cos>/<seq>``: the mean over the second half of a run's steps (none without them)."""
+    import csv
+    import statistics
+
+    with (run_dir / "telemetry.csv").open() as handle:
+        steps = list(csv.DictReader(handle))
+    half = steps[len(steps) // 2:]
+    names = [f"{t}/{s}" for t in TELEMETRY for s in SEQUENCES]
+    if not half or any(name not in half[0] for name in names):
+        return {}
+    return {f"telemetry/{name}": statistics.fmean(float(step[name]) for step in half) for name in names}
+
+
+def telemetry_lines(runs: list[dict]) -> list[str]:
+    """The telemetry table of the rows whose runs logged it (mean ± std over folds)."""
+    from multimodal_general.series import mean_std, plus_minus
+
+    logged = [r for r in runs if "telemetry/B/flair" in r]
+    if not logged:
+        return []
+    lines = ["", ("CGGM's telemetry per sequence, mean over the second half of each run's steps (mean ± std over "
+                  "folds): B scales the sequence's encoder gradient (1 = unchanged); cos = cosine between the "
+                  "fused gradient and the sequence head's gradient."), "",
+             "| configuration | " + " | ".join(f"{t} {s}" for t in TELEMETRY for s in SEQUENCES) + " |",
+             "|---" * (1 + len(TELEMETRY) * len(SEQUENCES)) + "|"]
+    for key in dict.fromkeys(r["method"] for r in logged):
+        mine = [r for r in logged if r["method"] == key]
+        cells = [plus_minus(mean_std([r[f"telemetry/{t}/{s}"] for r in mine]), 2) for t in TELEMETRY for s in SEQUENCES]
+        lines.append(f"| {ROWS[key].label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str) -> str:
@@ -239,7 +279,7 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
         cells.append(f"{row['step_s'][0]:.2f}")
         lines.append(f"| {ROWS[row['method']].label} | {row['seeds']} | " + " | ".join(cells) + " |")
     worst = sorted({f"{ROWS[r['method']].label}, fold {r['fold']}: {r['worst_subset']}" for r in runs})
-    lines += ["", "Worst subset of each run: " + "; ".join(worst) + "."]
+    lines += ["", "Worst subset of each run: " + "; ".join(worst) + "."] + telemetry_lines(runs)
     markdown = "\n".join(lines) + "\n"
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "real_cv.md", markdown)
