@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from nibabel import orientations
-from scipy import ndimage
 
 from brats_cggm.data.preprocessing import NOISE_FLOOR, PreprocessConfig
 
@@ -137,10 +136,24 @@ def interpolate(data: np.ndarray, axes: Sequence[tuple[np.ndarray, np.ndarray, n
 
 
 def _resample_general(data: np.ndarray, xform: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Linear resampling by a full voxel mapping (sheared grids), clamped to the border."""
-    return np.stack([ndimage.affine_transform(np.asarray(c, dtype=np.float32), xform[:3, :3], xform[:3, 3],
-                                              output_shape=tuple(shape), order=1, mode="nearest")
-                     for c in data]).astype(np.float32, copy=False)
+    """Trilinear resampling by a full voxel mapping (sheared grids), clamped to the
+    border, a slab of the output's first axis at a time: float32 ``[C, *shape]``."""
+    size = np.asarray(data.shape[1:])
+    out = np.empty((data.shape[0], *shape), dtype=np.float32)
+    rest = np.indices(tuple(shape[1:]), dtype=np.float64).reshape(2, -1)
+    for x in range(shape[0]):
+        voxels = np.vstack([np.full((1, rest.shape[1]), float(x)), rest])
+        coords = np.clip(xform[:3, :3] @ voxels + xform[:3, 3:], 0, (size - 1)[:, None])
+        lo = np.floor(coords).astype(np.intp)
+        hi = np.minimum(lo + 1, (size - 1)[:, None])
+        w = (coords - lo).astype(np.float32)
+        slab = np.zeros((data.shape[0], rest.shape[1]), dtype=np.float32)
+        for corner in range(8):
+            pick = [(hi if corner >> a & 1 else lo)[a] for a in range(3)]
+            weight = np.prod([w[a] if corner >> a & 1 else 1 - w[a] for a in range(3)], axis=0)
+            slab += data[:, pick[0], pick[1], pick[2]].astype(np.float32, copy=False) * weight
+        out[:, x] = slab.reshape(data.shape[0], *shape[1:])
+    return out
 
 
 def spacing_grid(affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:

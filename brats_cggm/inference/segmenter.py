@@ -38,7 +38,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from scipy.special import expit
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS, SCHEMES, labels_from_regions, to_brats2021
@@ -59,6 +58,12 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "brats_cggm_rea
 OUTPUT_SCHEMES = ("brats2021", "brats2023")
 #: every mirroring of a 3-D window (nnU-Net's test-time augmentation), identity first
 MIRRORS = tuple(axes for n in range(4) for axes in combinations((2, 3, 4), n))
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function in the logits' dtype, without overflow (0.5 + 0.5 tanh(x / 2))."""
+    half = np.asarray(logits) * np.asarray(0.5, dtype=np.asarray(logits).dtype)
+    return np.tanh(half, out=half) * half.dtype.type(0.5) + half.dtype.type(0.5)
 
 
 def default_model() -> Path:
@@ -270,7 +275,7 @@ class Segmenter:
                 x = np.ascontiguousarray(np.flip(window, axes)) if axes else window
                 full, parts = None, [None] * len(plan.sequences)
                 for s, mask in enumerate(masks):
-                    p = expit(self.backend(x, np.broadcast_to(mask, (x.shape[0], mask.size))))
+                    p = sigmoid(self.backend(x, np.broadcast_to(mask, (x.shape[0], mask.size))))
                     if s == plan.full:
                         full = p
                     for i in range(len(parts)):
