@@ -52,9 +52,10 @@ from monai.transforms import (
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import SCHEMES
-from brats_cggm.data.preprocessing import ARTEFACTS, NOISE_FLOOR, NORMALIZATION, PreprocessConfig
 from brats_cggm.data.layouts import Case
+from brats_cggm.data.preprocessing import ARTEFACTS, NOISE_FLOOR, NORMALIZATION, PreprocessConfig
 from brats_cggm.errors import BadInputFile, UserError
+
 
 def case_to_dict(case: Case) -> dict[str, Any]:
     """The MONAI data dict of ``case``: file paths as strings, plus what the chains need
