@@ -3,7 +3,7 @@ base install, no extra) must run ``check`` and ``predict`` (every option) on a p
 on a real case, with no torch, MONAI, Gradio or SciPy; a command that needs the ``train``
 extra says so in one line (exit 2, no traceback).
 
-It installs from the package index (~35 s, ~260 MB), so it runs where
+It installs from the package index (18-35 s, 233 MB), so it runs where
 ``BRATS_CGGM_INSTALL_TEST=1`` (``.ci/run`` sets it) and is skipped with that reason
 elsewhere. The phantom is written by this (full) environment: ``brats-cggm phantom``
 needs the ``train`` extra. Size and time of the install are printed (``pytest -s``).
