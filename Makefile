@@ -11,10 +11,10 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev,app,food]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[train,dev,app,food]"
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev,app,food]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[train,dev,app,food]"
 
 # The demo: CGGM on the synthetic imbalance task (~20 s), then BraTS-like phantoms ->
 # a short CGGM training on the CPU -> evaluation of the validation cases -> ONNX export ->

@@ -111,9 +111,11 @@ from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.export import InferenceGraph, _to_onnx, export_run, model_card, weights_sha256
+from brats_cggm.inference import monai_chain
 from brats_cggm.inference import segmenter as segmenter_module
 from brats_cggm.inference.backends import OnnxBackend, TorchBackend
 from brats_cggm.inference.card import CARD_FORMAT, read_onnx
+from brats_cggm.inference.grid import Geometry
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.network.presets import build_network
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
@@ -131,15 +133,19 @@ from multimodal_general.runtime import (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "diag_lam0"
 BACKENDS = {
-    "torch": "torch eager (TorchBackend)",
-    "onnxruntime": "ONNX Runtime CPU (OnnxBackend)",
-    "onnxruntime-nospin": "ONNX Runtime CPU, intra-op threads do not spin",
+    "torch": "torch eager (TorchBackend), MONAI chain",
+    "onnxruntime": "ONNX Runtime CPU (OnnxBackend), MONAI chain (the path before the numpy chain)",
+    "onnxruntime-numpy": "ONNX Runtime CPU (OnnxBackend), numpy chain (an .onnx file's default)",
+    "onnxruntime-spin": "ONNX Runtime CPU, MONAI chain, intra-op threads spinning (ONNX Runtime's own default)",
 }
 BASELINE = "torch"
-CONFIGS = ("a", "b")
-FULL = {"case_size": "240,240,155", "rounds": "5,3", "large_spacing": 1.0, "large_patch": 128,
+#: the reference of a configuration without torch (s: the shipped model has no run here)
+ONNX_BASELINE = "onnxruntime"
+CONFIGS = ("a", "b", "s")
+SHIPPED = REPO / "models" / "brats_cggm_real.onnx"
+FULL = {"case_size": "240,240,155", "rounds": "5,3,5", "large_spacing": 1.0, "large_patch": 128,
         "small_patch": 48, "exporter": "project", "matmul_size": 2048}
-QUICK = {"case_size": "64,64,64", "rounds": "1,1", "large_spacing": 4.0, "large_patch": 32,
+QUICK = {"case_size": "64,64,64", "rounds": "1,1,1", "large_spacing": 4.0, "large_patch": 32,
          "small_patch": 32, "exporter": "legacy", "matmul_size": 512, "run": "none"}
 SMALL_SPACING = 3.0  # the cpu-small preset's spacing, for configuration a without a run
 OVERLAP = 0.5
@@ -156,15 +162,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a short run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from a, b (default both)")
-    parser.add_argument("--backends", default="torch,onnxruntime",
-                        help=f"comma-separated, from {', '.join(BACKENDS)}; torch is required (default torch,onnxruntime)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated, from a, b, s (s: the shipped model, no torch backend; default all)")
+    parser.add_argument("--backends", default="torch,onnxruntime,onnxruntime-numpy",
+                        help=f"comma-separated, from {', '.join(BACKENDS)}; torch and onnxruntime are required "
+                             "(default torch,onnxruntime,onnxruntime-numpy)")
     parser.add_argument("--run", help=f"the trained run of configuration a (default {DEFAULT_RUN.relative_to(REPO)}); "
                                       "'none': the small network with random weights")
     parser.add_argument("--checkpoint", default="best", help="checkpoint of --run (default best)")
     parser.add_argument("--onnx", type=Path, help="an export of --run to use instead of exporting it here")
     parser.add_argument("--case-size", help=f"phantom grid (default {FULL['case_size']}: BraTS's 1 mm grid)")
-    parser.add_argument("--rounds", help=f"timed rounds of a,b (default {FULL['rounds']})")
+    parser.add_argument("--rounds", help=f"timed rounds of a,b,s (default {FULL['rounds']})")
     parser.add_argument("--warmup", type=int, default=0, help="untimed whole cases per backend first (default 0; "
                         "one untimed batch of windows per backend always runs)")
     parser.add_argument("--large-preset", default="default", help="network preset of configuration b (default default)")
@@ -201,8 +209,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.configs or set(args.configs) - set(CONFIGS) or len(set(args.configs)) != len(args.configs):
         parser.error(f"--configs: distinct entries from {', '.join(CONFIGS)}")
-    if set(args.backends) - set(BACKENDS) or len(set(args.backends)) != len(args.backends) or BASELINE not in args.backends:
-        parser.error(f"--backends: distinct entries from {', '.join(BACKENDS)}, torch among them")
+    if (set(args.backends) - set(BACKENDS) or len(set(args.backends)) != len(args.backends)
+            or not {BASELINE, ONNX_BASELINE} <= set(args.backends)):
+        parser.error(f"--backends: distinct entries from {', '.join(BACKENDS)}, torch and onnxruntime among them")
     try:
         args.case_size = _ints(args.case_size)
         rounds = _ints(args.rounds)
@@ -211,9 +220,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if len(args.case_size) != 3 or min(args.case_size) < 16:
         parser.error("--case-size: three sizes of at least 16")
     if len(rounds) == 1:
-        rounds *= 2
-    if len(rounds) != 2 or min(rounds) < 1:
-        parser.error("--rounds: one or two numbers (a,b) of at least 1")
+        rounds *= 3
+    if len(rounds) != 3 or min(rounds) < 1:
+        parser.error("--rounds: one or three numbers (a,b,s) of at least 1")
     args.rounds = dict(zip(CONFIGS, rounds))
     args.run = DEFAULT_RUN if args.run is None else None if args.run.lower() == "none" else Path(args.run)
     if args.run is not None and not args.run.is_dir():
@@ -273,7 +282,12 @@ def prepare(args: argparse.Namespace, tmp: Path, log) -> dict[str, Any]:
     for name in args.configs:
         began = time.perf_counter()
         onnx_file = tmp / f"{name}.onnx"
-        if name == "a" and args.run is not None:
+        if name == "s":
+            card = read_onnx(SHIPPED)[1]
+            onnx_file = SHIPPED
+            entry = {"kind": "shipped", "trained": True, "onnx_has_card": True, "export": "shipped",
+                     "description": f"the shipped model ({SHIPPED.name}, {card['network']['preset']}), no torch backend"}
+        elif name == "a" and args.run is not None:
             entry = {"kind": "run", "run": str(args.run), "checkpoint": args.checkpoint, "trained": True}
             file = run_checkpoint(args.run, args.checkpoint)
             payload = load(file)
@@ -333,13 +347,14 @@ def make_segmenter(entry: dict[str, Any], backend: str, threads: int, sw_batch_s
             segmenter = Segmenter(TorchBackend(net, "cpu"), card, f"random {entry['preset']}")
     else:
         data = Path(entry["onnx"]).read_bytes()
+        chain = "numpy" if backend == "onnxruntime-numpy" else "monai"
         if entry["onnx_has_card"]:
-            segmenter = Segmenter.load(entry["onnx"], provider="cpu", threads=threads)
+            segmenter = Segmenter.load(entry["onnx"], provider="cpu", threads=threads, chain=chain)
         else:
-            segmenter = Segmenter(OnnxBackend(data, "cpu", threads), card, entry["onnx"])
-        if backend == "onnxruntime-nospin":
+            segmenter = Segmenter(OnnxBackend(data, "cpu", threads), card, entry["onnx"], chain=chain)
+        if backend == "onnxruntime-spin":
             options = segmenter.backend.session.get_session_options()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
             segmenter.backend.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     segmenter.sw_batch_size = sw_batch_size
     return segmenter
@@ -349,13 +364,13 @@ class TimedBackend:
     """A backend that adds up the time spent in its calls and the windows it saw."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.device, self.name = inner, inner.device, inner.name
+        self.inner, self.name = inner, inner.name
         self.reset()
 
     def reset(self) -> None:
         self.seconds, self.calls, self.windows = 0.0, 0, 0
 
-    def __call__(self, image: Tensor, modality_mask: Tensor) -> Tensor:
+    def __call__(self, image: np.ndarray, modality_mask: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         out = self.inner(image, modality_mask)
         self.seconds += time.perf_counter() - start
@@ -364,33 +379,38 @@ class TimedBackend:
         return out
 
 
-PHASES = {"load_sequences": "read", "sliding_window_inference": "sliding window",
-          "invert_prediction": "invert", "labels_from_regions": "labels"}
+#: (where, function) -> phase: the steps of both chains
+PHASES = {(segmenter_module, "load_sequences"): "read", (segmenter_module, "labels_from_regions"): "labels",
+          (monai_chain, "sliding_window_inference"): "sliding window", (monai_chain, "invert_prediction"): "invert",
+          (segmenter_module, "sliding_window"): "sliding window", (Geometry, "invert"): "invert"}
 
 
 @contextmanager
 def phase_timer(seconds: dict[str, float]):
     """Time the steps of :meth:`Segmenter._predict` by wrapping the functions the segmenter
-    module calls (reading the files, the sliding window, the inversion, the labels) while
-    inside; what is left of a case is the preprocessing (and small glue)."""
-    originals = {name: getattr(segmenter_module, name) for name in PHASES}
+    calls (reading the files, the sliding window, the inversion, the labels; in the MONAI
+    chain's module and in the numpy chain's) while inside; what is left of a case is the
+    preprocessing (and small glue)."""
+    originals = {key: getattr(*key) for key in PHASES}
 
-    def timed(name: str, function):
+    def timed(key, function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                seconds[PHASES[name]] = seconds.get(PHASES[name], 0.0) + time.perf_counter() - start
+                seconds[PHASES[key]] = seconds.get(PHASES[key], 0.0) + time.perf_counter() - start
         return wrapper
 
-    for name, function in originals.items():
-        setattr(segmenter_module, name, timed(name, function))
+    for key, function in originals.items():
+        setattr(*key, timed(key, function))
+    for phase in set(PHASES.values()):
+        seconds.setdefault(phase, 0.0)
     try:
         yield seconds
     finally:
-        for name, function in originals.items():
-            setattr(segmenter_module, name, function)
+        for key, function in originals.items():
+            setattr(*key, function)
 
 
 # ---------------------------------------------------------------------- measuring
@@ -459,13 +479,16 @@ def ort_threads(segmenter: Segmenter) -> int | None:
 def time_config(args: argparse.Namespace, name: str, entry: dict[str, Any], case, log) -> dict[str, Any]:
     """Interleaved rounds of one configuration: every backend's case and a matmul per round."""
     segmenters = {}
-    for backend in args.backends:
+    backends = config_backends(args, entry)
+    baseline = backends[0]
+    for backend in backends:
         segmenter = make_segmenter(entry, backend, args.threads, args.sw_batch_size)
         segmenter.backend = TimedBackend(segmenter.backend)
         segmenters[backend] = segmenter
-    flops = conv_flops(segmenters[BASELINE].backend.inner.net, entry["patch"])
-    window = torch.randn(args.sw_batch_size, len(MODALITIES), *entry["patch"])
-    mask = torch.ones(args.sw_batch_size, len(MODALITIES))
+    flops = conv_flops(segmenters[BASELINE].backend.inner.net, entry["patch"]) if BASELINE in segmenters else None
+    rng = np.random.default_rng(SEED)
+    window = rng.standard_normal((args.sw_batch_size, len(MODALITIES), *entry["patch"]), dtype=np.float32)
+    mask = np.ones((args.sw_batch_size, len(MODALITIES)), dtype=np.float32)
     warm = {}
     for backend, segmenter in segmenters.items():
         start = time.perf_counter()
@@ -473,7 +496,7 @@ def time_config(args: argparse.Namespace, name: str, entry: dict[str, Any], case
         warm[backend] = time.perf_counter() - start
     del window
     log(f"[{name}] warm-up batch of {args.sw_batch_size} windows: " + ", ".join(f"{b} {s:.2f} s" for b, s in warm.items()))
-    items = [*args.backends, "matmul"]
+    items = [*backends, "matmul"]
     rounds, predictions = [], {}
     for index in range(args.warmup + args.rounds[name]):
         timed = index >= args.warmup
@@ -504,20 +527,30 @@ def time_config(args: argparse.Namespace, name: str, entry: dict[str, Any], case
         log(f"[{name}] {kind}: " + ", ".join(
             f"matmul {record['matmul_gflops']['median']:.0f} GFLOP/s" if item == "matmul" else
             f"{item} {record[item]['case_s']:.2f} s (backend {record[item]['backend_s']:.2f} s)" for item in order))
-    windows = {rounds[0][b]["windows"] for b in args.backends}
+    windows = {rounds[0][b]["windows"] for b in backends}
     if len(windows) != 1:
         raise RuntimeError(f"the backends saw different numbers of windows: {windows}")
-    reference = predictions[BASELINE]
+    reference = predictions[baseline]
     return {
+        "baseline": baseline,
+        "backends": backends,
         "conv_flops": flops,
         "windows_per_case": windows.pop(),
-        "calls_per_case": rounds[0][BASELINE]["calls"],
+        "calls_per_case": rounds[0][baseline]["calls"],
         "case_shape": list(reference.shape),
         "warmup_batch_s": warm,
         "ort_intra_op_threads": {b: ort_threads(s) for b, s in segmenters.items() if b != BASELINE},
         "rounds": rounds,
-        "parity": {b: parity(reference, predictions[b], entry["trained"]) for b in args.backends if b != BASELINE},
+        "parity": {b: parity(reference, predictions[b], entry["trained"]) for b in backends if b != baseline},
     }
+
+
+def config_backends(args: argparse.Namespace, entry: dict[str, Any]) -> list[str]:
+    """The backends a configuration runs, its reference first (torch; the MONAI chain on
+    ONNX Runtime where there is no torch network)."""
+    backends = [b for b in args.backends if not (b == BASELINE and entry["kind"] == "shipped")]
+    first = BASELINE if BASELINE in backends else ONNX_BASELINE
+    return [first, *(b for b in backends if b != first)]
 
 
 # ------------------------------------------------------------------------- memory
@@ -561,9 +594,9 @@ def _span(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarise(config: dict[str, Any], backends: Sequence[str]) -> dict[str, dict[str, Any]]:
-    rounds = config["rounds"]
-    flops = config["conv_flops"]["per_window"] * config["windows_per_case"]
+def summarise(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rounds, backends, baseline = config["rounds"], config["backends"], config["baseline"]
+    flops = config["conv_flops"]["per_window"] * config["windows_per_case"] if config["conv_flops"] else float("nan")
     matmul = [r["matmul_gflops"]["median"] for r in rounds]
     rows = {}
     for backend in backends:
@@ -578,13 +611,20 @@ def summarise(config: dict[str, Any], backends: Sequence[str]) -> dict[str, dict
             "cpu_s": _span([r[backend]["cpu_s"] for r in rounds]),
             "phases_s": {phase: _span([r[backend]["phases_s"][phase] for r in rounds])
                          for phase in rounds[0][backend]["phases_s"]},
-            "ratio_case_vs_torch": _span([r[backend]["case_s"] / r[BASELINE]["case_s"] for r in rounds]),
-            "ratio_backend_vs_torch": _span([r[backend]["backend_s"] / r[BASELINE]["backend_s"] for r in rounds]),
+            "ratio_case_vs_torch": (_span([r[backend]["case_s"] / r[BASELINE]["case_s"] for r in rounds])
+                                    if baseline == BASELINE else None),
+            "ratio_backend_vs_torch": (_span([r[backend]["backend_s"] / r[BASELINE]["backend_s"] for r in rounds])
+                                       if baseline == BASELINE else None),
+            # the numpy chain's goal: a case in <= 0.5 x the MONAI chain's time (same ONNX Runtime session settings)
+            "ratio_case_vs_monai_chain": _span([r[backend]["case_s"] / r[ONNX_BASELINE]["case_s"] for r in rounds]),
             "conv_gflops_backend": _span(achieved),
             "conv_gflops_case": _span(whole),
             "fraction_of_matmul_backend": _span([a / m for a, m in zip(achieved, matmul)]),
             "fraction_of_matmul_case": _span([a / m for a, m in zip(whole, matmul)]),
         }
+        if not config["conv_flops"]:  # no torch network to count the convolutions of
+            rows[backend].update(dict.fromkeys(("conv_gflops_backend", "conv_gflops_case", "fraction_of_matmul_backend",
+                                                "fraction_of_matmul_case")))
     return rows
 
 
@@ -614,25 +654,26 @@ def markdown(payload: dict[str, Any]) -> str:
         e = config["spec"]
         flops = config["conv_flops"]
         matmul = _span([r["matmul_gflops"]["median"] for r in config["rounds"]])
+        counted = (f"{flops['per_window'] / 1e9:.2f} conv GFLOP per window (flop counter: "
+                   f"{flops['flop_counter_per_window'] / 1e9:.2f})" if flops else "conv GFLOP not counted (no torch network)")
         lines += [
             (f"**{name}**: {e['description']}, {e['spacing_mm'][0]:g} mm, {e['patch'][0]}^3 windows, overlap "
             f"{e['overlap']:g}; {config['windows_per_case']} windows per case in {config['calls_per_case']} calls; "
-            f"{flops['per_window'] / 1e9:.2f} conv GFLOP per window (flop counter: "
-            f"{flops['flop_counter_per_window'] / 1e9:.2f}); ONNX export: {e['export']}; "
+            f"{counted}; ONNX export: {e['export']}; "
             f"{len(config['rounds'])} rounds; matmul {s['matmul_size']}^2 float32: {_s(matmul, 0)} GFLOP/s"),
             "",
         ]
-        header = ["backend", "case s", "backend s", "rest s", "× torch (case)", "× torch (backend)",
+        header = ["backend", "case s", "backend s", "rest s", "× MONAI chain (case)", "× torch (case)", "× torch (backend)",
                   "conv GFLOP/s in backend", "% of matmul", "% of matmul (whole case)", "peak RSS MiB",
                   "over imports MiB", "cold case s"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for backend, row in config["summary"].items():
             memory = config["memory"].get(backend)
-            pct = {k: {**v, **{x: 100 * v[x] for x in ("median", "min", "max")}}
+            pct = {k: {**v, **{x: 100 * v[x] for x in ("median", "min", "max")}} if v else None
                    for k, v in row.items() if k.startswith("fraction")}
             lines.append("| " + " | ".join([
                 backend, _s(row["case_s"]), _s(row["backend_s"]), _s(row["outside_backend_s"]),
-                _s(row["ratio_case_vs_torch"], unit="x"), _s(row["ratio_backend_vs_torch"], unit="x"),
+                _s(row["ratio_case_vs_monai_chain"], unit="x"), _s(row["ratio_case_vs_torch"], unit="x"), _s(row["ratio_backend_vs_torch"], unit="x"),
                 _s(row["conv_gflops_backend"], 1), _s(pct["fraction_of_matmul_backend"], 0, "%"),
                 _s(pct["fraction_of_matmul_case"], 0, "%"),
                 f"{memory['peak_rss_mib']:.0f}" if memory else "—",
@@ -651,10 +692,10 @@ def markdown(payload: dict[str, Any]) -> str:
         for backend, p in config["parity"].items():
             labels = (f"label agreement {100 * p['label_agreement']:.4f}% of {p['voxels']} voxels "
                       f"({p['voxels_differing']} differ), {100 * p['label_agreement_tumour']:.2f}% within the "
-                      f"{int(np.sum(list(p['tumour_voxels'].values())))} tumour calls (torch "
+                      f"{int(np.sum(list(p['tumour_voxels'].values())))} tumour calls ({config['baseline']} "
                       f"{p['tumour_voxels']['reference']}, {backend} {p['tumour_voxels']['other']})"
                       if p["labels_trained"] else "labels not compared (untrained network)")
-            lines.append(f"- parity {backend} vs torch: {labels}; max |Δ probability| "
+            lines.append(f"- parity {backend} vs {config['baseline']}: {labels}; max |Δ probability| "
                          f"{p['max_abs_diff_probabilities']:.2e} (mean {p['mean_abs_diff_probabilities']:.1e})")
         lines.append("")
     lines.append(
@@ -664,7 +705,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "back to the input grid, *labels* thresholds and label map, *preprocess + rest* what remains: orientation, "
         "spacing, crop, z-score; *process CPU s*: CPU time of all threads of the process: close to *case s*, the process got about one "
         "core of the two). "
-        "Ratios: median over rounds of the ratio within the round. *conv GFLOP/s*: Conv3d + ConvTranspose3d FLOPs "
+        "Ratios: median over rounds of the ratio within the round; *× MONAI chain*: over `onnxruntime` (ONNX Runtime "
+        "with the MONAI chain, the path before the numpy chain; `onnxruntime-numpy` is the numpy chain, the default "
+        "for an .onnx file). The phases of the numpy chain: *sliding window* is windows.py, *invert* "
+        "Geometry.invert, *preprocess + rest* grid.preprocess. *conv GFLOP/s*: Conv3d + ConvTranspose3d FLOPs "
         "(2 x multiply-adds, counted by forward hooks) x windows / backend s; *% of matmul*: that over the "
         "torch.matmul throughput of the same round (*whole case*: FLOPs over case s). Memory: one cold case in a "
         "fresh process per backend; *peak RSS*: VmHWM over model load + case; *over imports*: minus VmRSS after "
@@ -698,11 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.configs:
             entry = spec["configs"][name]
             configs[name] = {"spec": entry, **time_config(args, name, entry, case, log)}
-            configs[name]["summary"] = summarise(configs[name], args.backends)
+            configs[name]["summary"] = summarise(configs[name])
             configs[name]["memory"] = {}
         if not args.no_memory:
             for name in args.configs:
-                for backend in args.backends:
+                for backend in configs[name]["backends"]:
                     log(f"memory: {name}:{backend} in a fresh process")
                     configs[name]["memory"][backend] = measure_memory(args, spec_file, name, backend)
     payload = {

@@ -1,4 +1,8 @@
-"""``brats-cggm``: the command line of the BraTS application."""
+"""``brats-cggm``: the command line of the BraTS application.
+
+Each command imports what it needs when it runs, so that ``check`` and ``predict`` (with
+an ONNX file) work in the torch-free install (``pip install brats-cggm``); a command that
+needs a package that install lacks says which extra brings it (:func:`missing_extra`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -30,21 +35,52 @@ def progress_bar() -> Progress:
     return shared_progress_bar(console, elapsed=False, transient=True)
 
 
+#: the extra that installs each optional top-level module (pip install 'brats-cggm[EXTRA]')
+EXTRAS = {
+    **dict.fromkeys(("torch", "monai", "torchio", "SimpleITK", "onnxscript", "matplotlib", "scipy", "sklearn", "h5py",
+                     "nilearn", "yaml", "tensorboard"), "train"),
+    "gradio": "app", "transformers": "food", "itk": "itk",
+}
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """One line for a command that needs a module this install lacks, naming the extra
+    that brings it; None for a module no extra provides (a real bug: re-raised)."""
+    module = (error.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
+    return (f"`brats-cggm {command}` needs {module}, which this install lacks: "
+            f"pip install 'brats-cggm[{extra}]' (the torch-free install runs check and predict with an .onnx model)")
+
+
 @app.command()
 def info() -> None:
     """Show the installed stack and the compute devices it can use."""
-    import monai
+    import importlib.metadata
+
     import onnxruntime
-    import torch
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return f"not installed (pip install 'brats-cggm[{EXTRAS.get(name, 'train')}]')"
 
     table = Table(title="brats-cggm environment", show_header=False)
     table.add_row("python", platform.python_version())
-    table.add_row("torch", torch.__version__)
-    table.add_row("monai", monai.__version__)
+    table.add_row("torch", version("torch"))
+    table.add_row("monai", version("monai"))
     table.add_row("onnxruntime", f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    table.add_row("CUDA devices", ", ".join(gpus) if gpus else "none (CPU only)")
-    table.add_row("CPU threads", str(torch.get_num_threads()))
+    try:
+        import torch
+    except ModuleNotFoundError:
+        table.add_row("CPU cores", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    else:
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        table.add_row("CUDA devices", ", ".join(gpus) if gpus else "none (CPU only)")
+        table.add_row("CPU threads", str(torch.get_num_threads()))
     console.print(table)
 
 
@@ -446,4 +482,11 @@ def main() -> None:
     # 0.8-1.2 s (bench/training_speed.py with and without OMP_WAIT_POLICY=PASSIVE).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.argv[1:] = join_size_values(sys.argv[1:])
-    run_app(app)
+    try:
+        run_app(app)
+    except ModuleNotFoundError as error:
+        message = missing_extra(error)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -76,7 +76,7 @@ def model_card(
         "label_scheme": "brats2021",
         "preprocessing": pre.to_dict(),
         "inference": {"patch_size": list(pre.patch_size), "overlap": config.validation.overlap,
-                      "divisor": int(getattr(net, "divisor", 16))},
+                      "divisor": int(getattr(net, "divisor", 16)), "blending": "gaussian", "sigma_scale": 0.125},
         "network": {"preset": config.network.preset, "modality_dropout": config.network.modality_dropout,
                     "overrides": config.network.overrides,
                     **({"fusion": net.fusion_name} if hasattr(net, "fusion_name") else {})},

@@ -18,7 +18,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
 from brats_cggm import MODALITIES
@@ -171,33 +170,35 @@ def game_value(region: str, on: frozenset) -> float:
 
 class MaskGame:
     """A backend whose probability of each region is ``game_value`` of the sequences the
-    mask switches on, the same at every voxel; counts its calls."""
+    mask switches on, the same at every voxel; counts its calls (numpy in and out, as
+    the segmenter's backends)."""
 
-    device = torch.device("cpu")
+    name = "mask-game"
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         self.calls += 1
         rows = []
-        for row in mask:
+        for row in np.asarray(mask):
             on = frozenset(m for m, flag in zip(MODALITIES, row.tolist()) if flag > 0.5)
             rows.append([game_value(region, on) for region in GAME_TERMS])
-        logits = torch.logit(torch.tensor(rows, dtype=torch.float64)).float()
-        return logits[:, :, None, None, None].expand(-1, -1, *image.shape[2:]).clone()
+        p = np.asarray(rows, dtype=np.float64)
+        logits = np.log(p / (1 - p)).astype(np.float32)
+        return np.ascontiguousarray(np.broadcast_to(logits[:, :, None, None, None], (*logits.shape, *image.shape[2:])))
 
 
 class Pointwise:
     """A backend that is a voxel-wise function of the (preprocessed) image, so that it
     commutes with every mirroring: test-time augmentation must not change its output."""
 
-    device = torch.device("cpu")
+    name = "pointwise"
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         self.calls += 1
         return 1.5 * image[:, :3] + 0.3 * image[:, 3:4] - 0.2
 
@@ -205,8 +206,10 @@ class Pointwise:
 class EmptyCoalition:
     """Wraps a backend and switches every branch off: its probabilities are v({})."""
 
-    def __init__(self, backend) -> None:
-        self.backend, self.device = backend, backend.device
+    name = "empty-coalition"
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.backend(image, torch.zeros_like(mask))
+    def __init__(self, backend) -> None:
+        self.backend = backend
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.backend(image, np.zeros_like(mask))

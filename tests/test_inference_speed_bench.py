@@ -29,9 +29,9 @@ def test_quick_benchmark_times_both_backends_and_a_memory_process(tmp_path):
     assert flops["per_window"] > 0 and flops["conv_transpose"] > 0
     # the hooks count what torch's flop counter counts (convolutions only in this network)
     assert abs(flops["per_window"] - flops["flop_counter_per_window"]) <= 1e-6 * flops["per_window"]
-    assert config["ort_intra_op_threads"] == {"onnxruntime": 2}
+    assert config["ort_intra_op_threads"] == {"onnxruntime": 2, "onnxruntime-numpy": 2}
     assert len(config["rounds"]) == 1
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "onnxruntime-numpy"):
         timing = config["rounds"][0][backend]
         assert 0 < timing["backend_s"] < timing["case_s"] and timing["windows"] == config["windows_per_case"]
         row = config["summary"][backend]
@@ -40,11 +40,14 @@ def test_quick_benchmark_times_both_backends_and_a_memory_process(tmp_path):
         assert abs(sum(row["phases_s"][p]["median"] for p in ("read", "sliding window", "invert", "labels",
                                                               "preprocess + rest")) - row["case_s"]["median"]) < 1e-6
     assert config["summary"]["torch"]["ratio_case_vs_torch"]["median"] == 1.0
-    parity = config["parity"]["onnxruntime"]
-    assert 0.99 <= parity["label_agreement"] <= 1.0 and parity["max_abs_diff_probabilities"] < 1e-3
+    assert config["summary"]["onnxruntime"]["ratio_case_vs_monai_chain"]["median"] == 1.0
+    assert config["summary"]["onnxruntime-numpy"]["ratio_case_vs_monai_chain"]["median"] > 0
+    for backend in ("onnxruntime", "onnxruntime-numpy"):  # the MONAI chain and the numpy chain agree with torch
+        parity = config["parity"][backend]
+        assert 0.99 <= parity["label_agreement"] <= 1.0 and parity["max_abs_diff_probabilities"] < 1e-3
     assert config["memory"] == {}
     table = out.with_suffix(".md").read_text()
-    assert table.startswith("```\n") and "| onnxruntime |" in table and "| torch |" in table
+    assert table.startswith("```\n") and "| onnxruntime |" in table and "| torch |" in table and "| onnxruntime-numpy |" in table
     assert table.split("```\n\n", 1)[1] in result.stdout  # the same table on stdout
 
     # one memory process on the files the run kept

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Mapping
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -54,84 +53,8 @@ from monai.transforms import (
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import SCHEMES
 from brats_cggm.data.layouts import Case
-from brats_cggm.errors import BadInputFile, ConfigurationError, UserError
-
-#: the only normalisation the pipelines implement (named in checkpoints and model cards)
-NORMALIZATION = "zscore-nonzero-channelwise"
-
-#: torchio transform of each artefact option of :class:`PreprocessConfig`
-ARTEFACTS = {
-    "bias_field": "RandomBiasField",
-    "ghosting": "RandomGhosting",
-    "motion": "RandomMotion",
-    "noise": "RandomNoise",
-}
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a case becomes network input; stored in checkpoints and model cards.
-
-    Probabilities are per patch; an artefact probability of 0 leaves that artefact out.
-    """
-
-    #: output voxel size in mm, in the orientation below
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    #: axis codes of the output grid (nibabel convention: "RAS" = +x right, +y anterior, +z superior)
-    orientation: str = "RAS"
-    normalization: str = NORMALIZATION
-    #: training patch size in voxels (also the sliding-window size at inference)
-    patch_size: tuple[int, int, int] = (128, 128, 128)
-    #: fraction of patches centred on tumour (the rest centred anywhere else in the crop)
-    pos_fraction: float = 0.67
-    #: patches drawn from each volume per visit
-    num_samples: int = 2
-    #: probability of a flip, per spatial axis
-    flip_prob: float = 0.5
-    #: probability of an intensity scale by a factor in [1 - scale, 1 + scale] (and, independently, of a shift)
-    intensity_prob: float = 0.5
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.1
-    #: probabilities of torchio's MRI artefacts, applied to the image of a patch
-    bias_field: float = 0.0
-    ghosting: float = 0.0
-    motion: float = 0.0
-    noise: float = 0.0
-
-    def __post_init__(self) -> None:
-        spacing, patch = tuple(self.spacing), tuple(self.patch_size)
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise ConfigurationError(f"spacing must be three positive numbers (mm), not {spacing}")
-        if len(patch) != 3 or any(v < 1 or v != int(v) for v in patch):
-            raise ConfigurationError(f"patch_size must be three positive whole numbers, not {patch}")
-        axes = self.orientation.upper()
-        pairs = ("LR", "AP", "SI")  # one code from each pair, in any order
-        if sorted(next((p for p in pairs if a in p), a) for a in axes) != sorted(pairs):
-            raise ConfigurationError(f"orientation must be three axis codes like RAS or LPS, not '{self.orientation}'")
-        if self.normalization != NORMALIZATION:
-            raise ConfigurationError(f"normalization '{self.normalization}' is not supported (only {NORMALIZATION})")
-        if self.num_samples < 1:
-            raise ConfigurationError(f"num_samples must be at least 1, not {self.num_samples}")
-        for name in ("pos_fraction", "flip_prob", "intensity_prob", *ARTEFACTS):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigurationError(f"{name} must lie in [0, 1], not {getattr(self, name)}")
-        if min(self.intensity_scale, self.intensity_shift) < 0:
-            raise ConfigurationError("intensity_scale and intensity_shift must not be negative")
-        object.__setattr__(self, "spacing", tuple(float(v) for v in spacing))
-        object.__setattr__(self, "patch_size", tuple(int(v) for v in patch))
-        object.__setattr__(self, "orientation", axes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> PreprocessConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigurationError(f"unknown preprocessing setting(s): {', '.join(unknown)}")
-        return cls(**values)
+from brats_cggm.data.preprocessing import ARTEFACTS, NOISE_FLOOR, NORMALIZATION, PreprocessConfig
+from brats_cggm.errors import BadInputFile, UserError
 
 
 def case_to_dict(case: Case) -> dict[str, Any]:
@@ -193,6 +116,21 @@ class ToBrats2021d(MapTransform):
                 found = ", ".join(f"{v:g}" for v in extra)
                 raise BadInputFile(_source(label), f"label value(s) {found} not in the {scheme} scheme ({allowed})")
             d[key] = self.maps[scheme](label)
+        return d
+
+
+class DropResamplingNoised(MapTransform):
+    """Set to 0 every value of a channel whose magnitude is within ``NOISE_FLOOR`` of the
+    channel's largest value: what resampling leaves of the exact-zero background by float rounding
+    (see :data:`brats_cggm.data.preprocessing.NOISE_FLOOR`). In place; not inverted."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            for channel in image:
+                floor = NOISE_FLOOR * max(float(channel.max()), 0.0) if channel.numel() else 0.0
+                channel[channel.abs() <= floor] = 0
         return d
 
 
@@ -265,11 +203,13 @@ def _prefix(cfg: PreprocessConfig, keys: list[str]) -> list:
 
 
 def _geometry_and_intensity(cfg: PreprocessConfig, keys: list[str]) -> list:
-    """The steps after loading: orientation, spacing, (labels), crop, normalisation."""
+    """The steps after loading: orientation, spacing (and its rounding noise dropped),
+    (labels), crop, normalisation."""
     modes = ["bilinear", "nearest"][: len(keys)]
     steps = [
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
         Spacingd(keys, pixdim=cfg.spacing, mode=modes),
+        DropResamplingNoised("image"),
     ]
     if "label" in keys:
         steps += [ToBrats2021d("label"), ConvertToMultiChannelBasedOnBratsClassesd("label")]
@@ -348,3 +288,6 @@ def invert_prediction(
     """
     inverted = Invertd(keys=key, transform=transforms, orig_keys="image", nearest_interp=nearest)(dict(data))
     return inverted[key]
+
+
+__all__ = ["ARTEFACTS", "NORMALIZATION", "PreprocessConfig"]  # re-exported: defined in preprocessing.py

@@ -1,19 +1,37 @@
 """What runs the network inside the segmenter: ONNX Runtime or torch.
 
 A backend is a callable ``(image [N, 4, D, H, W], modality_mask [N, 4]) -> logits [N, 3,
-D, H, W]`` on float32 torch tensors (logits returned on the CPU), plus the device the
-sliding window should put its windows on.
+D, H, W]`` on float32 numpy arrays (the logits on the CPU). :class:`OnnxBackend` needs no
+torch; :class:`TorchBackend` (a run folder's network) imports it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from brats_cggm.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Backend(Protocol):
+    name: str
+
+    def __call__(self, image: np.ndarray, modality_mask: np.ndarray) -> np.ndarray: ...
+
+
+def default_threads() -> int:
+    """ONNX Runtime's intra-op threads when none are asked for: the cores this process
+    may run on (``os.sched_getaffinity``), which ONNX Runtime's own default ignores."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -27,9 +45,11 @@ class OnnxBackend:
     """An ONNX Runtime session on the CPU or CUDA provider."""
 
     name = "onnxruntime"
-    device = torch.device("cpu")
 
     def __init__(self, model: bytes, provider: str = "cpu", threads: int | None = None) -> None:
+        """``threads``: intra-op threads (default: :func:`default_threads`). The threads
+        sleep when idle instead of spinning (``allow_spinning = 0``): a segmenter shares
+        the cores with the rest of a pipeline, and spinning threads slow both."""
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
@@ -45,17 +65,18 @@ class OnnxBackend:
             providers.insert(0, (PROVIDERS["cuda"], CUDA_OPTIONS))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.provider = provider
         self.session = ort.InferenceSession(model, options, providers=providers)
 
-    def __call__(self, image: Tensor, modality_mask: Tensor) -> Tensor:
+    def __call__(self, image: np.ndarray, modality_mask: np.ndarray) -> np.ndarray:
         feed = {
-            "image": np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32),
-            "modality_mask": modality_mask.detach().cpu().numpy().astype(np.float32),
+            "image": np.ascontiguousarray(image, dtype=np.float32),
+            "modality_mask": np.ascontiguousarray(modality_mask, dtype=np.float32),
         }
-        return torch.from_numpy(self.session.run(["logits"], feed)[0])
+        return self.session.run(["logits"], feed)[0]
 
 
 class TorchBackend:
@@ -63,18 +84,25 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, net: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, net: nn.Module, device: str = "cpu") -> None:
+        import torch
+
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
 
-    @torch.no_grad()
-    def __call__(self, image: Tensor, modality_mask: Tensor) -> Tensor:
-        logits = self.net(image.to(self.device, torch.float32), modality_mask.to(self.device))
-        return logits.float().cpu()
+    def __call__(self, image: np.ndarray, modality_mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.net(torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32), device=self.device),
+                              torch.as_tensor(np.ascontiguousarray(modality_mask, dtype=np.float32), device=self.device))
+        return logits.float().cpu().numpy()
 
 
 def check_device(device: str) -> str:
     """``device`` if torch can use it here; otherwise a one-line error."""
+    import torch
+
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ConfigurationError(f"device '{device}' is not available here; use cpu" + (" or cuda" if torch.cuda.is_available() else ""))
     return device

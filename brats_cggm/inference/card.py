@@ -23,6 +23,11 @@ from brats_cggm.errors import ConfigurationError, IncompatibleModel
 
 CARD_FORMAT = "brats-cggm-model-card/1"
 METADATA_KEY = "model_card"
+#: how the sliding window blends overlapping windows (``inference.blending``; a card
+#: without it was exported when Gaussian blending with sigma 0.125 x the window was the
+#: only one)
+BLEND_MODES = ("gaussian", "constant")
+DEFAULT_BLENDING = ("gaussian", 0.125)
 
 
 def card_path(model_path: Path) -> Path:
@@ -44,7 +49,7 @@ def graph_sha256(model: onnx.ModelProto) -> str:
 def check_card(card: Any, source: str | Path) -> dict[str, Any]:
     """``card`` if this program can feed the model as the card says; otherwise an
     :class:`IncompatibleModel` naming ``source`` and the first disagreement."""
-    from brats_cggm.data.transforms import PreprocessConfig
+    from brats_cggm.data.preprocessing import PreprocessConfig
 
     def refuse(problem: str) -> IncompatibleModel:
         return IncompatibleModel(f"{source}: {problem}")
@@ -70,9 +75,21 @@ def check_card(card: Any, source: str | Path) -> dict[str, Any]:
         inference = card["inference"]
         if len(inference["patch_size"]) != 3 or not 0 <= float(inference["overlap"]) < 1 or int(inference["divisor"]) < 1:
             raise ValueError("patch_size, overlap or divisor out of range")
+        mode, sigma = blending(card)
+        if mode not in BLEND_MODES or not sigma > 0:
+            raise ValueError(f"blending {mode!r} with sigma_scale {sigma} (known: {', '.join(BLEND_MODES)}, sigma_scale > 0)")
+        if not 0 < float(outputs.get("threshold", 0.5)) < 1:
+            raise ValueError(f"threshold {outputs.get('threshold')} outside (0, 1)")
     except (ConfigurationError, KeyError, TypeError, ValueError) as error:
         raise refuse(f"the card's preprocessing/inference settings are unusable ({error})") from None
     return card
+
+
+def blending(card: dict[str, Any]) -> tuple[str, float]:
+    """The card's blending of overlapping windows: mode and the Gaussian's sigma as a
+    fraction of the window size."""
+    inference = card.get("inference") or {}
+    return str(inference.get("blending", DEFAULT_BLENDING[0])), float(inference.get("sigma_scale", DEFAULT_BLENDING[1]))
 
 
 def read_onnx(path: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:

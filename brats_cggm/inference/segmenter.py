@@ -7,19 +7,29 @@ and pipelines.
 
 Steps: read the sequences (a missing one becomes a zero channel switched off through
 ``modality_mask``, when the model was trained with modality dropout) -> the model card's
-preprocessing (orientation, spacing, foreground crop, z-score) -> MONAI sliding-window
-inference with Gaussian blending of the windows' probabilities (optionally averaged over
-the 8 mirrorings of each window, and with the coalitions that contribution maps need) ->
-every map resampled back to the input's own grid -> regions at the card's threshold ->
-a label map in BraTS 2021 (or 2023) numbering.
+preprocessing (orientation, spacing, foreground crop, z-score) -> sliding-window inference
+with Gaussian blending of the windows' probabilities (optionally averaged over the 8
+mirrorings of each window, and with the coalitions that contribution maps need) -> every
+map resampled back to the input's own grid -> regions at the card's threshold -> a label
+map in BraTS 2021 (or 2023) numbering.
+
+Two chains do the pre- and post-processing, on the same grids and with the same windows
+and weights (``tests/test_numpy_chain.py`` holds them together):
+
+* ``numpy`` (:mod:`~brats_cggm.inference.grid`, :mod:`~brats_cggm.inference.windows`):
+  numpy, SciPy and nibabel only. The default for an ONNX file, with or without torch
+  installed: it is the one the torch-free install has, and it is faster (it resamples
+  and inverts only the brain's box).
+* ``monai`` (:mod:`~brats_cggm.inference.monai_chain`): the MONAI transforms training and
+  evaluation use. The default for a run folder (torch network); ``chain="monai"`` picks
+  it for an ONNX file too.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import combinations
@@ -28,26 +38,32 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
-from torch import Tensor
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS, SCHEMES, labels_from_regions, to_brats2021
 from brats_cggm.data.layouts import Case
-from brats_cggm.data.transforms import PreprocessConfig, image_transforms, invert_prediction
+from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.validation import load_sequences
 from brats_cggm.errors import ConfigurationError, IncompatibleModel, InconsistentCase
-from brats_cggm.inference.backends import OnnxBackend, TorchBackend, check_device, model_kind
-from brats_cggm.inference.card import read_onnx
+from brats_cggm.inference.backends import Backend, OnnxBackend, model_kind
+from brats_cggm.inference.card import blending, read_onnx
 from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan, region_shares
+from brats_cggm.inference.grid import EmptyImage, preprocess
+from brats_cggm.inference.windows import sliding_window, window_count
+
+CHAINS = ("numpy", "monai")
 
 #: the shipped demonstration model (see models/README.md); BRATS_CGGM_MODEL overrides it
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "brats_cggm_real.onnx"
 OUTPUT_SCHEMES = ("brats2021", "brats2023")
 #: every mirroring of a 3-D window (nnU-Net's test-time augmentation), identity first
 MIRRORS = tuple(axes for n in range(4) for axes in combinations((2, 3, 4), n))
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function in the logits' dtype, without overflow (0.5 + 0.5 tanh(x / 2))."""
+    half = np.asarray(logits) * np.asarray(0.5, dtype=np.asarray(logits).dtype)
+    return np.tanh(half, out=half) * half.dtype.type(0.5) + half.dtype.type(0.5)
 
 
 def default_model() -> Path:
@@ -130,36 +146,42 @@ class Prediction:
 class Segmenter:
     """A model and its card; ``predict_*`` run the whole chain for one case."""
 
-    def __init__(self, backend: Callable[[Tensor, Tensor], Tensor], card: dict[str, Any], source: str | Path,
-                 sw_batch_size: int = 2, train_config: Any = None) -> None:
-        self.backend, self.card, self.source = backend, card, str(source)
+    def __init__(self, backend: Backend, card: dict[str, Any], source: str | Path,
+                 sw_batch_size: int = 2, train_config: Any = None, chain: str = "numpy") -> None:
+        if chain not in CHAINS:
+            raise ConfigurationError(f"chain must be one of {', '.join(CHAINS)}; got '{chain}'")
+        self.backend, self.card, self.source, self.chain = backend, card, str(source), chain
         #: the run's TrainConfig when loaded from a run folder (None for an ONNX file)
         self.train_config = train_config
         self.preprocessing = PreprocessConfig.from_dict(card["preprocessing"])
         self.patch_size = tuple(int(v) for v in card["inference"]["patch_size"])
         self.overlap = float(card["inference"]["overlap"])
         self.threshold = float(card["outputs"].get("threshold", 0.5))
+        self.blend_mode, self.sigma_scale = blending(card)
         self.sw_batch_size = sw_batch_size
 
     @classmethod
     def load(cls, model: str | Path | None = None, provider: str = "cpu", device: str = "cpu",
-             checkpoint: str = "best", threads: int | None = None) -> Segmenter:
+             checkpoint: str = "best", threads: int | None = None, chain: str | None = None) -> Segmenter:
         """An exported ``.onnx`` (ONNX Runtime on ``provider``) or a run folder (torch on
-        ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped model."""
+        ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped model.
+        ``chain``: ``numpy`` (an ONNX file's default) or ``monai`` (a run folder's default;
+        needs torch and MONAI)."""
         path = Path(model) if model is not None else default_model()
         if model is None and not path.is_file():
             raise IncompatibleModel(f"{path}: the default model is missing; pass --model FILE.onnx or a run folder")
         if model_kind(path) == "onnx":
             onnx_model, card = read_onnx(path)
-            return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path)
+            return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path, chain=chain or "numpy")
         from brats_cggm.export import model_card
+        from brats_cggm.inference.backends import TorchBackend, check_device
         from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
 
         file = run_checkpoint(path, checkpoint)
         payload = load(file)
         net, config = network_from_payload(payload, file)
         card = model_card(path, payload, net, config)
-        return cls(TorchBackend(net, check_device(device)), card, file, train_config=config)
+        return cls(TorchBackend(net, check_device(device)), card, file, train_config=config, chain=chain or "monai")
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -217,23 +239,19 @@ class Segmenter:
                 "dropout: it needs all four sequences"
             )
         plan = coalition_plan(present, contributions)
-        shape = next(iter(arrays.values())).shape
-        image = np.zeros((len(MODALITIES), *shape), dtype=np.float32)
-        for i, m in enumerate(MODALITIES):
-            if m in arrays:
-                image[i] = arrays[m]
-        chain = image_transforms(self.preprocessing)
-        data = chain({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine, dtype=torch.float64))})
-        image_t = data["image"].as_tensor()[None]
         predictor = self._window_predictor(plan, tta)
-        if progress is not None:
-            predictor = _counting(predictor, window_count(image_t.shape[2:], self.patch_size, self.overlap), progress)
-        outputs = sliding_window_inference(
-            image_t, self.patch_size, self.sw_batch_size, predictor, overlap=self.overlap, mode="gaussian",
-            sw_device=self.backend.device, device=torch.device("cpu"),
-        )
-        data["pred"] = MetaTensor(outputs[0])  # Invertd inverts MetaTensors only
-        maps = invert_prediction(data, chain).as_tensor().numpy().astype(np.float32, copy=False)
+        if self.chain == "monai":
+            from brats_cggm.inference.monai_chain import monai_maps
+
+            maps = monai_maps(self, arrays, affine, predictor, progress)
+        else:
+            try:
+                image, geometry = preprocess(arrays, MODALITIES, affine, self.preprocessing)
+            except EmptyImage as error:
+                raise InconsistentCase(case_id, f"{error}: nothing to segment") from None
+            blended = sliding_window(image, self.patch_size, self.overlap, predictor, self.sw_batch_size,
+                                     self.sigma_scale, self.blend_mode, progress)
+            maps = geometry.invert(blended)
         probabilities = np.clip(maps[:3], 0.0, 1.0)
         labels = labels_from_regions(probabilities > self.threshold, label_scheme)
         return Prediction(
@@ -243,56 +261,33 @@ class Segmenter:
             time.perf_counter() - start, inputs or {m: ("array" if m in arrays else None) for m in MODALITIES},
         )
 
-    def _window_predictor(self, plan: CoalitionPlan, tta: bool) -> Callable[[Tensor], Tensor]:
-        """``window [B, 4, *patch] -> [B, 3 + 3k, *patch]``: the probabilities with every
-        present sequence on, then each sequence's contribution (linear in the coalitions'
-        probabilities), averaged over the mirrorings when ``tta``."""
-        masks = torch.as_tensor(plan.masks, dtype=torch.float32)
+    def _window_predictor(self, plan: CoalitionPlan, tta: bool) -> Callable[[np.ndarray], np.ndarray]:
+        """``window [B, 4, *patch] -> [B, 3 + 3k, *patch]`` (float32 numpy): the
+        probabilities with every present sequence on, then each sequence's contribution
+        (linear in the coalitions' probabilities), averaged over the mirrorings when ``tta``."""
+        masks = np.asarray(plan.masks, dtype=np.float32)
         weights = plan.weights
 
-        def predict(window: Tensor) -> Tensor:
+        def predict(window: np.ndarray) -> np.ndarray:
             total = None
             mirrors = MIRRORS if tta else ((),)
             for axes in mirrors:
-                x = window.flip(axes) if axes else window
+                x = np.ascontiguousarray(np.flip(window, axes)) if axes else window
                 full, parts = None, [None] * len(plan.sequences)
                 for s, mask in enumerate(masks):
-                    p = torch.sigmoid(self.backend(x, mask.expand(x.shape[0], -1)))
+                    p = sigmoid(self.backend(x, np.broadcast_to(mask, (x.shape[0], mask.size))))
                     if s == plan.full:
                         full = p
                     for i in range(len(parts)):
                         if weights[i, s]:
-                            term = float(weights[i, s]) * p
+                            term = np.float32(weights[i, s]) * p
                             parts[i] = term if parts[i] is None else parts[i] + term
-                out = torch.cat([full, *parts], dim=1)
-                out = out.flip(axes) if axes else out
+                out = np.concatenate([full, *parts], axis=1)
+                out = np.flip(out, tuple(a for a in axes)) if axes else out
                 total = out if total is None else total + out
-            return total / len(mirrors)
+            return (total / np.float32(len(mirrors))).astype(np.float32, copy=False)
 
         return predict
 
 
-
-def window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
-    """How many windows MONAI's sliding window visits on a grid of ``shape`` (padded to
-    at least ``patch``), with steps of ``patch * (1 - overlap)`` as MONAI takes them."""
-    total = 1
-    for size, roi in zip(shape, patch):
-        size = max(int(size), int(roi))
-        step = int(roi) if size == roi else max(int(roi * (1 - overlap)), 1)
-        total *= math.ceil((size - roi) / step) + 1
-    return total
-
-
-def _counting(predict: Callable[[Tensor], Tensor], total: int,
-              progress: Callable[[int, int], None]) -> Callable[[Tensor], Tensor]:
-    done = 0
-
-    def counted(window: Tensor) -> Tensor:
-        nonlocal done
-        out = predict(window)
-        done = min(done + window.shape[0], total)
-        progress(done, total)
-        return out
-
-    return counted
+__all__ = ["CHAINS", "OUTPUT_SCHEMES", "Prediction", "Segmenter", "default_model", "window_count"]
