@@ -100,9 +100,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------- steps
 
 def environment(sizes: Sizes) -> dict[str, Any]:
-    import torch
-
     import onnxruntime as ort
+    import torch
 
     if hasattr(ort, "preload_dlls") and sizes.provider == "cuda":
         ort.preload_dlls()  # the CUDA and cuDNN libraries of the nvidia-* wheels (torch's)
