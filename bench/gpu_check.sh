@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (docs/gpu_check.md): on a machine with one NVIDIA GPU, its driver, Python 3.10+
 # and access to PyPI, and nothing else installed, in under 8 minutes:
-#   1. a venv with the CUDA build of torch, the project, and onnxruntime-gpu in place of onnxruntime;
+#   1. a venv with the CUDA build of torch, the project with its train extra, and onnxruntime-gpu
+#      in place of onnxruntime;
 #   2. bench/gpu_check.py: phantoms; the `gpu` training preset for a few epochs with mixed
 #      precision, balancers none and cggm (loss, s/step, peak GPU memory); ONNX export; one
 #      240x240x155 case end to end with ONNX Runtime's CUDA provider and with torch.
@@ -83,7 +84,7 @@ VENV_OPTIONS=()
 step venv "$PY" -m venv "${VENV_OPTIONS[@]}" "$VENV"
 # torch first, alone: PyPI's Linux wheels are CUDA builds (the range is pyproject.toml's)
 step torch "${PIP[@]}" "torch>=2.6,<2.14"
-step project "${PIP[@]}" -e "$REPO"
+step project "${PIP[@]}" -e "$REPO[train]"
 # onnxruntime-gpu provides the same module as onnxruntime: never both (docs/inference.md)
 step "onnxruntime-gpu" bash -c '"$1" -m pip uninstall -y onnxruntime && shift && "$@" "onnxruntime-gpu>=1.18"' \
     _ "$VENV/bin/python" "${PIP[@]}"
