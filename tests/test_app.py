@@ -7,6 +7,7 @@ Screenshots go to pytest's tmp dir and are copied to runs/app_screenshots/
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -33,7 +34,18 @@ SCREENSHOTS = Path(os.environ.get("BRATS_APP_SCREENSHOTS", REPO / "runs" / "app_
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MAX_FILE_MB = 1  # small, so that the size limit can be tried with a 2 MB file
+MAX_FILE_MB = 4  # small, so that the size limit can be tried with an 8 MB file (a real case's files are < 3 MB)
+REAL = REPO.parent / "shared" / "data" / "real"
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases at {REAL} (a fresh clone has none)")
+#: the real cases the `segment` endpoint must return on their own grid, and a check of the tumour found
+REAL_CASES = {
+    "brats2023/BraTS-GLI-00001-000": "2023 names",
+    "brats2023/BraTS-MET-00110-000": "flipped direction (RAS where the others are LPS)",
+    "brats2012/BRATS_HG0015": "160x216x176, non-zero origin",
+    "brats2018/Brats18_TCIA10_637_1": "int16 scaled to the full range",
+}
+#: the real case the browser segments (240x240x155); the contribution zip must stay below this
+BROWSER_CASE, CONTRIBUTIONS_MAX_MB = "brats2018/Brats18_2013_20_1", 5.0
 
 
 def free_port() -> int:
@@ -90,6 +102,34 @@ def test_segment_endpoint_reports_bad_and_partial_input(app, phantom, tmp_path):
     else:
         with pytest.raises(AppError, match="t1ce missing"):
             client.predict(*without_t1ce, False, api_name="/segment")
+
+
+def real_case(name: str) -> list[Path]:
+    """The four sequence files of a real case, in canonical order."""
+    from brats_cggm.inference.inputs import sequence_from_name
+
+    by_sequence = {sequence_from_name(p.name): p for p in (REAL / name).glob("*.nii.gz")}
+    return [by_sequence[m] for m in MODALITIES]
+
+
+@needs_real
+@pytest.mark.parametrize("name", list(REAL_CASES), ids=[n.split("/")[1] for n in REAL_CASES])
+def test_segment_endpoint_returns_real_cases_on_their_own_grid(app, tmp_path, name):
+    """Real files (``REAL_CASES`` says what is special about each): the label map comes back
+    on exactly the input's grid (shape, affine, sform/qform codes), with a tumour inside the brain."""
+    files = real_case(name)
+    client = Client(app.local_url, download_files=str(tmp_path), verbose=False)
+    label_file, summary, contributions = client.predict(*[handle_file(str(p)) for p in files], False,
+                                                        api_name="/segment")
+    out, reference = nib.load(label_file), nib.load(files[0])
+    assert out.shape == reference.shape and np.array_equal(out.affine, reference.affine), (out.affine, reference.affine)
+    for form in ("sform", "qform"):
+        assert int(out.header[f"{form}_code"]) == (int(reference.header[f"{form}_code"]) or 1)
+    assert contributions is None and summary["sequences_used"] == list(MODALITIES)
+    labels = np.asanyarray(out.dataobj)
+    brain = np.asanyarray(reference.dataobj) != 0
+    assert summary["volumes_ml"]["WT"] > 5.0, summary["volumes_ml"]
+    assert (labels > 0)[brain].sum() >= 0.95 * (labels > 0).sum()  # a mirrored map would leave the brain
 
 
 # ----------------------------------------------------------------------------- browser
@@ -185,6 +225,78 @@ def test_browser_bad_input_then_a_good_run(page, phantom, tmp_path):
     assert "status-ok" in status.inner_html(), status.inner_text()
 
 
+def download(page, tmp_path: Path, name: str) -> Path:
+    with page.expect_download() as started:
+        page.locator(f"#downloads a[download='{name}']").click()
+    saved = tmp_path / name
+    started.value.save_as(saved)
+    return saved
+
+
+@needs_real
+def test_browser_real_case_numbers_names_and_a_small_download(page, tmp_path):
+    """A real 240x240x155 case on a laptop-sized window: the upload keeps the file names
+    whole, the volumes' numbers are on screen and equal the JSON's, and the contribution
+    maps' zip is small, int8 with their scale in the header, on a box of the input's grid."""
+    files = real_case(BROWSER_CASE)
+    case_id = files[0].parent.name
+    page.set_viewport_size({"width": 1280, "height": 800})
+    try:
+        seconds = upload_and_run(page, files)
+        status = page.locator("#status")
+        assert "status-ok" in status.inner_html(), status.inner_text()
+        page.locator("#downloads a").first.wait_for()
+        print(f"real case {case_id}: click -> result {seconds:.1f} s")
+        shoot(page, tmp_path, "6_real_case")
+
+        names = page.evaluate("""() => [...document.querySelectorAll('#upload td.filename')].map(cell => ({
+            name: cell.querySelector('.stem').textContent + cell.querySelector('.ext').textContent,
+            cut: [cell, ...cell.querySelectorAll('span')].some(e => e.scrollWidth > e.clientWidth + 1)}))""")
+        assert [n["name"] for n in names][-len(files):] == [f.name for f in files]  # after earlier tests' uploads
+        assert not any(n["cut"] for n in names), names
+
+        summary = json.loads(download(page, tmp_path, f"{case_id}.json").read_text())
+        cells = page.locator("#volumes td.ml")
+        assert cells.count() == 6
+        shown = []
+        for index in range(cells.count()):
+            cell = cells.nth(index)
+            cell.scroll_into_view_if_needed()
+            assert page.evaluate("""(cell) => { const r = cell.getBoundingClientRect();
+                const box = document.querySelector('#volumes').getBoundingClientRect();
+                const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+                return r.width > 0 && r.left >= box.left && r.right <= Math.min(box.right, window.innerWidth) + 0.5
+                       && cell.contains(top); }""", cell.element_handle()), cell.inner_text()
+            shown.append(float(cell.inner_text()))
+        volumes = summary["volumes_ml"]
+        expected = [volumes[r] for r in ("WT", "TC", "ET")]
+        expected += [next(v for k, v in volumes.items() if k.startswith(f"label {value} ")) for value in (1, 2, 4)]
+        assert shown == [round(v, 2) for v in expected]
+
+        zipped = download(page, tmp_path, f"{case_id}_contributions.zip")
+        megabytes = zipped.stat().st_size / 1e6
+        print(f"contribution maps: {megabytes:.2f} MB")
+        assert megabytes < CONTRIBUTIONS_MAX_MB
+        reference = nib.load(files[0])
+        box = summary["files"]["contributions_box"]
+        with zipfile.ZipFile(zipped) as archive:
+            assert sorted(archive.namelist()) == sorted(f"{case_id}_contribution_{m}.nii.gz" for m in MODALITIES)
+            archive.extractall(tmp_path / "maps")
+        for path in (tmp_path / "maps").iterdir():
+            image = nib.load(path)
+            assert image.get_data_dtype() == np.int8 and image.shape == (*box["shape"], 3)
+            assert np.allclose(image.affine, reference.affine @ _shift(box["start"]))
+            assert 0 < image.dataobj.slope <= 1 / 127 + 1e-9 and np.abs(image.get_fdata()).max() <= 1.0 + 1e-6
+    finally:
+        page.set_viewport_size({"width": 1600, "height": 1250})
+
+
+def _shift(start) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return shift
+
+
 # ------------------------------------------------------------------ no server needed
 
 @pytest.mark.parametrize("codes", ["RAS", "LPS", "PIR"])
@@ -259,3 +371,30 @@ def test_uploads_become_cases(tmp_path, phantom):
 
         load_sequences(runner.case([flat], {"flair": 0}, tmp_path / "s6"))
     assert user_message(error.value, tmp_path / "s6").startswith("flat.nii.gz: expected a 3-D flair image")
+
+
+@pytest.mark.parametrize("codes", ["LPS", "PIR"])
+def test_views_of_contributions_kept_in_a_box_equal_the_full_grid(tmp_path, codes):
+    """Contribution maps stored only inside their box (any voxel order) draw the same
+    images as the full grid, at positions inside and outside the box."""
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    from apps.brats.views import VIEWS, CaseViews, ViewSettings
+
+    rng = np.random.default_rng(0)
+    to_codes = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes)))
+    affine = np.diag([1.0, 1.2, 2.0, 1.0]) @ inv_ornt_aff(to_codes, (18, 22, 14))
+    shape = nib.orientations.apply_orientation(np.zeros((18, 22, 14)), to_codes).shape
+    box = (slice(3, shape[0] - 4), slice(2, shape[1] - 1), slice(5, shape[2] - 2))
+    maps = np.zeros((3, *shape), np.float32)
+    maps[(slice(None), *box)] = rng.uniform(-1, 1, (3, *(s.stop - s.start for s in box)))
+    labels = (maps[1] > 0.5).astype(np.uint8) * 2
+    image = rng.uniform(1, 100, shape).astype(np.float32)
+    full = CaseViews.create(tmp_path / "full", {"t1": image}, labels, affine, {"t1": maps})
+    boxed = CaseViews.create(tmp_path / "boxed", {"t1": image}, labels, affine, {"t1": maps}, box)
+    assert boxed.contributions["t1"].size < full.contributions["t1"].size
+    for position in [(0, 0, 0), (9, 11, 7), tuple(n - 1 for n in full.shape), (2, 20, 13)]:
+        for region in ("WT", "ET"):
+            settings = ViewSettings("t1", region=region, contribution="t1")
+            for view, a, b in zip(VIEWS, full.render(position, settings)[3:], boxed.render(position, settings)[3:]):
+                assert np.array_equal(a, b), (position, region, view)

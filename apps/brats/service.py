@@ -174,7 +174,8 @@ class Runner:
 
     def run(self, case: Case, out: Path, contributions: str | None = "occlusion",
             progress: Callable[[float, str], None] = lambda fraction, text: None) -> Outcome:
-        """Segment ``case``; its label map, JSON and contribution maps (one zip) go into
+        """Segment ``case``; its label map, JSON and contribution maps (one zip of compact
+        maps: int8 with ``scl_slope``, cropped; see brats_cggm.inference.compact) go into
         ``out``. The images are read once, for the segmenter (``predict_arrays``, as
         ``predict_case`` does) and for the views."""
         progress(0.05, "Reading the images")
@@ -190,7 +191,7 @@ class Runner:
             progress=lambda done, total: progress(0.15 + 0.7 * done / total, f"Segmenting: window {done} of {total}"))
         progress(0.85, "Writing the label map and the contribution maps")
         out.mkdir(parents=True, exist_ok=True)
-        summary = write_prediction(prediction, out, model=self.model_info)
+        summary = write_prediction(prediction, out, model=self.model_info, compact_contributions=True)
         files = summary["files"]
         zipped = None
         if prediction.contributions:
@@ -202,8 +203,10 @@ class Runner:
 
     def views(self, outcome: Outcome, folder: Path) -> CaseViews:
         prediction = outcome.prediction
+        stored = outcome.summary["files"].get("contributions_box")  # where the maps are non-zero
+        box = tuple(slice(a, a + n) for a, n in zip(stored["start"], stored["shape"])) if stored else None
         return CaseViews.create(folder, outcome.images, prediction.labels, prediction.affine,
-                                prediction.contributions)
+                                prediction.contributions, box)
 
 
 def _stage(upload: str | Path, folder: Path) -> Path:

@@ -55,6 +55,15 @@ CSS = """
 .status-ok { border-left: 6px solid #2e7d32; background: #edf7ed; color: #1e4620; padding: 8px 12px; border-radius: 4px; }
 .status-info { border-left: 6px solid #607d8b; background: #f3f5f6; padding: 8px 12px; border-radius: 4px; }
 .legend span.swatch { display: inline-block; width: 14px; height: 14px; margin: 0 4px -2px 12px; border: 1px solid #0004; }
+table.volumes { border-collapse: collapse; width: 100%; margin: 0; }
+table.volumes caption { text-align: left; font-weight: 600; padding-bottom: 4px; }
+table.volumes th, table.volumes td { padding: 3px 6px; border: none; border-bottom: 1px solid #0002; text-align: left; vertical-align: top; }
+table.volumes th, table.volumes td.ml { white-space: nowrap; }
+table.volumes td.ml { text-align: right; font-variant-numeric: tabular-nums; font-weight: 600; }
+table.volumes td.what { color: var(--body-text-color-subdued); font-size: 0.9em; }
+#upload td.filename { display: table-cell; overflow-wrap: anywhere; font-size: 0; }
+#upload td.filename span { font-size: var(--text-md); white-space: normal; overflow: visible; text-overflow: clip; }
+#upload td.download { min-width: 0; width: 7em; }
 .heatbar { display: inline-block; width: 180px; height: 12px; vertical-align: middle; margin: 0 6px; border: 1px solid #0004; }
 """
 
@@ -186,8 +195,8 @@ def _result_panel() -> SimpleNamespace:
                                  y_lim=[0, 1], sort=list(REGION_NAMES), title="Each sequence's share of the prediction",
                                  x_title="region", y_title="share of positive contribution", height=300, scale=2,
                                  elem_id="shares")
-        page.volumes = gr.Dataframe(_volumes_frame(None), label="Volumes (ml)", interactive=False, scale=1,
-                                    elem_id="volumes")
+        with gr.Column(scale=1, min_width=200):
+            page.volumes = gr.HTML(_volumes_table(None), elem_id="volumes")
     page.downloads = gr.File(label="Downloads: label map (NIfTI, input geometry), contribution maps (zip), summary (JSON)",
                              file_count="multiple", interactive=False, elem_id="downloads")
     return page
@@ -284,7 +293,7 @@ def _failed(message: str, old_views: CaseViews | None) -> list:
     the order of ``run_outputs``, as :func:`_show`."""
     _discard(old_views)
     return [None, _status("error", message), "", *[gr.skip()] * 6, *[None] * (2 * len(VIEWS)),
-            _heat_legend(None, None, None), _shares_frame({}), _volumes_frame(None), None]
+            _heat_legend(None, None, None), _shares_frame({}), _volumes_table(None), None]
 
 
 def _show(case_views: CaseViews, outcome: Outcome) -> list:
@@ -298,7 +307,8 @@ def _show(case_views: CaseViews, outcome: Outcome) -> list:
     summary = (f"**{prediction.case_id}**: segmented in {prediction.seconds:.1f} s with {used}"
                + (f"; missing: {missing} (switched off)" if missing else "")
                + f". Grid {' × '.join(map(str, prediction.shape))}, voxels "
-               + " × ".join(f"{z:.2f}" for z in outcome.summary["voxel_size_mm"]) + " mm.")
+               + " × ".join(f"{z:.2f}" for z in outcome.summary["voxel_size_mm"]) + " mm. "
+               + ", ".join(f"**{r} {outcome.summary['volumes_ml'][r]:.1f} ml**" for r in REGION_NAMES) + ".")
     status = f"Done: sequences used {used}" + (f"; missing {missing}" if missing else "") + "."
     return [
         case_views, _status("ok", status), summary,
@@ -308,7 +318,7 @@ def _show(case_views: CaseViews, outcome: Outcome) -> list:
         gr.Radio(value="WT"),
         *rendered,
         _heat_legend(case_views, contributor, "WT"),
-        _shares_frame(prediction.shares()), _volumes_frame(prediction),
+        _shares_frame(prediction.shares()), _volumes_table(prediction),
         [str(p) for p in (outcome.label_map, outcome.contributions_zip, outcome.summary_file) if p],
     ]
 
@@ -361,11 +371,15 @@ def _shares_frame(shares: dict[str, dict[str, float]]) -> pd.DataFrame:
     return pd.DataFrame(rows).astype({"region": str, "sequence": str, "share": float})
 
 
-def _volumes_frame(prediction: Prediction | None) -> pd.DataFrame:
-    if prediction is None:
-        return pd.DataFrame({"region": list(REGION_NAMES.values()), "ml": [""] * len(REGION_NAMES)})
-    volumes = prediction.volumes_ml()
-    rows = [(REGION_NAMES[r], volumes[r]) for r in REGION_NAMES]
-    rows += [(f"{LABEL_NAMES[v]} (label {v})", volumes[key]) for v in (1, 2, 4)
-             for key in volumes if key.startswith(f"label {v} ")]
-    return pd.DataFrame({"region": [r for r, _ in rows], "ml": [round(v, 2) for _, v in rows]})
+def _volumes_table(prediction: Prediction | None) -> str:
+    """Each region's and label's volume: the short name, the number (never wrapped or cut
+    off), then the long name, which wraps when the column is narrow."""
+    volumes = prediction.volumes_ml() if prediction is not None else {}
+    rows = [(region, volumes.get(region), REGION_NAMES[region].split(" (")[0]) for region in REGION_NAMES]
+    for value in (1, 2, 4):
+        short, _, name = LABEL_NAMES[value].partition(" ")
+        rows.append((f"{short} ({value})", next((v for k, v in volumes.items() if k.startswith(f"label {value} ")), None),
+                     f"{name}, label {value}"))
+    cells = "".join(f"<tr><th>{escape(short)}</th><td class='ml'>{'–' if ml is None else f'{ml:.2f}'}</td>"
+                    f"<td class='what'>{escape(what)}</td></tr>" for short, ml, what in rows)
+    return f"<table class='volumes'><caption>Volumes (ml)</caption>{cells}</table>"

@@ -7,7 +7,8 @@ left, anterior up in axial views, superior up in coronal and sagittal views, the
 the left in sagittal views. Pixels are stretched to the voxel size, so the aspect is true.
 
 The volumes live in ``.npy`` files in the session's folder, read through memory maps: a
-slider move reads one slice, and a session keeps almost nothing in memory.
+slider move reads one slice, and a session keeps almost nothing in memory. The
+contribution maps are kept only inside the box where they are non-zero (zero outside).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 from brats_cggm.data.labels import REGIONS
 
 VIEWS = ("axial", "coronal", "sagittal")
+#: the RAS axis each view cuts across
+CUT_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 #: BraTS 2021 label -> RGB
 LABEL_COLOURS = {1: (230, 40, 40), 2: (40, 200, 60), 4: (255, 215, 0)}
 LABEL_NAMES = {1: "NCR necrotic core", 2: "ED oedema", 4: "ET enhancing tumour"}
@@ -62,6 +65,8 @@ class CaseViews:
         self.start = tuple(int(i) for i in meta["start"])
         self.sequences = tuple(str(s) for s in meta["sequences"])
         self.contributors = tuple(str(s) for s in meta["contributors"])
+        #: the first voxel of the box the contribution maps are stored in
+        self.box_start = tuple(int(i) for i in meta["box_start"])
         #: per contributor, per region: the colour scale's maximum |contribution|
         self.scale = {s: dict(zip(REGIONS, map(float, row))) for s, row in zip(self.contributors, meta["scale"])}
         self.labels = np.load(self.folder / "labels.npy", mmap_mode="r")
@@ -74,9 +79,10 @@ class CaseViews:
 
     @classmethod
     def create(cls, folder: Path, images: dict[str, np.ndarray], labels: np.ndarray, affine: np.ndarray,
-               contributions: dict[str, np.ndarray]) -> CaseViews:
+               contributions: dict[str, np.ndarray], box: tuple[slice, slice, slice] | None = None) -> CaseViews:
         """Store a case for viewing: ``images`` (3-D, by sequence) and ``labels`` on the
-        grid of ``affine``; ``contributions`` ``[3, *shape]`` by sequence."""
+        grid of ``affine``; ``contributions`` ``[3, *shape]`` by sequence, zero outside
+        ``box`` (default: the whole grid), where they are stored."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         orientation = io_orientation(affine)
@@ -86,18 +92,20 @@ class CaseViews:
         def ras(volume: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(apply_orientation(volume, orientation))
 
+        box = box or tuple(slice(0, n) for n in labels.shape)
+        box_start = _ras_start(box, orientation, labels.shape)
         labels = ras(labels.astype(np.uint8))
         np.save(folder / "labels.npy", labels)
         for sequence, image in images.items():
             np.save(folder / f"image_{sequence}.npy", _window(ras(image)))
         scale = []
         for sequence, maps in contributions.items():
-            maps = np.moveaxis(ras(np.moveaxis(maps, 0, -1)), -1, 0)
+            maps = np.moveaxis(ras(np.moveaxis(maps[(slice(None), *box)], 0, -1)), -1, 0)
             scale.append([_colour_scale(m) for m in maps])
             np.save(folder / f"contribution_{sequence}.npy",
                     np.round(np.clip(maps, -1, 1) * CONTRIBUTION_SCALE).astype(np.int8))
         np.savez(folder / "meta.npz", zooms=zooms, start=_most_tumour(labels), sequences=list(images),
-                 contributors=list(contributions), scale=np.asarray(scale, float).reshape(-1, len(REGIONS)))
+                 box_start=box_start, contributors=list(contributions), scale=np.asarray(scale, float).reshape(-1, len(REGIONS)))
         return cls(folder)
 
     def discard(self) -> None:
@@ -131,7 +139,8 @@ class CaseViews:
         if settings.contribution not in self.contributions:
             return image
         r = REGIONS.index(settings.region)
-        values = _slice(self.contributions[settings.contribution][r], view, position).astype(np.float32)
+        values = _boxed_slice(self.contributions[settings.contribution][r], self.box_start, self.shape, view,
+                              position).astype(np.float32)
         values = _resize(values / CONTRIBUTION_SCALE, size, Image.BILINEAR)
         alpha = (np.clip(np.abs(values) / self.scale[settings.contribution][settings.region], 0, 1) * 0.85)[..., None]
         colour = np.where(values[..., None] >= 0, POSITIVE, NEGATIVE)
@@ -177,12 +186,40 @@ def _most_tumour(labels: np.ndarray) -> list[int]:
 
 def _slice(volume: np.ndarray, view: str, position: tuple[int, int, int]) -> np.ndarray:
     """One slice of a RAS volume as displayed: rows top to bottom, columns left to right."""
-    i, j, k = position
-    if view == "axial":
-        return np.asarray(volume[::-1, ::-1, k]).T
-    if view == "coronal":
-        return np.asarray(volume[::-1, j, ::-1]).T
-    return np.asarray(volume[i, ::-1, ::-1]).T
+    axis = CUT_AXIS[view]
+    return _displayed(_cut(volume, axis, position[axis]))
+
+
+def _boxed_slice(volume: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...], view: str,
+                 position: tuple[int, int, int]) -> np.ndarray:
+    """As :func:`_slice`, for a volume of the grid ``shape`` stored only inside the box that
+    starts at ``start`` (zero outside)."""
+    axis = CUT_AXIS[view]
+    others = [a for a in range(3) if a != axis]
+    plane = np.zeros([shape[a] for a in others], volume.dtype)
+    inside = position[axis] - start[axis]
+    if 0 <= inside < volume.shape[axis]:
+        plane[tuple(slice(start[a], start[a] + volume.shape[a]) for a in others)] = _cut(volume, axis, inside)
+    return _displayed(plane)
+
+
+def _cut(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The plane at ``index`` across ``axis`` (basic indexing: a memory map reads only it)."""
+    return np.asarray(volume[(slice(None),) * axis + (index,)])
+
+
+def _displayed(plane: np.ndarray) -> np.ndarray:
+    """A RAS plane (the two remaining axes in order) as displayed: both flipped (right and
+    anterior or superior first), then rows along the second axis."""
+    return np.asarray(plane[::-1, ::-1]).T
+
+
+def _ras_start(box: tuple[slice, ...], orientation: np.ndarray, shape: tuple[int, ...]) -> list[int]:
+    """The first voxel of ``box`` (on the grid of ``shape``) once turned to RAS by ``orientation``."""
+    start = [0, 0, 0]
+    for axis, (target, flip) in enumerate(orientation.astype(int)):
+        start[target] = box[axis].start if flip > 0 else shape[axis] - box[axis].stop
+    return start
 
 
 def _display_size(view: str, shape: tuple[int, ...], zooms: tuple[float, ...], scale: float) -> tuple[int, int]:

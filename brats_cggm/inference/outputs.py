@@ -3,7 +3,8 @@
 * ``<case>.nii.gz``: the label map (uint8; BraTS 2021 or 2023 numbering)
 * ``<case>_probabilities.nii.gz``: TC, WT, ET probabilities, 4-D (optional)
 * ``<case>_contribution_<sequence>.nii.gz``: the sequence's contribution to TC, WT, ET, 4-D
-  (with contribution maps)
+  (with contribution maps; float32 on the full grid, or with ``compact_contributions``
+  int8 with ``scl_slope``, cropped to one box for all sequences: see compact.py)
 * ``<case>.json``: volumes (ml), sequences used, contribution shares, the model; written
   last, so its presence means the case is complete
 
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from brats_cggm.inference.compact import compact_nifti, shared_box
 from brats_cggm.inference.segmenter import Prediction
 from multimodal_general.io import atomic_write, atomic_write_text
 
@@ -51,25 +55,32 @@ def channels_last(maps: np.ndarray) -> np.ndarray:
 
 
 def write_prediction(prediction: Prediction, out_dir: Path, probabilities: bool = False,
-                     model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``prediction``'s files into ``out_dir``; returns the JSON summary written."""
+                     model: dict[str, Any] | None = None, compact_contributions: bool = False) -> dict[str, Any]:
+    """Write ``prediction``'s files into ``out_dir``; returns the JSON summary written.
+    ``compact_contributions``: the contribution maps as int8 in one box (compact.py), and
+    the box in the summary's ``files.contributions_box`` (first voxel, shape)."""
     out_dir, case = Path(out_dir), prediction.case_id
     files: dict[str, Any] = {"labels": f"{case}.nii.gz"}
-    maps: dict[str, np.ndarray] = {files["labels"]: prediction.labels.astype(np.uint8)}
+    maps: dict[str, Callable[[], bytes]] = {
+        files["labels"]: lambda: nifti_bytes(prediction.labels.astype(np.uint8), prediction.affine, prediction.header)}
     if probabilities:
         files["probabilities"] = f"{case}_probabilities.nii.gz"
-        maps[files["probabilities"]] = channels_last(prediction.probabilities)
+        maps[files["probabilities"]] = lambda: nifti_bytes(
+            channels_last(prediction.probabilities), prediction.affine, prediction.header)
     if prediction.contributions:
         files["contributions"] = {}
+        box = shared_box(prediction.contributions.values()) if compact_contributions else None
+        if box is not None:
+            files["contributions_box"] = {"start": [s.start for s in box], "shape": [s.stop - s.start for s in box]}
         for sequence, values in prediction.contributions.items():
             name = f"{case}_contribution_{sequence}.nii.gz"
             files["contributions"][sequence] = name
-            maps[name] = channels_last(values)
+            maps[name] = partial(_contribution_bytes, values, prediction, box)
     summary = {**prediction.summary(), "files": files, "model": model or {}}
     written: list[Path] = []
     try:
-        for name, data in maps.items():
-            payload = nifti_bytes(data, prediction.affine, prediction.header)
+        for name, encode in maps.items():
+            payload = encode()
             written.append(atomic_write(out_dir / name, lambda handle, payload=payload: handle.write(payload)))
         written.append(atomic_write_text(summary_path(out_dir, case), json.dumps(summary, indent=1) + "\n"))
     except BaseException:
@@ -77,3 +88,9 @@ def write_prediction(prediction: Prediction, out_dir: Path, probabilities: bool 
             path.unlink(missing_ok=True)
         raise
     return summary
+
+
+def _contribution_bytes(values: np.ndarray, prediction: Prediction, box: tuple[slice, ...] | None) -> bytes:
+    if box is None:
+        return nifti_bytes(channels_last(values), prediction.affine, prediction.header)
+    return compact_nifti(values, prediction.affine, prediction.header, box)
