@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from brats_cggm import MODALITIES
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.splits import save_split
 from multimodal_general.io import atomic_write_text
@@ -185,7 +186,7 @@ def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path)
     nan = math.nan
     row = {"method": str(model), "seed": 0, "best_epoch": 0, "test_cases": len(cases),
            **{f"test_dice/{r}": v for r, v in dice.items()}, "test_dice/mean": statistics.fmean(dice.values()),
-           "val_dice/mean": nan, **{f"head/{m}": nan for m in ("flair", "t1", "t1ce", "t2")},
+           "val_dice/mean": nan, **{f"head/{m}": nan for m in MODALITIES},
            "step_s": nan, "train_s": nan, **subset_columns(summary["subsets"])}
     atomic_write_text(out, json.dumps(row, indent=1) + "\n")
 
@@ -213,7 +214,6 @@ def collect(out: Path, rows: Sequence[str], folds: int) -> list[dict]:
 #: CGGM's per-sequence telemetry the table summarises: the magnitude coefficient and the cosine
 #: between the fused gradient and the sequence head's gradient (the direction term)
 TELEMETRY = ("B", "cos")
-SEQUENCES = ("flair", "t1", "t1ce", "t2")
 
 
 def telemetry_means(run_dir: Path) -> dict[str, float]:
@@ -224,7 +224,7 @@ def telemetry_means(run_dir: Path) -> dict[str, float]:
     with (run_dir / "telemetry.csv").open() as handle:
         steps = list(csv.DictReader(handle))
     half = steps[len(steps) // 2:]
-    names = [f"{t}/{s}" for t in TELEMETRY for s in SEQUENCES]
+    names = [f"{t}/{s}" for t in TELEMETRY for s in MODALITIES]
     if not half or any(name not in half[0] for name in names):
         return {}
     return {f"telemetry/{name}": statistics.fmean(float(step[name]) for step in half) for name in names}
@@ -240,11 +240,11 @@ def telemetry_lines(runs: list[dict]) -> list[str]:
     lines = ["", ("CGGM's telemetry per sequence, mean over the second half of each run's steps (mean ± std over "
                   "folds): B scales the sequence's encoder gradient (1 = unchanged); cos = cosine between the "
                   "fused gradient and the sequence head's gradient."), "",
-             "| configuration | " + " | ".join(f"{t} {s}" for t in TELEMETRY for s in SEQUENCES) + " |",
-             "|---" * (1 + len(TELEMETRY) * len(SEQUENCES)) + "|"]
+             "| configuration | " + " | ".join(f"{t} {s}" for t in TELEMETRY for s in MODALITIES) + " |",
+             "|---" * (1 + len(TELEMETRY) * len(MODALITIES)) + "|"]
     for key in dict.fromkeys(r["method"] for r in logged):
         mine = [r for r in logged if r["method"] == key]
-        cells = [plus_minus(mean_std([r[f"telemetry/{t}/{s}"] for r in mine]), 2) for t in TELEMETRY for s in SEQUENCES]
+        cells = [plus_minus(mean_std([r[f"telemetry/{t}/{s}"] for r in mine]), 2) for t in TELEMETRY for s in MODALITIES]
         lines.append(f"| {ROWS[key].label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -275,7 +275,7 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
     for row in table:
         cells = [plus_minus(row[f"test_dice/{r}"]) for r in regions]
         cells += [plus_minus(row[f"subsets_dice/{r}"]) for r in regions] + [plus_minus(row[SUBSET_KEYS[-1]])]
-        cells += [plus_minus(row[f"head/{m}"]) for m in ("flair", "t1", "t1ce", "t2")]
+        cells += [plus_minus(row[f"head/{m}"]) for m in MODALITIES]
         cells.append(f"{row['step_s'][0]:.2f}")
         lines.append(f"| {ROWS[row['method']].label} | {row['seeds']} | " + " | ".join(cells) + " |")
     worst = sorted({f"{ROWS[r['method']].label}, fold {r['fold']}: {r['worst_subset']}" for r in runs})

@@ -110,10 +110,11 @@ def score_case(segmenter: Segmenter, case: Case, subsets: bool = False) -> tuple
 
     full = regions(tuple(volumes), any_subset=False)  # refuses a missing sequence the model cannot take
     row = {"case_id": case.case_id, **region_metrics(full, reference, spacing, hd95=True)}
+    full_dice = {k: v for k, v in row.items() if k.startswith("dice/")}
     per_subset = [
         {"case_id": case.case_id, "subset": subset_name(subset),
-         **region_metrics(full if subset == MODALITIES else regions(subset, any_subset=True),
-                          reference, spacing, hd95=False)}
+         **(full_dice if subset == MODALITIES
+            else region_metrics(regions(subset, any_subset=True), reference, spacing, hd95=False))}
         for subset in (SUBSETS if subsets else ())
     ]
     return row, per_subset
