@@ -56,10 +56,10 @@ from rich.progress import (
 from rich.table import Table
 
 from multimodal_general.balance import PRESETS
+from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write, atomic_write_text
-from multimodal_general.provenance import provenance
 from multimodal_general.series import moving_average
-from multimodal_general.tasks.imbalance import TASKS, RunConfig, train_and_evaluate
+from multimodal_general.training.imbalance import TASKS, RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ("none", *(f"cggm-{p}" for p in PRESETS))

@@ -119,9 +119,9 @@ from brats_cggm.inference.grid import Geometry
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.network.presets import build_network
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
+from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
-from multimodal_general.provenance import provenance
-from multimodal_general.runtime import (
+from multimodal_general.training.runtime import (
     RESULT_TAG,
     keep_freed_memory,
     memory_kib,

@@ -401,7 +401,9 @@ def rich_table(sections: dict[str, list[tuple[str, ...]]], title: str) -> Table:
 
 
 def write_results(out: Path, title: str, command: str, sections: dict, payload: dict) -> None:
-    from multimodal_general.provenance import provenance  # imports torch: only once measured
+    from multimodal_general.experiments.provenance import (
+        provenance,  # imports torch: only once measured
+    )
 
     payload = {"provenance": provenance("numpy", "scipy", "nibabel"), **payload}
     atomic_write_text(out.parent / f"{out.name}.md", markdown(sections, title, command))

@@ -252,8 +252,8 @@ def telemetry_lines(runs: list[dict]) -> list[str]:
 def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str) -> str:
     """real_cv.md|csv|json|png: per row, mean ± std over the folds done."""
     from brats_cggm.compare import SUBSET_KEYS, aggregate, plot, results_csv
+    from multimodal_general.experiments.provenance import provenance
     from multimodal_general.io import atomic_write_text, json_safe
-    from multimodal_general.provenance import provenance
     from multimodal_general.series import plus_minus
 
     done = [r for r in rows if any(run["method"] == r for run in runs)]

@@ -38,8 +38,8 @@ from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import REGIONS
 from brats_cggm.training.cases import select_cases
 from brats_cggm.training.config import DataConfig
+from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
-from multimodal_general.provenance import provenance
 from multimodal_general.series import mean_std, plus_minus
 
 #: what each method changes in the shared configuration

@@ -32,8 +32,8 @@ from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.inference.card import CARD_FORMAT, METADATA_KEY, card_path, check_card, graph_sha256
 from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint, state_sha256
 from brats_cggm.training.config import TrainConfig
+from multimodal_general.experiments.provenance import git_revision, versions
 from multimodal_general.io import atomic_write, atomic_write_text
-from multimodal_general.provenance import git_revision, versions
 
 OPSET = 18
 INTENDED_USE = "research and demonstration; not a medical device, not for clinical use"

@@ -74,7 +74,7 @@ def compare(
 ) -> None:
     """Run every method x seed with the same budget; select on validation, report on test."""
     from multimodal_general.balance import check_balancer_options
-    from multimodal_general.tasks.runner import TASKS as DATA_TASKS
+    from multimodal_general.training.runner import TASKS as DATA_TASKS
 
     options = parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5")
     check_balancer_options(options)
@@ -85,10 +85,10 @@ def compare(
     lr = 0.05 if lr is None else lr
     import torch
 
-    from multimodal_general.compare import compare as run_compare
-    from multimodal_general.compare import parse_methods
     from multimodal_general.errors import ConfigurationError
-    from multimodal_general.tasks.imbalance import TASKS
+    from multimodal_general.experiments.imbalance_comparison import compare as run_compare
+    from multimodal_general.experiments.imbalance_comparison import parse_methods
+    from multimodal_general.training.imbalance import TASKS
 
     if task not in TASKS:
         raise ConfigurationError(f"unknown task {task!r}; choose from {list(TASKS)}")
@@ -114,9 +114,9 @@ def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, b
                      d_model, layers, fold, max_steps, bert, vit, threads, options) -> None:
     import torch
 
-    from multimodal_general.compare import parse_methods
-    from multimodal_general.tasks.comparison import compare_on_task
-    from multimodal_general.tasks.runner import TrainSettings
+    from multimodal_general.experiments.imbalance_comparison import parse_methods
+    from multimodal_general.experiments.task_comparison import compare_on_task
+    from multimodal_general.training.runner import TrainSettings
 
     if data is None:
         raise ConfigurationError(f"--task {task} needs --data")
@@ -149,7 +149,7 @@ def _bar():
 
 
 def _load(settings, what: str = "reading data"):
-    from multimodal_general.tasks.runner import load_task
+    from multimodal_general.training.runner import load_task
 
     with _bar() as bar:
         job = bar.add_task(what, total=None)
@@ -207,8 +207,8 @@ def train(
         help="a balancer hyperparameter, e.g. alpha=0.5 (repeatable; each method takes the ones it declares)"),
 ) -> None:
     """Train a task model with a balancer; select each seed on validation, report on test."""
-    from multimodal_general.tasks.experiment import read_settings, train_run
-    from multimodal_general.tasks.runner import TrainSettings
+    from multimodal_general.experiments.seeds import read_settings, train_run
+    from multimodal_general.training.runner import TrainSettings
 
     if threads:
         import torch
@@ -266,8 +266,8 @@ def evaluate(
     data: Path = typer.Option(None, help="the dataset, when it moved since training"),
 ) -> None:
     """Score every seed's checkpoint of a run on a split with the task's metrics."""
-    from multimodal_general.tasks.experiment import evaluate_run, read_settings
-    from multimodal_general.tasks.field_metrics import TASK_METRICS
+    from multimodal_general.datasets.metrics import TASK_METRICS
+    from multimodal_general.experiments.seeds import evaluate_run, read_settings
 
     settings, _ = read_settings(run)
     if data is not None:
@@ -300,7 +300,7 @@ def synth(
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Write a synthetic dataset in the task's official format, with a controllable imbalance."""
-    from multimodal_general.tasks.runner import TASKS
+    from multimodal_general.training.runner import TASKS
 
     if task not in TASKS:
         raise ConfigurationError(f"unknown task {task!r}; choose from {list(TASKS)}")
@@ -308,16 +308,19 @@ def synth(
         raise ConfigurationError(f"{out} exists; choose a new path")
     common = {"imbalance": imbalance, "dominant": dominant, "strength": strength, "seed": seed}
     if task == "mosi":
-        from multimodal_general.tasks.mosi import write_synthetic_mosi
+        from multimodal_general.datasets.mosi import write_synthetic_mosi
 
         sizes = {"sizes": (samples, max(1, samples // 3), max(1, samples // 3))} if samples else {}
         written = write_synthetic_mosi(out, aligned=not unaligned, **sizes, **common)
     elif task == "iemocap":
-        from multimodal_general.tasks.iemocap import write_synthetic_iemocap
+        from multimodal_general.datasets.iemocap import write_synthetic_iemocap
 
         written = write_synthetic_iemocap(out, **({"utterances": samples} if samples else {}), **common)
     else:
-        from multimodal_general.tasks.food101 import write_random_encoders, write_synthetic_food101
+        from multimodal_general.datasets.food101 import (
+            write_random_encoders,
+            write_synthetic_food101,
+        )
 
         per_class = {}
         if samples:

@@ -8,7 +8,7 @@ from torch import nn
 from training_cases import torch_threads
 
 from multimodal_general.balance import CGGM, Modality
-from multimodal_general.tasks.imbalance import LateFusionNet, unimodal_head
+from multimodal_general.training.imbalance import LateFusionNet, unimodal_head
 
 CLASSES = 3
 FEATURES = 32

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from multimodal_general.tasks.imbalance import TASKS, RunConfig, build, generate
+from multimodal_general.training.imbalance import TASKS, RunConfig, build, generate
 
 STEPS = 8
 LOCAL_BATCH = 32

@@ -17,7 +17,7 @@ from training_cases import torch_threads
 
 from multimodal_general.balance import CGGM, Modality
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.tasks.imbalance import TASKS, LateFusionNet, generate, unimodal_head
+from multimodal_general.training.imbalance import TASKS, LateFusionNet, generate, unimodal_head
 
 TASK = TASKS["cls2"]
 LR = 0.05

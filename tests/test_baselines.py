@@ -19,8 +19,8 @@ from multimodal_general.balance import (
 )
 from multimodal_general.balance.ogm_ge import ogm_coefficients
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.loop import balanced_step
-from multimodal_general.tasks.imbalance import TASKS, LateFusionNet, RunConfig, build, generate
+from multimodal_general.training.imbalance import TASKS, LateFusionNet, RunConfig, build, generate
+from multimodal_general.training.step import balanced_step
 
 sigmoid = lambda x: 1 / (1 + math.exp(-x))
 

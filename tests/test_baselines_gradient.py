@@ -12,8 +12,8 @@ from multimodal_general.balance import Modality
 from multimodal_general.balance.agm import AGM, agm_coefficients, concat_unimodal_output
 from multimodal_general.balance.mmpareto import MMPareto, pareto_combine, pareto_weights
 from multimodal_general.errors import ConfigurationError, RegistrationError
-from multimodal_general.loop import balanced_step
-from multimodal_general.tasks.imbalance import TASKS, LateFusionNet, generate, unimodal_head
+from multimodal_general.training.imbalance import TASKS, LateFusionNet, generate, unimodal_head
+from multimodal_general.training.step import balanced_step
 
 
 def make_model(m, seed=0):

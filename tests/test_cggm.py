@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import CLASSES, make_batch, make_setup
 
 from multimodal_general.balance import make_balancer
-from multimodal_general.loop import balanced_step
+from multimodal_general.training.step import balanced_step
 
 
 def forward(model, balancer, criterion, inputs, target):

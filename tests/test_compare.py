@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from multimodal_general.compare import compare, parse_methods
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.tasks.imbalance import RunConfig, build, train_and_evaluate
+from multimodal_general.experiments.imbalance_comparison import compare, parse_methods
+from multimodal_general.training.imbalance import RunConfig, build, train_and_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

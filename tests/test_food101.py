@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from multimodal_general.errors import BadDataFile, ConfigurationError, OutputError
-from multimodal_general.tasks import food101
-from multimodal_general.tasks.food101 import (
+from multimodal_general.datasets.food101 import (
     extract_features,
     load_food101,
     read_food101,
     write_random_encoders,
     write_synthetic_food101,
 )
+from multimodal_general.datasets.food101 import features as food101
+from multimodal_general.errors import BadDataFile, ConfigurationError, OutputError
 
 CLASSES = 4
 PER_CLASS = (30, 10, 10)

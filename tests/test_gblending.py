@@ -9,10 +9,10 @@ from torch import nn
 
 from multimodal_general.balance import BALANCERS, GBlending, Modality, make_balancer
 from multimodal_general.balance.gblending import blending_weights
-from multimodal_general.compare import compare
 from multimodal_general.errors import ConfigurationError, RegistrationError
-from multimodal_general.loop import balanced_step
-from multimodal_general.tasks.imbalance import TASKS, LateFusionNet, generate
+from multimodal_general.experiments.imbalance_comparison import compare
+from multimodal_general.training.imbalance import TASKS, LateFusionNet, generate
+from multimodal_general.training.step import balanced_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

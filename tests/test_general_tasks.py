@@ -31,18 +31,18 @@ import yaml
 from training_cases import torch_threads
 
 from multimodal_general.cli import main
-from multimodal_general.tasks.data import SequenceBatch
-from multimodal_general.tasks.experiment import train_run
-from multimodal_general.tasks.field_metrics import SELECTION, TASK_METRICS
-from multimodal_general.tasks.iemocap import read_iemocap, write_synthetic_iemocap
-from multimodal_general.tasks.mosi import read_mosi, write_synthetic_mosi
-from multimodal_general.tasks.runner import TrainSettings, load_task
-from multimodal_general.tasks.sequence_model import (
+from multimodal_general.datasets.iemocap import read_iemocap, write_synthetic_iemocap
+from multimodal_general.datasets.metrics import SELECTION, TASK_METRICS
+from multimodal_general.datasets.mosi import read_mosi, write_synthetic_mosi
+from multimodal_general.datasets.task_data import SequenceBatch
+from multimodal_general.experiments.seeds import train_run
+from multimodal_general.models.sequence import (
     ModelSize,
     SequenceFusionNet,
     ShapeCheckedLoss,
     task_criterion,
 )
+from multimodal_general.training.runner import TrainSettings, load_task
 
 MODALITIES = {"mosi": ("text", "audio", "vision"), "iemocap": ("audio", "vision", "text"),
               "food101": ("text", "image")}
@@ -117,7 +117,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def one_thread_and_small_plots():
     """CLI calls with ``--threads 1`` set torch's global thread count: restore it after. The
     run plots are drawn at a low resolution here (PNG encoding dominates these tiny runs)."""
-    from multimodal_general import run_plots
+    from multimodal_general.training import plots as run_plots
 
     with torch_threads(1), pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_plots, "DPI", 20)
@@ -135,7 +135,7 @@ def data_sets(tmp_path_factory) -> dict:
             steps={"audio": (4, 12), "vision": (3, 8), "text": (2, 6)},
             dims={"audio": 8, "vision": 8, "text": 16}),
     }
-    from multimodal_general.tasks.food101 import write_random_encoders, write_synthetic_food101
+    from multimodal_general.datasets.food101 import write_random_encoders, write_synthetic_food101
 
     pytest.importorskip("transformers", reason="Food-101 needs the 'food' extra")
     sets["food101"] = write_synthetic_food101(folder / "food101", classes=4, per_class=(8, 3, 3),
@@ -238,7 +238,7 @@ def test_the_selected_epoch_is_the_best_on_validation(runs, task, balancer):
 
 def test_selection_never_scores_test_before_training_ends(data_sets, tmp_path, monkeypatch):
     """The test split is scored only after the last epoch, once the model is selected."""
-    from multimodal_general.tasks import runner
+    from multimodal_general.training import runner
 
     events: list[str] = []
     real_score = runner.score
@@ -261,7 +261,7 @@ def test_mslr_under_adamw_is_applied_once_as_per_encoder_learning_rates(data_set
     """AdamW normalizes a gradient factor away: the scales become the encoders' rates, and the
     balancer leaves gradients alone (applied twice, a scale would also shrink Adam's steps
     until its moment estimates caught up)."""
-    from multimodal_general.tasks.runner import build
+    from multimodal_general.training.runner import build
 
     settings = settings_for("mosi", data_sets, balancer="mslr", optimizer="adamw",
                             balancer_options={"scales": {"text": 0.5}})
@@ -473,7 +473,7 @@ def test_synth_writes_what_the_reader_reads_and_refuses_an_existing_path(task, t
         data = read_iemocap(out, fold=1)
         assert sum(len(s) for s in data.splits.values()) == 20
     else:
-        from multimodal_general.tasks.food101 import read_food101
+        from multimodal_general.datasets.food101 import read_food101
 
         records = read_food101(out)
         assert [len(s) for s in records.splits.values()] == [16, 8, 8]  # 8 classes x (2, 1, 1)
@@ -551,7 +551,7 @@ def test_shape_checked_loss_refuses_n_against_n1():
 def test_a_diverged_run_is_reported_not_selected(data_sets, tmp_path, monkeypatch):
     """No epoch with a finite validation metric: test.json says diverged (no metrics), the
     summary counts it, and nothing is selected or scored on test."""
-    import multimodal_general.tasks.runner as runner
+    import multimodal_general.training.runner as runner
 
     monkeypatch.setattr(runner, "_metrics", lambda kind, output, target: {"finite": 0.0})
     data = load_task(settings_for("mosi", data_sets))

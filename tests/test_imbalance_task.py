@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from multimodal_general.probe import probe_accuracy, probe_mae
-from multimodal_general.tasks.imbalance import TASKS, RunConfig, generate, train_and_evaluate
+from multimodal_general.models.probe import probe_accuracy, probe_mae
+from multimodal_general.training.imbalance import TASKS, RunConfig, generate, train_and_evaluate
 
 
 def test_generation_is_deterministic_and_shapes_match():

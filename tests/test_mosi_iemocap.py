@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from multimodal_general.datasets import iemocap, mosi
+from multimodal_general.datasets.iemocap import read_iemocap, write_synthetic_iemocap
+from multimodal_general.datasets.mosi import read_mosi, write_synthetic_mosi
+from multimodal_general.datasets.task_data import SPLITS, SequenceSplit
 from multimodal_general.errors import BadDataFile, OutputError
-from multimodal_general.tasks import iemocap, mosi
-from multimodal_general.tasks.data import SPLITS, SequenceSplit
-from multimodal_general.tasks.iemocap import read_iemocap, write_synthetic_iemocap
-from multimodal_general.tasks.mosi import read_mosi, write_synthetic_mosi
 
 SMALL_DIMS = {"audio": 16, "vision": 16, "text": 32}
 SMALL_STEPS = {"audio": (6, 20), "vision": (4, 12), "text": (3, 10)}

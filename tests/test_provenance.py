@@ -2,7 +2,7 @@
 
 import re
 
-from multimodal_general.provenance import provenance, versions
+from multimodal_general.experiments.provenance import provenance, versions
 
 
 def test_provenance_names_command_revision_machine_and_versions():
@@ -18,7 +18,7 @@ def test_provenance_names_command_revision_machine_and_versions():
 def test_keep_freed_memory_is_accepted_by_glibc():
     import platform
 
-    from multimodal_general.runtime import keep_freed_memory
+    from multimodal_general.training.runtime import keep_freed_memory
 
     accepted = keep_freed_memory()
     assert accepted is (platform.libc_ver()[0] == "glibc")

@@ -7,7 +7,7 @@ from torch import nn
 
 from multimodal_general.balance import CGGM, Modality, make_balancer
 from multimodal_general.errors import ConfigurationError, RegistrationError
-from multimodal_general.tasks.imbalance import LateFusionNet, unimodal_head
+from multimodal_general.training.imbalance import LateFusionNet, unimodal_head
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from multimodal_general.run_plots import (
+from multimodal_general.series import moving_average
+from multimodal_general.training.plots import (
     MODALITY_PALETTE,
     balance_figure,
     column,
@@ -29,7 +30,6 @@ from multimodal_general.run_plots import (
     save_figure,
     suffixes,
 )
-from multimodal_general.series import moving_average
 
 __all__ = ["moving_average", "plot_run", "read_metrics", "read_telemetry"]
 

@@ -56,7 +56,7 @@ def concat_unimodal_output(fused_head: nn.Module, order: Sequence[str]) -> Unimo
     """``unimodal_output`` for late fusion by concatenation: ``fused_head([h_1; ...; h_M])``
     with every feature but ``keep``'s replaced by zeros (``order``: the concatenation order).
 
-    For :class:`~multimodal_general.tasks.imbalance.LateFusionNet`:
+    For :class:`~multimodal_general.training.imbalance.LateFusionNet`:
     ``concat_unimodal_output(model.head, list(model.encoders))``. Zero is "off" for
     features that end in a ReLU, as there.
     """

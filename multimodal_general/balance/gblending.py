@@ -23,7 +23,7 @@ trained exactly as under joint training and its weight acts on the encoder.
 
 The weights start uniform (``1 / (M + 1)`` each) and live in the ``weights`` buffer
 (order: fused, then the modalities); ``state_dict`` resumes them. Measuring the train and
-held-out losses is the training harness's job (``multimodal_general.compare`` does it
+held-out losses is the training harness's job (``multimodal_general.experiments.imbalance_comparison`` does it
 every ``super_epoch`` epochs and calls :meth:`GBlending.update_from_losses`).
 """
 

@@ -2,7 +2,7 @@
 evaluation of a finished run.
 
 ``RUN/config.yaml`` (the settings, written first), ``RUN/seed-<k>/`` (one
-:func:`~multimodal_general.tasks.runner.train_seed` folder per seed), ``RUN/summary.json`` and
+:func:`~multimodal_general.training.runner.train_seed` folder per seed), ``RUN/summary.json`` and
 ``RUN/summary.md`` (test metrics of the validation-selected models, mean ± std over seeds,
 with each modality's unimodal head).
 """
@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
+from multimodal_general.datasets.metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
+from multimodal_general.datasets.task_data import TaskData
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe
 from multimodal_general.series import mean_std, plus_minus
-from multimodal_general.tasks.data import TaskData
-from multimodal_general.tasks.field_metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
-from multimodal_general.tasks.runner import (
+from multimodal_general.training.runner import (
     TrainSettings,
     build,
     method_name,

@@ -94,3 +94,15 @@ def attach_balancer(model: LateFusion, name: str, criterion: nn.Module, kind: st
         task_kind=kind,
         **options,
     )
+
+
+class LateFusionNet(LateFusion):
+    """One MLP encoder per modality (``hidden`` units, ``feature_dim`` features), concatenation
+    and a fused head (see :class:`LateFusion`)."""
+
+    def __init__(
+        self, input_dims: dict[str, int], out_dim: int, hidden: int = 64, feature_dim: int = 32,
+        fusion_head: str = "mlp",
+    ):
+        encoders = {name: nn.Sequential(mlp(dim, hidden, feature_dim), nn.ReLU()) for name, dim in input_dims.items()}
+        super().__init__(encoders, feature_dim, out_dim, fusion_head)

@@ -34,21 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multimodal_general.errors import BadDataFile
-from multimodal_general.io import atomic_write
-from multimodal_general.tasks.data import (
+from multimodal_general.datasets.synthetic import (
+    embed_in_sequences,
+    imbalanced_strengths,
+    latent_evidence,
+    random_lengths,
+)
+from multimodal_general.datasets.task_data import (
     SPLITS,
     SequenceSplit,
     TaskData,
     mask_of_zero_padding,
     real_steps_first,
 )
-from multimodal_general.tasks.synthetic import (
-    embed_in_sequences,
-    imbalanced_strengths,
-    latent_evidence,
-    random_lengths,
-)
+from multimodal_general.errors import BadDataFile
+from multimodal_general.io import atomic_write
 
 MODALITIES = ("text", "audio", "vision")
 FEATURE_DIMS = {"text": 300, "audio": 5, "vision": 20}

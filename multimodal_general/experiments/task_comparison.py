@@ -1,5 +1,5 @@
 """The comparison harness on Food-101, CMU-MOSI and IEMOCAP data (real or synthetic): every
-method x seed trained by :func:`~multimodal_general.tasks.runner.train_seed` with the same
+method x seed trained by :func:`~multimodal_general.training.runner.train_seed` with the same
 settings, each run selected on ``valid``, scored once on ``test``.
 
 >>> compare_on_task(settings, data, ["none", "cggm", "mslr"], seeds=3, out=Path("cmp"))
@@ -24,13 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from multimodal_general.compare import method_options, parse_methods
+from multimodal_general.datasets.metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
+from multimodal_general.datasets.task_data import TaskData
 from multimodal_general.errors import ConfigurationError
+from multimodal_general.experiments.imbalance_comparison import method_options, parse_methods
 from multimodal_general.io import atomic_write, atomic_write_text, pin_settings
 from multimodal_general.series import mean_std, plus_minus
-from multimodal_general.tasks.data import TaskData
-from multimodal_general.tasks.field_metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
-from multimodal_general.tasks.runner import TrainSettings, train_seed
+from multimodal_general.training.runner import TrainSettings, train_seed
 
 
 def compare_on_task(

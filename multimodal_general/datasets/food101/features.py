@@ -1,181 +1,41 @@
-"""UPMC-Food 101: recipe text and food photos, 101 classes, read from the official JSON layout.
-
-On disk a root folder holds ``train.json``, ``dev.json`` and ``test.json``, each a JSON list of
-``{"id", "text_tokens": [...], "img_path", "label": <class name>}`` (extra keys such as
-``text_path`` are ignored). ``img_path`` is relative to the root (an absolute path is used as
-it is; if it does not exist, its tail from the last ``images/`` folder is tried under the
-root, so a moved dataset still reads). The splits map to ``train`` / ``valid`` / ``test``.
+"""Food-101 features: a pretrained BERT and ViT, run once, their token features cached.
 
 The models never see raw text or pixels: :func:`extract_features` runs a pretrained BERT and
 a pretrained ViT, given as LOCAL folders saved with ``save_pretrained``, once, and caches
 per split the text token features ``[N, text_tokens, D]`` and image token features
 ``[N, 1 + k*k, D]`` (CLS + the patch grid average-pooled to ``k x k``) in float16 under
 ``<cache_dir>/<key>/`` (default ``<root>/features/<key>/``). :func:`load_food101` turns a
-cache into a :class:`~multimodal_general.tasks.data.TaskData`.
-
-:func:`write_synthetic_food101` writes a small dataset in the same layout whose words and
-images carry controllable class evidence (see :mod:`multimodal_general.tasks.synthetic`).
+cache into a :class:`~multimodal_general.datasets.task_data.TaskData`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from multimodal_general.errors import BadDataFile, ConfigurationError, OutputError
+from multimodal_general.datasets.food101.records import (
+    MODALITIES,
+    SPLIT_FILES,
+    Food101Split,
+    read_food101,
+)
+from multimodal_general.datasets.task_data import SequenceSplit, TaskData
+from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_folder, atomic_write_text
-from multimodal_general.tasks.data import SequenceSplit, TaskData
-from multimodal_general.tasks.synthetic import imbalanced_strengths, latent_evidence
 
-MODALITIES = ("text", "image")
-SPLIT_FILES = {"train": "train.json", "valid": "dev.json", "test": "test.json"}
-REQUIRED_KEYS = ("id", "text_tokens", "img_path", "label")
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 
 Progress = Callable[[int, int], object]
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-@dataclass
-class Food101Split:
-    """One split's samples, in file order."""
-
-    ids: list[str]
-    texts: list[str]  # the tokens joined with single spaces
-    images: list[Path]  # absolute
-    labels: np.ndarray  # int64 indices into Food101Records.classes
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class Food101Records:
-    """What the three JSON files say, checked: ``splits`` keyed ``train`` / ``valid`` / ``test``."""
-
-    root: Path
-    classes: tuple[str, ...]
-    splits: dict[str, Food101Split]
-
-
-def read_food101(root: str | Path, *, check_images: bool = True) -> Food101Records:
-    """Read and check ``train.json``, ``dev.json`` and ``test.json`` under ``root``.
-
-    ``classes`` are the sorted class names of ``train.json``; a dev/test label outside them,
-    a malformed entry, a duplicate id or a missing image file raises :class:`BadDataFile`
-    naming the JSON file.
-    """
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise BadDataFile(root, "no such folder (expected train.json, dev.json, test.json)")
-    entries = {split: _read_entries(root / name) for split, name in SPLIT_FILES.items()}
-    train_path = root / SPLIT_FILES["train"]
-    if not entries["train"]:
-        raise BadDataFile(train_path, "holds no samples")
-    classes = tuple(sorted({entry["label"] for entry in entries["train"]}))
-    splits = {
-        split: _make_split(root, root / SPLIT_FILES[split], items, classes, check_images)
-        for split, items in entries.items()
-    }
-    return Food101Records(root, classes, splits)
-
-
-def _read_json(path: Path) -> object:
-    """A JSON file's value; a missing or unparsable file is a :class:`BadDataFile`."""
-    if not path.is_file():
-        raise BadDataFile(path, "no such file")
-    try:
-        with path.open("rb") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadDataFile(path, f"cannot read ({error})") from None
-    except json.JSONDecodeError as error:
-        raise BadDataFile(path, f"not JSON ({error.msg} at line {error.lineno})") from None
-
-
-def _read_entries(path: Path) -> list[dict]:
-    """The checked entries of one split file: every key present, tokens and label strings."""
-    value = _read_json(path)
-    if not isinstance(value, list):
-        raise BadDataFile(path, f"expected a JSON list of samples, found {type(value).__name__}")
-    for index, entry in enumerate(value):
-        if not isinstance(entry, dict):
-            raise BadDataFile(path, f"entry {index} is a {type(entry).__name__}, not an object")
-        for key in REQUIRED_KEYS:
-            if key not in entry:
-                raise BadDataFile(path, f"entry {index} has no {key!r} key")
-        tokens = entry["text_tokens"]
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise BadDataFile(path, f"entry {index}: 'text_tokens' is not a list of strings")
-        for key in ("label", "img_path"):
-            if not isinstance(entry[key], str) or not entry[key]:
-                raise BadDataFile(path, f"entry {index}: {key!r} is not a non-empty string")
-        if not isinstance(entry["id"], (str, int)):
-            raise BadDataFile(path, f"entry {index}: 'id' is not a string")
-    return value
-
-
-def _make_split(
-    root: Path, path: Path, entries: list[dict], classes: tuple[str, ...], check_images: bool
-) -> Food101Split:
-    """Labels to indices, image paths made absolute, ids and images checked."""
-    index_of = {name: i for i, name in enumerate(classes)}
-    ids, texts, images, labels = [], [], [], []
-    first_entry: dict[str, int] = {}
-    for index, entry in enumerate(entries):
-        sample_id = str(entry["id"])
-        if sample_id in first_entry:
-            raise BadDataFile(
-                path, f"duplicate id {sample_id!r} (entries {first_entry[sample_id]} and {index})"
-            )
-        first_entry[sample_id] = index
-        if entry["label"] not in index_of:
-            raise BadDataFile(
-                path, f"entry {index}: unknown class name {entry['label']!r} (not in train.json)"
-            )
-        ids.append(sample_id)
-        texts.append(" ".join(entry["text_tokens"]))
-        images.append(_image_path(root, entry["img_path"]))
-        labels.append(index_of[entry["label"]])
-    if check_images:
-        _check_images(path, images)
-    return Food101Split(ids, texts, images, np.asarray(labels, dtype=np.int64))
-
-
-def _image_path(root: Path, img_path: str) -> Path:
-    """``img_path`` under ``root``; a stale absolute path falls back to its ``images/`` tail."""
-    path = root / img_path  # an absolute img_path replaces root
-    if Path(img_path).is_absolute() and not path.exists():
-        parts = Path(img_path).parts
-        if "images" in parts:
-            tail = parts[len(parts) - 1 - parts[::-1].index("images"):]
-            moved = root.joinpath(*tail)
-            if moved.exists():
-                return moved
-    return path
-
-
-def _check_images(path: Path, images: Sequence[Path]) -> None:
-    """Every image file exists, or one line naming the first missing one and the count."""
-    missing = [image for image in images if not image.is_file()]
-    if missing:
-        raise BadDataFile(
-            path,
-            f"{len(missing)} of {len(images)} image files are missing, the first: {missing[0]}",
-        )
 
 
 # ----------------------------------------------------------------------------- settings
@@ -283,7 +143,7 @@ def _first_line(error: BaseException) -> str:
 def _load_models(bert: Path, vit: Path, device: torch.device):
     """``(tokenizer, text model, image processor, image model)`` from local folders only."""
     try:
-        transformers = _transformers()
+        transformers = quiet_transformers()
     except ImportError:
         raise ConfigurationError(
             "Food-101 feature extraction needs transformers: pip install '.[food]'"
@@ -603,168 +463,7 @@ def _load_split(folder: Path, split: str) -> SequenceSplit:
                          target, ids)
 
 
-# ----------------------------------------------------------------------------- synthetic data
-
-FOOD_NAMES = (
-    "apple_pie", "baklava", "bibimbap", "bruschetta", "caesar_salad", "carrot_cake", "ceviche",
-    "churros", "clam_chowder", "donuts", "dumplings", "falafel", "french_fries", "gnocchi",
-    "guacamole", "hamburger", "hummus", "lasagna", "miso_soup", "nachos", "omelette", "pad_thai",
-    "paella", "pancakes", "pho", "pizza", "ramen", "risotto", "samosa", "sushi", "tacos",
-    "tiramisu", "waffles",
-)
-VOCABULARY = (
-    "sweet", "salty", "sour", "bitter", "spicy", "crispy", "creamy", "tender", "smoky", "fresh",
-    "baked", "fried", "grilled", "boiled", "roasted", "steamed", "sliced", "diced", "minced",
-    "whisked", "butter", "sugar", "flour", "salt", "pepper", "garlic", "onion", "tomato", "cheese",
-    "cream", "milk", "egg", "rice", "noodle", "bread", "dough", "beef", "pork", "chicken", "fish",
-    "shrimp", "tofu", "lemon", "lime", "honey", "vinegar", "soy", "ginger", "basil", "cumin",
-    "chili", "olive", "oil", "broth", "sauce", "nut", "apple", "berry", "chocolate", "vanilla",
-    "bean", "corn", "potato", "mushroom",
-)
-_PATTERNS = 6
-
-
-def write_synthetic_food101(
-    root: str | Path,
-    *,
-    classes: int = 8,
-    per_class: tuple[int, int, int] = (40, 10, 10),
-    imbalance: float = 4.0,
-    dominant: str = "text",
-    strength: float = 2.0,
-    image_size: int = 64,
-    seed: int = 0,
-) -> Path:
-    """Write a small Food-101 in the official layout (JSON files + ``images/<split>/<class>/``).
-
-    Words are drawn from :data:`VOCABULARY` with probabilities ``softmax(latent @ W)`` and
-    images are sums of fixed colour gratings weighted by the image latent, plus pixel noise;
-    ``dominant`` gets ``strength``, the other modality ``strength / imbalance``. The folder
-    is built beside ``root`` and renamed into place; ``root`` must not exist (or be empty).
-    """
-    if not 2 <= classes <= len(FOOD_NAMES):
-        raise ConfigurationError(f"classes must be in [2, {len(FOOD_NAMES)}], got {classes}")
-    if len(per_class) != 3 or min(per_class) < 1:
-        raise ConfigurationError(
-            f"per_class must be 3 positive counts (train, dev, test), got {per_class}"
-        )
-    if not 8 <= image_size <= 1024:
-        raise ConfigurationError(f"image_size must be in [8, 1024], got {image_size}")
-    strengths = imbalanced_strengths(MODALITIES, dominant, strength, imbalance)
-    root = Path(root).expanduser().resolve()
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise OutputError(f"{root}: already exists and is not an empty folder")
-    names = tuple(sorted(FOOD_NAMES[:classes]))
-    return atomic_folder(root, lambda tmp: _write_splits(tmp, names, per_class, strengths, image_size, seed))
-
-
-def _write_splits(folder: Path, names, per_class, strengths, image_size: int, seed: int) -> None:
-    """Draw every split's targets and latents (one fixed world) and write files and images."""
-    rng = np.random.default_rng(seed)
-    world_seed = seed + 7919
-    words = np.random.default_rng(world_seed + 1).standard_normal((8, len(VOCABULARY)))
-    gratings = _gratings(np.random.default_rng(world_seed + 2), image_size)
-    counter = dict.fromkeys(names, 0)
-    for split, count in zip(("train", "dev", "test"), per_class, strict=True):
-        target, latents = _balanced_evidence(len(names), count, strengths, rng, world_seed)
-        entries = []
-        for i, y in enumerate(target):
-            label = names[y]
-            file = f"{label}_{counter[label]}.jpg"
-            counter[label] += 1
-            img_path = f"images/{split}/{label}/{file}"
-            tokens = _draw_words(latents["text"][i], words, rng)
-            _write_image(folder / img_path, _draw_image(latents["image"][i], gratings, rng))
-            entries.append({"id": f"{label}_{file}", "text_tokens": tokens,
-                            "img_path": img_path, "label": label})
-        atomic_write_text(folder / f"{split}.json", json.dumps(entries))
-
-
-def _balanced_evidence(classes: int, per_class: int, strengths, rng, world_seed: int):
-    """Exactly ``per_class`` samples of every class (shuffled), by selecting from draws of
-    :func:`latent_evidence` made with the same world."""
-    chosen: dict[int, list[tuple[int, dict]]] = {c: [] for c in range(classes)}
-    while min(len(v) for v in chosen.values()) < per_class:
-        world = np.random.default_rng(world_seed)
-        target, latents = latent_evidence("classification", 2 * classes * per_class, strengths,
-                                          rng, world, classes=classes)
-        for i, y in enumerate(target):
-            if len(chosen[int(y)]) < per_class:
-                chosen[int(y)].append((int(y), {m: v[i] for m, v in latents.items()}))
-    samples = [s for c in range(classes) for s in chosen[c]]
-    order = rng.permutation(len(samples))
-    target = np.array([samples[i][0] for i in order], dtype=np.int64)
-    latents = {m: np.stack([samples[i][1][m] for i in order]) for m in strengths}
-    return target, latents
-
-
-def _draw_words(latent: np.ndarray, words: np.ndarray, rng: np.random.Generator) -> list[str]:
-    """12 to 40 words, each drawn with probabilities ``softmax(latent @ words / sqrt(dim))``."""
-    logits = latent @ words / math.sqrt(len(latent))
-    p = np.exp(logits - logits.max())
-    p /= p.sum()
-    return [VOCABULARY[k] for k in rng.choice(len(VOCABULARY), size=rng.integers(12, 41), p=p)]
-
-
-def _gratings(world: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed patterns ``[P, size, size]`` (oriented sine gratings) and colours ``[8, P, 3]``."""
-    y, x = np.mgrid[0:size, 0:size] / size
-    angles = world.uniform(0, np.pi, _PATTERNS)
-    freqs = world.uniform(1.0, 4.0, _PATTERNS)
-    patterns = np.stack([np.sin(2 * np.pi * f * (x * np.cos(a) + y * np.sin(a)))
-                         for a, f in zip(angles, freqs, strict=True)])
-    mixing = world.standard_normal((8, _PATTERNS, 3)) / math.sqrt(8)
-    return patterns, mixing
-
-
-def _draw_image(latent: np.ndarray, gratings, rng: np.random.Generator) -> np.ndarray:
-    """``uint8 [size, size, 3]``: grey + latent-weighted colour gratings + pixel noise."""
-    patterns, mixing = gratings
-    weights = np.einsum("l,lpc->pc", latent, mixing)  # [P, 3]
-    image = 0.5 + 0.08 * np.einsum("pc,pyx->yxc", np.tanh(weights), patterns)
-    image = image + 0.1 * np.tanh(weights.mean(0))  # an overall colour cast
-    image = image + 0.05 * rng.standard_normal(image.shape)
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _write_image(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, "RGB").save(path, format="JPEG", quality=92)
-
-
-def write_random_encoders(folder: str | Path, hidden: int = 32, image_size: int = 32,
-                          seed: int = 0) -> tuple[Path, Path]:
-    """A tiny, randomly initialised BERT (WordPiece vocabulary = the synthetic words) and ViT,
-    saved with ``save_pretrained`` into ``folder/bert`` and ``folder/vit`` like real local
-    model folders. For tests and the synthetic demo only: random weights, not pretrained."""
-    import inspect
-
-    transformers = _transformers()
-
-    folder = Path(folder)
-    bert, vit = folder / "bert", folder / "vit"
-    bert.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCABULARY]
-    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    parameters = inspect.signature(transformers.BertTokenizer.__init__).parameters
-    argument = "vocab_file" if "vocab_file" in parameters else "vocab"  # 4.x / 5.x
-    transformers.BertTokenizer(**{argument: str(bert / "vocab.txt")}).save_pretrained(bert)
-    torch.manual_seed(seed)
-    transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=64,
-    )).save_pretrained(bert)
-    transformers.ViTModel(transformers.ViTConfig(
-        image_size=image_size, patch_size=8, hidden_size=hidden, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=2 * hidden,
-    )).save_pretrained(vit)
-    transformers.ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(vit)
-    return bert, vit
-
-
-def _transformers():
+def quiet_transformers():
     """``transformers``, quiet: no progress bars for saving shards, no backend notices (errors
     still surface as exceptions)."""
     import transformers

@@ -6,7 +6,7 @@ Protocol (the same for every method):
 
 * **Data.** For seed ``s``: train split ``generate(task, train_size, seed=2s)``, validation
   split ``generate(task, val_size, seed=2s+1)`` (exactly the splits of
-  :func:`~multimodal_general.tasks.imbalance.train_and_evaluate`), and a **test** split
+  :func:`~multimodal_general.training.imbalance.train_and_evaluate`), and a **test** split
   ``generate(task, test_size, seed=TEST_SEED_OFFSET + s)``: the same task world (same
   prototypes and projections), samples drawn with a seed no train/validation split uses.
 * **Budget.** Same epochs, batch size, learning rate, optimizer (SGD, momentum 0.9, weight
@@ -58,7 +58,7 @@ from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe
 from multimodal_general.series import mean_std, plus_minus
-from multimodal_general.tasks.imbalance import (
+from multimodal_general.training.imbalance import (
     FUSION_HEADS,
     TASKS,
     RunConfig,

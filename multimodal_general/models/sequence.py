@@ -7,7 +7,7 @@ out of attention (``src_key_padding_mask``), a final LayerNorm and the mean over
 steps. A sample with no real step in a modality (a missing modality) attends to its first,
 all-zero step, so that attention never runs over an empty set.
 
-The unimodal heads CGGM needs (:func:`~multimodal_general.tasks.fusion.attach_balancer`)
+The unimodal heads CGGM needs (:func:`~multimodal_general.models.late_fusion.attach_balancer`)
 read the pooled features: two linear layers. The paper's heads for these tasks are 1-2
 self-attention layers over each modality's sequence; ours see the pooled vector only, which
 keeps the balancer contract of one feature tensor per modality.
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.tasks.data import SequenceBatch
-from multimodal_general.tasks.fusion import LateFusion
+from multimodal_general.datasets.task_data import SequenceBatch
+from multimodal_general.models.late_fusion import LateFusion
 
 
 def sinusoidal_positions(steps: int, dim: int, device=None) -> Tensor:
@@ -68,7 +68,7 @@ class ModelSize:
 
 class SequenceFusionNet(LateFusion):
     """One :class:`SequenceEncoder` per modality, concatenation and a fused head; ``forward``
-    takes a :class:`~multimodal_general.tasks.data.SequenceBatch`."""
+    takes a :class:`~multimodal_general.datasets.task_data.SequenceBatch`."""
 
     def __init__(self, input_dims: dict[str, int], out_dim: int, size: ModelSize = ModelSize(),
                  fusion_head: str = "mlp"):

@@ -36,15 +36,15 @@ import h5py
 import numpy as np
 import torch
 
-from multimodal_general.errors import BadDataFile, OutputError
-from multimodal_general.io import atomic_folder
-from multimodal_general.tasks.data import SPLITS, SequenceSplit, TaskData, pad_sequences
-from multimodal_general.tasks.synthetic import (
+from multimodal_general.datasets.synthetic import (
     embed_in_sequences,
     imbalanced_strengths,
     latent_evidence,
     random_lengths,
 )
+from multimodal_general.datasets.task_data import SPLITS, SequenceSplit, TaskData, pad_sequences
+from multimodal_general.errors import BadDataFile, OutputError
+from multimodal_general.io import atomic_folder
 
 MODALITIES = ("audio", "vision", "text")
 CLASSES = ("happy", "angry", "sad", "neutral")

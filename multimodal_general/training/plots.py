@@ -1,4 +1,4 @@
-"""Figures of a training run, drawn from the files :class:`~multimodal_general.runlog.Logbook`
+"""Figures of a training run, drawn from the files :class:`~multimodal_general.training.runlog.Logbook`
 writes: ``metrics.jsonl`` (one JSON object per finished epoch) and ``telemetry.csv`` (one row per
 optimizer step). Shared by the BraTS trainer and the general tasks: the training loss, and the
 balance figure (each modality's auxiliary-head metric, CGGM's ``B`` and gradient cosines), each

@@ -1,5 +1,5 @@
 """One short training loop for the sequence tasks (Food-101, CMU-MOSI, IEMOCAP), reusable
-with any :class:`~multimodal_general.tasks.data.TaskData` and any balancer.
+with any :class:`~multimodal_general.datasets.task_data.TaskData` and any balancer.
 
 >>> data = load_task(settings)                       # the task's reader
 >>> result = train_seed(settings, data, seed=0, run_dir=Path("runs/mosi/seed-0"))
@@ -44,10 +44,18 @@ from multimodal_general.balance import (
     ModalityDropout,
     check_balancer_options,
 )
+from multimodal_general.datasets.metrics import (
+    LOWER_IS_BETTER,
+    SELECTION,
+    TASK_METRICS,
+    task_metrics,
+)
+from multimodal_general.datasets.task_data import SequenceSplit, TaskData, real_steps_first
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe, load_tagged, save_tagged
-from multimodal_general.loop import balanced_step
-from multimodal_general.run_plots import (
+from multimodal_general.models.late_fusion import attach_balancer
+from multimodal_general.models.sequence import ModelSize, SequenceFusionNet, task_criterion
+from multimodal_general.training.plots import (
     balance_figure,
     column,
     epoch_axis,
@@ -58,16 +66,8 @@ from multimodal_general.run_plots import (
     read_telemetry,
     save_figure,
 )
-from multimodal_general.runlog import Logbook
-from multimodal_general.tasks.data import SequenceSplit, TaskData, real_steps_first
-from multimodal_general.tasks.field_metrics import (
-    LOWER_IS_BETTER,
-    SELECTION,
-    TASK_METRICS,
-    task_metrics,
-)
-from multimodal_general.tasks.fusion import attach_balancer
-from multimodal_general.tasks.sequence_model import ModelSize, SequenceFusionNet, task_criterion
+from multimodal_general.training.runlog import Logbook
+from multimodal_general.training.step import balanced_step
 
 TASKS = ("food101", "mosi", "iemocap")
 CHECKPOINT_FORMAT = "multimodal-general-checkpoint/1"
@@ -145,15 +145,15 @@ def load_task(settings: TrainSettings, progress: Callable[[int, int], None] | No
         raise BadDataFile(path, "does not exist")
     max_steps = settings.max_steps or None
     if settings.task == "mosi":
-        from multimodal_general.tasks.mosi import read_mosi
+        from multimodal_general.datasets.mosi import read_mosi
 
         data = read_mosi(path)
         return truncate(data, max_steps) if max_steps else data
     if settings.task == "iemocap":
-        from multimodal_general.tasks.iemocap import read_iemocap
+        from multimodal_general.datasets.iemocap import read_iemocap
 
         return read_iemocap(path, fold=settings.fold, max_steps=max_steps)
-    from multimodal_general.tasks.food101 import load_food101
+    from multimodal_general.datasets.food101 import load_food101
 
     data = load_food101(path, bert=settings.bert or None, vit=settings.vit or None, progress=progress)
     return truncate(data, max_steps) if max_steps else data
