@@ -121,7 +121,7 @@ def test_balancer_options_reach_the_methods_that_declare_them(tmp_path):
     plain = compare("cls2", "none,ogm_ge", seeds=1, out=tmp_path / "a", **TINY, plot=False)
     tuned = compare("cls2", "none,ogm_ge", seeds=1, out=tmp_path / "b", **TINY, plot=False,
                     balancer_options={"alpha": 5.0})
-    by_method = lambda outcome: {r["method"]: r["metric_mean"] for r in outcome.rows}  # noqa: E731
+    by_method = lambda outcome: {r["method"]: r["metric"][0] for r in outcome.rows}  # noqa: E731
     assert by_method(plain)["none"] == by_method(tuned)["none"]
     assert by_method(plain)["ogm_ge"] != by_method(tuned)["ogm_ge"]
     saved = json.loads((tmp_path / "b" / "runs" / "ogm_ge-seed0.json").read_text())

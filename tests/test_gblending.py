@@ -154,4 +154,4 @@ def test_compare_smoke_run_updates_weights_and_gives_a_finite_test_metric(tmp_pa
     assert not outcome.not_applicable
     row = outcome.rows[0]
     assert row["status"] == "ok"
-    assert math.isfinite(row["metric_mean"])
+    assert math.isfinite(row["metric"][0])

@@ -49,15 +49,24 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.io import atomic_write, atomic_write_text, json_safe
-from multimodal_general.series import mean_std, plus_minus
+from multimodal_general.experiments.harness import (
+    Column,
+    Sweep,
+    errorbar_panels,
+    markdown_table,
+    method_cells,
+    summarize,
+    sweep,
+    write_results,
+)
+from multimodal_general.io import atomic_write_text, json_safe
 from multimodal_general.training.imbalance import (
     FUSION_HEADS,
     TASKS,
@@ -98,18 +107,6 @@ def method_options(method: str) -> dict:
         f"unknown method {method!r}; choose from {', '.join(BALANCERS)} or "
         + ", ".join(f"cggm-{p}" for p in PRESETS)
     )
-
-
-@dataclass
-class Outcome:
-    """What :func:`compare` did: ``computed`` / ``skipped`` (method, seed) pairs, the
-    not-applicable methods with their reasons, and the aggregated rows."""
-
-    out: Path
-    computed: list[tuple[str, int]] = field(default_factory=list)
-    skipped: list[tuple[str, int]] = field(default_factory=list)
-    not_applicable: dict[str, str] = field(default_factory=dict)
-    rows: list[dict] = field(default_factory=list)
 
 
 def _finite(x) -> bool:
@@ -288,8 +285,9 @@ def compare(
     balancer_options: dict | None = None,
     progress: Callable[[str, int], None] | None = None,
     plot: bool = True,
-) -> Outcome:
-    """Run (or resume) the comparison and write the per-run files and the tables.
+) -> Sweep:
+    """Run (or resume) the comparison through the harness and write the per-run files and the
+    tables; returns the :class:`~multimodal_general.experiments.harness.Sweep` with its rows.
 
     ``progress(label, epochs_done)`` is called after every epoch (and with a whole run's or
     method's epochs when it is skipped), for a progress bar of
@@ -309,87 +307,66 @@ def compare(
     if test_size < 1:
         raise ConfigurationError("test_size must be >= 1")
     out = Path(out)
-    runs_dir = out / "runs"
-    outcome = Outcome(out)
     base = RunConfig(task=task, epochs=epochs, train_size=train_size, val_size=val_size,
                      batch_size=batch_size, lr=lr, fusion_head=fusion_head,
                      balancer_options=dict(balancer_options or {}))
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    report = progress or (lambda label, n: None)
 
-    # seed-major: all methods of one seed back to back (order rotated per seed, so no method
-    # always pays the first run's warm-up), so wall times compare like with like
-    for seed in range(seeds):
-        shift = seed % len(names)
-        for name in names[shift:] + names[:shift]:
-            if name in outcome.not_applicable:
-                report(f"{name} seed {seed} (not applicable)", epochs)
-                continue
-            config = replace(base, seed=seed, **method_options(name))
-            settings = _settings(config, test_size)
-            path = runs_dir / f"{name}-seed{seed}.json"
-            if path.exists():
-                try:
-                    saved = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    saved = None  # unreadable (should not happen with atomic writes): recompute
-                if saved is not None:
-                    if saved.get("settings") != settings:
-                        raise ConfigurationError(
-                            f"{path} was made with other settings than this comparison's; use another "
-                            "--out or delete that folder"
-                        )
-                    results[name].append(_load(saved["result"]))
-                    outcome.skipped.append((name, seed))
-                    report(f"{name} seed {seed} (done before)", epochs)
-                    continue
-            done = [0]
+    def config_of(name: str, seed: int) -> RunConfig:
+        return replace(base, seed=seed, **method_options(name))
 
-            def tick(label=f"{name} seed {seed}"):
-                done[0] += 1
-                report(label, 1)
+    def path_of(name: str, seed: int) -> Path:
+        return out / "runs" / f"{name}-seed{seed}.json"
 
-            try:
-                result, telemetry = run_one(config, test_size, progress=tick)
-            except ConfigurationError as error:
-                outcome.not_applicable[name] = str(error).strip().splitlines()[0]
-                report(f"{name} (not applicable)", epochs - done[0])
-                continue
-            atomic_write_text(path.with_suffix(".telemetry.csv"), _telemetry_csv(telemetry))
-            atomic_write_text(path, _dump({"method": name, "seed": seed, "settings": settings, "result": result}))
-            results[name].append(result)
-            outcome.computed.append((name, seed))
+    def run(name: str, seed: int, tick: Callable[[], None]) -> dict:
+        config, path = config_of(name, seed), path_of(name, seed)
+        result, telemetry = run_one(config, test_size, progress=tick)
+        atomic_write_text(path.with_suffix(".telemetry.csv"), _telemetry_csv(telemetry))
+        settings = _settings(config, test_size)
+        atomic_write_text(path, _dump({"method": name, "seed": seed, "settings": settings, "result": result}))
+        return result
 
+    def reuse(name: str, seed: int) -> dict | None:
+        return _saved_run(path_of(name, seed), _settings(config_of(name, seed), test_size))
+
+    done = sweep(names, seeds, run, epochs, progress, reuse)
     task_spec = TASKS[task]
     modalities = [s.name for s in task_spec.modalities]
-    outcome.rows = [
-        _aggregate(name, results[name], outcome.not_applicable.get(name), modalities,
-                   fusion_head_of(replace(base, **method_options(name))))
-        for name in names
+    done.rows = summarize(
+        done, _columns(modalities),
+        finite=lambda name, runs: sum(_finite(r["test_metric"]) for r in runs),
+        diverged=lambda name, runs: sum(bool(r["diverged"]) for r in runs),
+        wall_s_total=lambda name, runs: sum(r["wall_s"] for r in runs),
+        fusion_head=lambda name, runs: fusion_head_of(replace(base, **method_options(name))),
+    )
+    markdown = _header(task, names, seeds, base, test_size) + _markdown(done.rows, modalities, task_spec.kind)
+    write_results(out, markdown, done.rows,
+                  (lambda path: _plot(path, done.rows, modalities, task, task_spec.kind)) if plot else None)
+    return done
+
+
+def _saved_run(path: Path, settings: dict) -> dict | None:
+    """The result of a run finished before with the same settings (None when there is none);
+    one made with other settings is an error, not silently reused."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing, or unreadable (should not happen with atomic writes): recompute
+    if saved.get("settings") != settings:
+        raise ConfigurationError(
+            f"{path} was made with other settings than this comparison's; use another --out or delete that folder"
+        )
+    return _load(saved["result"])
+
+
+def _columns(modalities: list[str]) -> list[Column]:
+    return [
+        Column("metric", "test", lambda r: r["test_metric"]),
+        *(Column(f"probe_{m}", f"probe {m}", lambda r, m=m: r["probe"].get(m, math.nan)) for m in modalities),
+        *(Column(f"head_{m}", f"head {m}", lambda r, m=m: r["head"].get(m, math.nan)) for m in modalities),
+        Column("best_epoch", "best epoch (mean)",
+               lambda r: math.nan if r["best_epoch"] is None else r["best_epoch"] + 1, digits=1),
+        Column("wall_s", "wall s/run", lambda r: r["wall_s"], digits=1),
     ]
-    header = _header(task, names, seeds, base, test_size)
-    atomic_write_text(out / "results.md", _markdown(header, outcome.rows, modalities, task_spec.kind))
-    atomic_write_text(out / "results.csv", _csv(outcome.rows, modalities))
-    if plot:
-        _plot(out / "results.png", outcome.rows, modalities, task, task_spec.kind)
-    return outcome
-
-
-def _aggregate(name: str, runs: list[dict], reason: str | None, modalities: list[str], head: str) -> dict:
-    row: dict = {"method": name, "fusion_head": head, "status": "ok", "reason": "", "runs": len(runs)}
-    if reason is not None:
-        row.update(status="not applicable", reason=reason, runs=0)
-        runs = []
-    row["metric_mean"], row["metric_std"] = mean_std([r["test_metric"] for r in runs])
-    row["finite"] = sum(_finite(r["test_metric"]) for r in runs)
-    row["diverged"] = sum(bool(r["diverged"]) for r in runs)
-    for m in modalities:
-        row[f"probe_{m}_mean"], row[f"probe_{m}_std"] = mean_std([r["probe"].get(m, math.nan) for r in runs])
-        row[f"head_{m}_mean"], row[f"head_{m}_std"] = mean_std([r["head"].get(m, math.nan) for r in runs])
-    row["wall_s_mean"], row["wall_s_std"] = mean_std([r["wall_s"] for r in runs])
-    row["wall_s_total"] = sum(r["wall_s"] for r in runs)
-    row["best_epoch_mean"], _ = mean_std([r["best_epoch"] + 1 for r in runs if r["best_epoch"] is not None])
-    return row
 
 
 def _header(task: str, names: list[str], seeds: int, base: RunConfig, test_size: int) -> str:
@@ -409,74 +386,22 @@ def _header(task: str, names: list[str], seeds: int, base: RunConfig, test_size:
     )
 
 
-def _markdown(header: str, rows: list[dict], modalities: list[str], kind: str) -> str:
-    arrow = "↑" if _higher_is_better(kind) else "↓"
-    metric = _metric_name(kind)
-    columns = ["method", f"test {metric} {arrow}", "diverged"]
-    columns += [f"probe {m}" for m in modalities] + [f"head {m}" for m in modalities]
-    columns += ["best epoch (mean)", "wall s/run", "fused head"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+def _markdown(rows: list[dict], modalities: list[str], kind: str) -> str:
+    columns = _columns(modalities)
+    header = ["method", f"test {_metric_name(kind)} {'↑' if _higher_is_better(kind) else '↓'}", "diverged",
+              *(c.title for c in columns[1:]), "fused head"]
+    cells = []
     for row in rows:
-        if row["status"] != "ok":
-            cells = [row["method"], f"not applicable: {row['reason']}"] + [""] * (len(columns) - 2)
-        else:
-            cells = [row["method"], plus_minus((row["metric_mean"], row["metric_std"])), f"{row['diverged']}/{row['runs']}"]
-            cells += [plus_minus((row[f"probe_{m}_mean"], row[f"probe_{m}_std"])) for m in modalities]
-            cells += [plus_minus((row[f"head_{m}_mean"], row[f"head_{m}_std"])) for m in modalities]
-            cells += [
-                "—" if not _finite(row["best_epoch_mean"]) else f"{row['best_epoch_mean']:.1f}",
-                plus_minus((row["wall_s_mean"], row["wall_s_std"]), 1),
-                row["fusion_head"],
-            ]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return header + "\n".join(lines) + "\n"
-
-
-def _csv(rows: list[dict], modalities: list[str]) -> str:
-    fields = ["method", "status", "reason", "runs", "finite", "diverged", "metric_mean", "metric_std"]
-    for m in modalities:
-        fields += [f"probe_{m}_mean", f"probe_{m}_std", f"head_{m}_mean", f"head_{m}_std"]
-    fields += ["best_epoch_mean", "wall_s_mean", "wall_s_std", "wall_s_total", "fusion_head"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-    return buffer.getvalue()
+        values = [columns[0].cell(row), f"{row['diverged']}/{row['runs']}", *(c.cell(row) for c in columns[1:-2])]
+        epoch = row["best_epoch"][0]
+        values += ["—" if not _finite(epoch) else f"{epoch:.1f}", columns[-1].cell(row), row["fusion_head"]]
+        cells.append(method_cells(row, values, len(header)))
+    return markdown_table(header, cells)
 
 
 def _plot(path: Path, rows: list[dict], modalities: list[str], task: str, kind: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["method"] for r in rows]
-    positions = range(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4.2))
-    # points with error bars (not bars from 0), so that the axis zooms onto the differences
-    shown = [i for i, r in enumerate(rows) if r["status"] == "ok" and _finite(r["metric_mean"])]
-    axes[0].errorbar(shown, [rows[i]["metric_mean"] for i in shown],
-                     yerr=[rows[i]["metric_std"] if _finite(rows[i]["metric_std"]) else 0.0 for i in shown],
-                     fmt="o", capsize=4, color="tab:blue")
-    for i, r in enumerate(rows):
-        if i not in shown:
-            axes[0].annotate("n/a", (i, 0.5), xycoords=("data", "axes fraction"), ha="center")
-    axes[0].set_title(f"{task}: fused test {_metric_name(kind)} (mean ± std)")
-    offset = 0.3 / max(len(modalities), 1)
-    for j, m in enumerate(modalities):
-        idx = [i for i in shown if _finite(rows[i][f"probe_{m}_mean"])]
-        axes[1].errorbar([i + offset * (j - (len(modalities) - 1) / 2) for i in idx],
-                         [rows[i][f"probe_{m}_mean"] for i in idx],
-                         yerr=[rows[i][f"probe_{m}_std"] if _finite(rows[i][f"probe_{m}_std"]) else 0.0 for i in idx],
-                         fmt="o", capsize=3, label=m)
-    axes[1].set_title(f"linear probe per modality (test {_metric_name(kind)})")
-    axes[1].legend()
-    for ax in axes:
-        ax.set_xticks(list(positions))
-        ax.set_xticklabels(labels, rotation=30, ha="right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    metric = _metric_name(kind)
+    errorbar_panels(path, rows, [
+        (f"{task}: fused test {metric} (mean ± std)", [("fused", "metric")]),
+        (f"linear probe per modality (test {metric})", [(m, f"probe_{m}") for m in modalities]),
+    ])
