@@ -131,14 +131,8 @@ def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, b
     loaded = _load(settings)
     with _bar() as bar:
         job = bar.add_task("starting", total=len(names) * seeds * epochs)
-        seen: dict[str, int] = {}
-
-        def on_epoch(label, epoch):
-            bar.advance(job, epoch - seen.get(label, 0))
-            seen[label] = epoch
-            bar.update(job, description=label)
-
-        compare_on_task(settings, loaded, names, seeds, out, on_epoch=on_epoch)
+        compare_on_task(settings, loaded, names, seeds, out,
+                        progress=lambda label, epochs: bar.update(job, advance=epochs, description=label))
     console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out / 'results.md'}, results.csv, results.png; runs in {out / 'runs'}")
 

@@ -119,6 +119,8 @@ def sweep(methods: Sequence[str], seeds: int, run: RunOne, epochs: int = 0,
             continue
         done.results[name].append(result)
         done.computed.append((name, seed))
+        if ticks[0] < epochs:  # a run resumed part-way, or one that stopped early
+            report(label, epochs - ticks[0])
     return done
 
 
