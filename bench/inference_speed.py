@@ -110,15 +110,15 @@ from brats_cggm.data.labels import REGIONS
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig
-from brats_cggm.export import InferenceGraph, _to_onnx, export_run, model_card, weights_sha256
+from brats_cggm.export import InferenceGraph, _to_onnx, export_run
 from brats_cggm.inference import monai_chain
 from brats_cggm.inference import segmenter as segmenter_module
 from brats_cggm.inference.backends import OnnxBackend, TorchBackend
-from brats_cggm.inference.card import CARD_FORMAT, read_onnx
+from brats_cggm.inference.card import CARD_FORMAT, model_card, read_onnx
 from brats_cggm.inference.grid import Geometry
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.network.presets import build_network
-from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
+from brats_cggm.training.trained import load_run
 from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
 from multimodal_general.training.runtime import (
@@ -242,8 +242,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------ building
 def hand_card(preset: str, spacing: float, patch: int, divisor: int) -> dict[str, Any]:
-    """A model card for a network with random weights (what :func:`model_card` writes,
-    less the training record)."""
+    """A model card for a network with random weights (what
+    :func:`brats_cggm.inference.card.model_card` writes, less the training record)."""
     return {
         "format": CARD_FORMAT,
         "description": f"{preset} network, random weights (seed {SEED}): for timing only",
@@ -289,23 +289,21 @@ def prepare(args: argparse.Namespace, tmp: Path, log) -> dict[str, Any]:
                      "description": f"the shipped model ({SHIPPED.name}, {card['network']['preset']}), no torch backend"}
         elif name == "a" and args.run is not None:
             entry = {"kind": "run", "run": str(args.run), "checkpoint": args.checkpoint, "trained": True}
-            file = run_checkpoint(args.run, args.checkpoint)
-            payload = load(file)
-            net, config = network_from_payload(payload, file)
+            run = load_run(args.run, args.checkpoint)
             if args.onnx is not None:
                 onnx_file = args.onnx
                 card = read_onnx(onnx_file)[1]
-                if card.get("weights_sha256") != weights_sha256(net):
-                    raise SystemExit(f"--onnx {onnx_file} is not an export of {file}")
+                if card.get("weights_sha256") != run.weights_sha256:
+                    raise SystemExit(f"--onnx {onnx_file} is not an export of {run.checkpoint}")
                 entry["onnx_has_card"], entry["export"] = True, "given"
             elif args.exporter == "project":
                 card = export_run(args.run, onnx_file, args.checkpoint)
                 entry["onnx_has_card"], entry["export"] = True, "export_run"
             else:
-                card = model_card(args.run, payload, net, config)
-                onnx_file.write_bytes(legacy_onnx(net, card["inference"]["patch_size"]))
+                card = model_card(run)
+                onnx_file.write_bytes(legacy_onnx(run.net, card["inference"]["patch_size"]))
                 entry["onnx_has_card"], entry["export"] = False, "legacy"
-            entry["description"] = (f"trained {config.network.preset} network ({args.run.name}, {args.checkpoint}, "
+            entry["description"] = (f"trained {run.config.network.preset} network ({args.run.name}, {args.checkpoint}, "
                                     f"{card['training']['epochs']} epochs)")
         else:
             preset, spacing, patch = (("small", SMALL_SPACING, args.small_patch) if name == "a"

@@ -4,9 +4,11 @@ The graph takes ``image [N, 4, D, H, W]`` (float32, preprocessed as the card say
 ``modality_mask [N, 4]`` (1 = sequence present, 0 = switched off) and returns region
 ``logits [N, 3, D, H, W]`` (TC, WT, ET; apply a sigmoid). Batch and spatial axes are
 dynamic (spatial sizes must be multiples of the card's ``divisor``). The auxiliary heads
-are not part of it. The card is written beside the file (``NAME.card.json``) and into the
-ONNX metadata (``model_card``); export checks the graph with ``onnx.checker`` and its
-parity with torch on random and, when given, real patches, and records both in the card.
+are not part of it. The card (:func:`brats_cggm.inference.card.model_card`, plus the
+ONNX-only fields: opset, graph digest, parity) is written beside the file
+(``NAME.card.json``) and into the ONNX metadata (``model_card``); export checks the graph
+with ``onnx.checker`` and its parity with torch on random and, when given, real patches,
+and records both in the card.
 """
 
 from __future__ import annotations
@@ -27,16 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from brats_cggm import MODALITIES
-from brats_cggm.data.labels import REGIONS
 from brats_cggm.errors import BadInputFile, ConfigurationError
-from brats_cggm.inference.card import CARD_FORMAT, METADATA_KEY, card_path, check_card, graph_sha256
-from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint, state_sha256
-from brats_cggm.training.config import TrainConfig
-from multimodal_general.experiments.provenance import git_revision, versions
+from brats_cggm.inference.card import METADATA_KEY, card_path, check_card, graph_sha256, model_card
+from brats_cggm.training.checkpoint import state_sha256
+from brats_cggm.training.trained import TrainedRun, load_run
 from multimodal_general.io import atomic_write, atomic_write_text
 
 OPSET = 18
-INTENDED_USE = "research and demonstration; not a medical device, not for clinical use"
 #: the largest difference of probabilities torch and ONNX Runtime may show
 PARITY_TOLERANCE = 1e-4
 
@@ -57,42 +56,6 @@ def weights_sha256(net: nn.Module) -> str:
     return state_sha256(net)
 
 
-def model_card(
-    run_dir: Path, payload: dict[str, Any], net: nn.Module, config: TrainConfig, description: str = "",
-    evaluation: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything inference needs to feed the model as in training, and where it came from
-    (``payload``: the checkpoint, as :func:`load` read it); ``evaluation``: how the model (or
-    its recipe, cross-validated) scored on cases it never saw, stored as given."""
-    split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else None
-    fold = split["folds"][config.data.fold] if split else {"train": [], "val": []}
-    pre = config.preprocessing
-    return {
-        "format": CARD_FORMAT,
-        "description": description,
-        "intended_use": INTENDED_USE,
-        "modalities": list(MODALITIES),
-        "outputs": {"logits": list(REGIONS), "activation": "sigmoid", "threshold": 0.5},
-        "label_scheme": "brats2021",
-        "preprocessing": pre.to_dict(),
-        "inference": {"patch_size": list(pre.patch_size), "overlap": config.validation.overlap,
-                      "divisor": int(getattr(net, "divisor", 16)), "blending": "gaussian", "sigma_scale": 0.125},
-        "network": {"preset": config.network.preset, "modality_dropout": config.network.modality_dropout,
-                    "overrides": config.network.overrides,
-                    **({"fusion": net.fusion_name} if hasattr(net, "fusion_name") else {})},
-        "training": {"balancer": config.balancer.name,
-                     "cggm_preset": config.balancer.preset if config.balancer.name == "cggm" else None,
-                     "epochs": payload.get("epoch"), "train_cases": len(fold["train"]),
-                     "val_cases": len(fold["val"]), "data": config.data.dir, "init": config.init},
-        "validation_metrics": payload.get("metrics", {}),
-        **({"evaluation": evaluation} if evaluation else {}),
-        "weights_sha256": weights_sha256(net),
-        "versions": versions("torch", "monai", "onnx", "onnxruntime", "brats-cggm"),
-        "git": git_revision(),
-        "opset": OPSET,
-    }
-
-
 def export_run(
     run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = "",
     evaluation: Path | None = None,
@@ -105,16 +68,14 @@ def export_run(
     if out.suffix != ".onnx":
         raise ConfigurationError(f"{out}: the exported file must end in .onnx")
     results = read_evaluation(evaluation) if evaluation is not None else None
-    path = run_checkpoint(run_dir, checkpoint)
-    payload = load(path)
-    net, config = network_from_payload(payload, path)
-    card = check_card(model_card(run_dir, payload, net, config, description, results), path)
-    graph = InferenceGraph(net).eval()
-    model = _to_onnx(graph, config.preprocessing.patch_size, int(card["inference"]["divisor"]))
+    run = load_run(run_dir, checkpoint)
+    card = check_card({**model_card(run, description, results), "opset": OPSET}, run.checkpoint)
+    graph = InferenceGraph(run.net).eval()
+    patch = run.config.preprocessing.patch_size
+    model = _to_onnx(graph, patch, run.divisor)
     onnx.checker.check_model(model, full_check=True)
     card["graph_sha256"] = graph_sha256(model)
-    patches = validation_patches(run_dir, config, parity_cases)
-    card["parity"] = _parity(graph, model, config.preprocessing.patch_size, patches)
+    card["parity"] = _parity(graph, model, patch, validation_patches(run, parity_cases))
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(card)})
     data = model.SerializeToString()
     atomic_write(out, lambda handle: handle.write(data))
@@ -190,7 +151,7 @@ def _parity(graph: nn.Module, model: onnx.ModelProto, patch: Sequence[int],
             "tolerance": PARITY_TOLERANCE, "provider": "CPUExecutionProvider"}
 
 
-def validation_patches(run_dir: Path, config: TrainConfig, count: int = 1) -> list[np.ndarray]:
+def validation_patches(run: TrainedRun, count: int = 1) -> list[np.ndarray]:
     """Preprocessed images of up to ``count`` of the run's validation cases, padded or
     cropped about their centre to the patch size (real data for the parity check)."""
     from monai.transforms import ResizeWithPadOrCrop
@@ -198,10 +159,10 @@ def validation_patches(run_dir: Path, config: TrainConfig, count: int = 1) -> li
     from brats_cggm.data.layouts import discover
     from brats_cggm.data.transforms import case_to_dict, inference_transforms
 
-    split_file = run_dir / "split.json"
-    if count < 1 or config.data.dir is None or not Path(config.data.dir).is_dir() or not split_file.exists():
+    config = run.config
+    wanted = set(run.fold["val"])
+    if count < 1 or not wanted or config.data.dir is None or not Path(config.data.dir).is_dir():
         return []
-    wanted = set(json.loads(split_file.read_text())["folds"][config.data.fold]["val"])
     cases = [c for c in discover(config.data.dir, config.data.layout).cases if c.case_id in wanted][:count]
     chain, fit = inference_transforms(config.preprocessing), ResizeWithPadOrCrop(config.preprocessing.patch_size)
     return [np.asarray(fit(chain(case_to_dict(case))["image"])) for case in cases]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,8 +20,13 @@ from brats_cggm.export import (
     export_run,
     weights_sha256,
 )
+from brats_cggm.inference.card import ONNX_FIELDS
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.training import Trainer
 from brats_cggm.training.checkpoint import load_network
+from brats_cggm.training.trained import load_run
+
+SHIPPED_CARD = Path(__file__).resolve().parents[1] / "models" / "brats_cggm_real.card.json"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +61,34 @@ def test_the_graph_passes_the_checker_and_carries_its_card(exported, trained):
     assert card["parity"]["real_patches"] == 1
     assert 0 <= card["parity"]["max_abs_diff_probabilities"] <= PARITY_TOLERANCE
     assert not any(n.name.startswith("head") for n in model.graph.initializer)  # no auxiliary heads
+
+
+def test_the_exported_card_has_the_onnx_fields_and_the_shipped_cards_keys(exported):
+    _, card = exported
+    assert card["opset"] == 18 and card["graph_sha256"] and card["parity"]
+    assert list(card) == [k for k in json.loads(SHIPPED_CARD.read_text()) if k != "evaluation"]
+
+
+def test_a_run_folders_card_is_the_exported_one_without_the_onnx_fields(exported, trained):
+    _, card = exported
+    segmenter = Segmenter.load(trained)
+    assert not set(ONNX_FIELDS) & set(segmenter.card)
+    assert "opset" not in segmenter.card
+    without = {k: v for k, v in card.items() if k not in ONNX_FIELDS}
+    assert {**segmenter.card, "git": None} == {**without, "git": None}
+    assert segmenter.model_info["graph_sha256"] is None
+
+
+def test_load_run_builds_the_checkpoints_network_in_eval_mode(trained):
+    last = load_run(trained, "last")
+    assert last.checkpoint == trained / "checkpoints" / "last.pt" and not last.net.training
+    run = load_run(trained)
+    assert run.checkpoint == trained / "checkpoints" / "best.pt" and not run.net.training
+    assert run.epoch == 2 and run.config.optim.epochs == 2
+    assert run.weights_sha256 == weights_sha256(run.net)
+    assert len(run.fold["train"]) + len(run.fold["val"]) == 6
+    with pytest.raises(ConfigurationError, match="best or last"):
+        load_run(trained, "first")
 
 
 def test_onnx_runtime_matches_torch_on_other_shapes_and_masks(exported, trained):

@@ -1,7 +1,11 @@
 """Model cards: what a model needs to be fed as in training, checked before it is used.
 
-A card is a JSON object written beside each exported model (``NAME.card.json``) and into
-its ONNX metadata (``model_card``). :func:`check_card` refuses a card that this program
+:func:`model_card` builds the card every trained model has (sequences, label scheme,
+preprocessing, window and blending, the training record, the weights' digest, intended
+use); an exported model's card adds the ONNX-only fields (:data:`ONNX_FIELDS`: opset,
+graph digest, parity with torch), which :mod:`brats_cggm.export` fills in. A card is a
+JSON object written beside each exported model (``NAME.card.json``) and into its ONNX
+metadata (``model_card``). :func:`check_card` refuses a card that this program
 cannot honour (another format, other sequences, an unknown label scheme, preprocessing it
 does not implement); :func:`read_onnx` also refuses a model whose weights no longer match
 the digest its card recorded, or whose card beside the file disagrees with the embedded one.
@@ -12,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from onnx import numpy_helper
@@ -21,13 +25,52 @@ from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS, SCHEMES
 from brats_cggm.errors import ConfigurationError, IncompatibleModel
 
+if TYPE_CHECKING:
+    from brats_cggm.training.trained import TrainedRun
+
 CARD_FORMAT = "brats-cggm-model-card/1"
 METADATA_KEY = "model_card"
+INTENDED_USE = "research and demonstration; not a medical device, not for clinical use"
+#: what only an exported (ONNX) model's card holds, added in this order after the rest
+ONNX_FIELDS = ("opset", "graph_sha256", "parity")
 #: how the sliding window blends overlapping windows (``inference.blending``; a card
 #: without it was exported when Gaussian blending with sigma 0.125 x the window was the
 #: only one)
 BLEND_MODES = ("gaussian", "constant")
 DEFAULT_BLENDING = ("gaussian", 0.125)
+
+
+def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything inference needs to feed ``run``'s network as in training, and where it
+    came from; ``evaluation``: how the model (or its recipe, cross-validated) scored on
+    cases it never saw, stored as given. No ONNX-only field (see :data:`ONNX_FIELDS`).
+    Needs torch (the provenance module imports it), as ``run`` itself does."""
+    from multimodal_general.experiments.provenance import git_revision, versions
+
+    config, pre = run.config, run.config.preprocessing
+    return {
+        "format": CARD_FORMAT,
+        "description": description,
+        "intended_use": INTENDED_USE,
+        "modalities": list(MODALITIES),
+        "outputs": {"logits": list(REGIONS), "activation": "sigmoid", "threshold": 0.5},
+        "label_scheme": "brats2021",
+        "preprocessing": pre.to_dict(),
+        "inference": {"patch_size": list(pre.patch_size), "overlap": config.validation.overlap,
+                      "divisor": run.divisor, "blending": DEFAULT_BLENDING[0], "sigma_scale": DEFAULT_BLENDING[1]},
+        "network": {"preset": config.network.preset, "modality_dropout": config.network.modality_dropout,
+                    "overrides": config.network.overrides,
+                    **({"fusion": run.fusion} if run.fusion is not None else {})},
+        "training": {"balancer": config.balancer.name,
+                     "cggm_preset": config.balancer.preset if config.balancer.name == "cggm" else None,
+                     "epochs": run.epoch, "train_cases": len(run.fold["train"]),
+                     "val_cases": len(run.fold["val"]), "data": config.data.dir, "init": config.init},
+        "validation_metrics": run.metrics,
+        **({"evaluation": evaluation} if evaluation else {}),
+        "weights_sha256": run.weights_sha256,
+        "versions": versions("torch", "monai", "onnx", "onnxruntime", "brats-cggm"),
+        "git": git_revision(),
+    }
 
 
 def card_path(model_path: Path) -> Path:

@@ -46,7 +46,7 @@ from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.validation import load_sequences
 from brats_cggm.errors import ConfigurationError, IncompatibleModel, InconsistentCase
 from brats_cggm.inference.backends import Backend, OnnxBackend, model_kind
-from brats_cggm.inference.card import blending, read_onnx
+from brats_cggm.inference.card import blending, model_card, read_onnx
 from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan, region_shares
 from brats_cggm.inference.grid import EmptyImage, preprocess
 from brats_cggm.inference.windows import sliding_window, window_count
@@ -173,15 +173,12 @@ class Segmenter:
         if model_kind(path) == "onnx":
             onnx_model, card = read_onnx(path)
             return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path, chain=chain or "numpy")
-        from brats_cggm.export import model_card
         from brats_cggm.inference.backends import TorchBackend, check_device
-        from brats_cggm.training.checkpoint import load, network_from_payload, run_checkpoint
+        from brats_cggm.training.trained import load_run
 
-        file = run_checkpoint(path, checkpoint)
-        payload = load(file)
-        net, config = network_from_payload(payload, file)
-        card = model_card(path, payload, net, config)
-        return cls(TorchBackend(net, check_device(device)), card, file, train_config=config, chain=chain or "monai")
+        run = load_run(path, checkpoint)
+        return cls(TorchBackend(run.net, check_device(device)), model_card(run), run.checkpoint,
+                   train_config=run.config, chain=chain or "monai")
 
     @property
     def model_info(self) -> dict[str, Any]:
