@@ -251,7 +251,8 @@ def telemetry_lines(runs: list[dict]) -> list[str]:
 
 def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str) -> str:
     """real_cv.md|csv|json|png: per row, mean ± std over the folds done."""
-    from brats_cggm.compare import SUBSET_KEYS, aggregate, plot, results_csv
+    from brats_cggm.compare import SUBSET_KEYS, aggregate, plot
+    from multimodal_general.experiments.harness import results_csv
     from multimodal_general.experiments.provenance import provenance
     from multimodal_general.io import atomic_write_text, json_safe
     from multimodal_general.series import plus_minus
@@ -277,7 +278,7 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
         cells += [plus_minus(row[f"subsets_dice/{r}"]) for r in regions] + [plus_minus(row[SUBSET_KEYS[-1]])]
         cells += [plus_minus(row[f"head/{m}"]) for m in MODALITIES]
         cells.append(f"{row['step_s'][0]:.2f}")
-        lines.append(f"| {ROWS[row['method']].label} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROWS[row['method']].label} | {row['runs']} | " + " | ".join(cells) + " |")
     worst = sorted({f"{ROWS[r['method']].label}, fold {r['fold']}: {r['worst_subset']}" for r in runs})
     lines += ["", "Worst subset of each run: " + "; ".join(worst) + "."] + telemetry_lines(runs)
     markdown = "\n".join(lines) + "\n"

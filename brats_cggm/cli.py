@@ -285,7 +285,7 @@ def compare(
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         dice = [row[f"test_dice/{r}"] for r in (*REGIONS, "mean")]
-        table.add_row(row["method"], str(row["seeds"]), *(f"{m:.3f} ± {s:.3f}" for m, s in dice),
+        table.add_row(row["method"], str(row["runs"]), *(f"{m:.3f} ± {s:.3f}" for m, s in dice),
                       f"{row['train_s'][0] / 60:.1f}")
     console.print(table)
     console.print(f"[bold green]done[/]: {out}/results.md (with the heads and validation Dice), results.csv, "

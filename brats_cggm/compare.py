@@ -23,8 +23,6 @@ cases, scored once on test cases it never saw.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import statistics
@@ -38,6 +36,7 @@ from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import REGIONS
 from brats_cggm.training.cases import select_cases
 from brats_cggm.training.config import DataConfig
+from multimodal_general.experiments.harness import Column, Sweep, summarize, sweep, write_results
 from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
 from multimodal_general.series import mean_std, plus_minus
@@ -118,29 +117,29 @@ def compare(
     _check_cases(resolve_config(preset, None, shared).data, test_data)
     pin_settings(out / "settings.yaml", {"preset": preset, "settings": shared, "test_data": test_source})
     place = start(resolve_config(preset, None, shared).device)
-    runs = []
+
+    def run(method: str, seed: int, tick) -> dict:
+        run_dir = out / "runs" / f"{method}-seed{seed}"
+        if not (run_dir / "summary.json").exists():
+            resume = (run_dir / "checkpoints" / "last.pt").exists()
+            report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
+            config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
+            Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
+        return score_run(run_dir, method, seed, test_data, place.device.type, report, subsets)
+
     try:
-        for seed in range(seeds):
-            for method in names:
-                run_dir = out / "runs" / f"{method}-seed{seed}"
-                if not (run_dir / "summary.json").exists():
-                    resume = (run_dir / "checkpoints" / "last.pt").exists()
-                    report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
-                    config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
-                    Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
-                runs.append(score_run(run_dir, method, seed, test_data, place.device.type, report, subsets))
+        done = sweep(names, seeds, run)
     finally:
         stop()
+    runs = sorted((r for name in names for r in done.results[name]), key=lambda r: (r["seed"], names.index(r["method"])))
     rows = aggregate(runs, names)
     command = (f"brats-cggm compare --data {data} {f'--test-data {test_data} ' if test_data else ''}--preset {preset} "
                f"--methods {','.join(names)} --seeds {seeds} --out {out}"
                + "".join(f" --set {k}={json.dumps(v)}" for k, v in (settings or {}).items()))
-    atomic_write_text(out / "results.md", markdown(rows, command, test_data))
-    atomic_write_text(out / "results.csv", results_csv(rows))
+    write_results(out, markdown(rows, command, test_data), rows, lambda path: plot(path, rows))
     atomic_write_text(out / "results.json", json.dumps(
         json_safe({"command": command, "provenance": provenance("torch", "monai"), "methods": rows, "runs": runs}),
         indent=1, default=str) + "\n")
-    plot(out / "results.png", rows)
     return runs
 
 
@@ -208,14 +207,16 @@ def subset_columns(table: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per method: ``[mean, std]`` over seeds of every reported value (NaN where none is known)."""
-    rows = []
-    for name in names:
-        mine = [r for r in runs if r["method"] == name]
-        keys = [f"test_dice/{g}" for g in (*REGIONS, "mean")] + ["val_dice/mean"]
-        keys += [f"head/{s}" for s in MODALITIES] + ["step_s", "train_s"]
-        keys += [k for k in SUBSET_KEYS if mine and all(k in r for r in mine)]
-        rows.append({"method": name, "seeds": len(mine), **{k: list(mean_std([r[k] for r in mine])) for k in keys}})
+    """Per method: ``(mean, std)`` over its runs (seeds, or folds) of every reported value (NaN
+    where none is known); the 15-subset columns when every run of the method was scored with them."""
+    done = Sweep(list(names), {name: [r for r in runs if r["method"] == name] for name in names})
+    keys = [f"test_dice/{g}" for g in (*REGIONS, "mean")] + ["val_dice/mean"]
+    keys += [f"head/{s}" for s in MODALITIES] + ["step_s", "train_s"]
+    rows = summarize(done, [Column(key, key, lambda r, key=key: r.get(key)) for key in keys])
+    for row in rows:
+        mine = done.results[row["method"]]
+        if mine and all(k in r for r in mine for k in SUBSET_KEYS):
+            row.update({k: mean_std([r[k] for r in mine]) for k in SUBSET_KEYS})
     return rows
 
 
@@ -240,19 +241,8 @@ def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
         cells += [plus_minus(row[f"head/{s}"]) for s in MODALITIES]
         cells += [f"{row['step_s'][0]:.2f}", f"{row['train_s'][0] / 60:.1f}"]
         cells += [plus_minus(row[k]) for k in SUBSET_KEYS] if with_subsets else []
-        lines.append(f"| {row['method']} ({row['seeds']} seeds) | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['method']} ({row['runs']} seeds) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def results_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    keys = [k for k in rows[0] if k not in ("method", "seeds")] if rows else []
-    writer = csv.writer(buffer)
-    writer.writerow(["method", "seeds", *(f"{k} {part}" for k in keys for part in ("mean", "std"))])
-    for row in rows:
-        writer.writerow([row["method"], row["seeds"], *(
-            f"{v:.6g}" if math.isfinite(v) else "" for k in keys for v in row[k])])
-    return buffer.getvalue()
 
 
 def plot(path: Path, rows: list[dict], unit: str = "seeds") -> None:
@@ -269,7 +259,7 @@ def plot(path: Path, rows: list[dict], unit: str = "seeds") -> None:
         values = [[v if math.isfinite(v) else 0.0 for v in row[f"test_dice/{region}"]] for row in rows]
         ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [v[0] for v in values], width,
                yerr=[v[1] for v in values], capsize=2, color=colors[region], label=region)
-    ax.set_xticks(range(len(rows)), [f"{row['method']}\n({row['seeds']} {unit})" for row in rows], fontsize=9)
+    ax.set_xticks(range(len(rows)), [f"{row['method']}\n({row['runs']} {unit})" for row in rows], fontsize=9)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"test Dice (mean ± std over {unit})")
     ax.set_title("Selected on validation, scored on held-out cases", fontsize=10)

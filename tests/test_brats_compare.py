@@ -68,8 +68,8 @@ def test_the_report_holds_one_row_per_method_with_mean_and_spread(comparison):
     rows = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
     agm = [r for r in runs if r["method"] == "agm"]
     mean = sum(r["test_dice/mean"] for r in agm) / 2
-    assert float(rows["agm"]["test_dice/mean mean"]) == pytest.approx(mean, rel=1e-5)
-    assert rows["early_fusion"]["head/flair mean"] == ""  # no per-sequence heads
+    assert float(rows["agm"]["test_dice/mean_mean"]) == pytest.approx(mean, rel=1e-5)
+    assert rows["early_fusion"]["head/flair_mean"] == ""  # no per-sequence heads
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     payload = json.loads((out / "results.json").read_text())
     assert len(payload["runs"]) == 6 and [m["method"] for m in payload["methods"]] == ["none", "agm", "early_fusion"]
