@@ -105,7 +105,7 @@ def test_brats_compare_passes_balancer_options_to_every_run(monkeypatch, tmp_pat
 # ------------------------------------------------------------ multimodal-general train --resume
 @pytest.fixture
 def general_run(tmp_path):
-    from multimodal_general.tasks.runner import TrainSettings
+    from multimodal_general.training.runner import TrainSettings
 
     run = tmp_path / "run"
     run.mkdir()
