@@ -19,7 +19,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from brats_cggm.errors import ConfigurationError
-from multimodal_general.cli_support import make_app, parse_settings, run_app
+from multimodal_general.cli_support import (
+    OWN_OPTIONS,
+    make_app,
+    parse_balancer_options,
+    parse_settings,
+    run_app,
+)
 from multimodal_general.cli_support import progress_bar as shared_progress_bar
 
 app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
@@ -29,6 +35,14 @@ LayoutOption = Annotated[
     str | None,
     typer.Option(help="brats2021, brats2023 or msd (default: detected from the file names)"),
 ]
+BalancerOption = Annotated[list[str] | None, typer.Option(
+    "--balancer-option",
+    help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)")]
+
+
+def balancer_settings(items: list[str] | None, own: dict[str, str] | None = None) -> dict[str, object]:
+    """``--balancer-option NAME=VALUE`` items as ``balancer.options.NAME`` settings."""
+    return {f"balancer.options.{name}": value for name, value in parse_balancer_options(items, own).items()}
 
 
 def progress_bar() -> Progress:
@@ -181,10 +195,12 @@ def train(
     config: Annotated[Path | None, typer.Option(help="YAML configuration; these options override it")] = None,
     preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default; phantoms, minutes), cpu-real (real scans at 2 mm, ~15-30 min) or gpu")] = None,
     balancer: Annotated[str | None, typer.Option(help="none, cggm, mmpareto, agm, mslr or gblending")] = None,
-    balancer_option: Annotated[list[str] | None, typer.Option(
-        "--balancer-option", help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)",
-    )] = None,
+    balancer_option: BalancerOption = None,
     cggm_preset: Annotated[str | None, typer.Option(help="CGGM variant: stable, paper or official")] = None,
+    rho: Annotated[float | None, typer.Option(
+        help="CGGM's rho (how strongly the modalities are rebalanced; = --set balancer.rho=V)")] = None,
+    lam: Annotated[float | None, typer.Option(
+        help="CGGM's lambda (weight of the direction loss; = --set balancer.lam=V)")] = None,
     network: Annotated[str | None, typer.Option(help="small, default or early_fusion")] = None,
     epochs: Annotated[int | None, typer.Option(help="total epochs (with --resume: extends the run)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
@@ -208,11 +224,10 @@ def train(
 
     overrides = {
         "data.dir": str(data.resolve()) if data else None,  # absolute: resumable from anywhere
-        "balancer.name": balancer, "balancer.preset": cggm_preset,
+        "balancer.name": balancer, "balancer.preset": cggm_preset, "balancer.rho": rho, "balancer.lam": lam,
         "network.preset": network, "optim.epochs": epochs, "optim.lr": lr, "seed": seed, "device": device,
         "init": str(init.resolve()) if init else None,
-        **{f"balancer.options.{name}": value
-           for name, value in parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5").items()},
+        **balancer_settings(balancer_option, OWN_OPTIONS),
         **parse_settings(settings or []),
     }
     if resume:
@@ -266,6 +281,7 @@ def compare(
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="a setting for every run, e.g. --set optim.lr=0.001 (repeatable)")
     ] = None,
+    balancer_option: BalancerOption = None,
     subsets: Annotated[bool, typer.Option(
         help="also score the test cases with each of the 15 non-empty subsets of the sequences")] = False,
 ) -> None:
@@ -276,7 +292,8 @@ def compare(
     from brats_cggm.metrics import REGIONS
     from brats_cggm.training.progress import EpochProgress
 
-    shared = {**parse_settings(settings or []), **({"optim.epochs": epochs} if epochs is not None else {})}
+    shared = {**balancer_settings(balancer_option), **parse_settings(settings or []),
+              **({"optim.epochs": epochs} if epochs is not None else {})}
     runs = run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
                           report=console.print, progress=EpochProgress(console), subsets=subsets)
     rows = aggregate(runs, parse_methods(methods))

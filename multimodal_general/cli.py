@@ -11,7 +11,14 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from multimodal_general.balance import BALANCERS, METRICS, PRESETS
-from multimodal_general.cli_support import make_app, parse_settings, progress_bar, run_app
+from multimodal_general.cli_support import (
+    OWN_OPTIONS,
+    make_app,
+    parse_balancer_options,
+    progress_bar,
+    renamed,
+    run_app,
+)
 from multimodal_general.errors import ConfigurationError
 
 app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
@@ -28,7 +35,7 @@ def balancers() -> None:
     for name, cls in BALANCERS.items():
         table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
     console.print(table)
-    presets = Table(title="CGGM presets (--preset)")
+    presets = Table(title="CGGM presets (train --cggm-preset; compare --methods cggm-<preset>)")
     presets.add_column("preset")
     presets.add_column("cosine of")
     presets.add_column("L_gm lag")
@@ -76,7 +83,7 @@ def compare(
     from multimodal_general.balance import check_balancer_options
     from multimodal_general.training.runner import TASKS as DATA_TASKS
 
-    options = parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5")
+    options = parse_balancer_options(balancer_option)
     check_balancer_options(options)
     if task in DATA_TASKS:
         _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
@@ -154,17 +161,22 @@ def _load(settings, what: str = "reading data"):
         return load_task(settings, progress=progress)
 
 
+#: train's parameters whose TrainSettings field has another name
+FIELDS = {"balancer_option": "balancer_options", "cggm_preset": "preset"}
+
+
 def _changed_on_resume(ctx: typer.Context, settings, saved, seeds: int, saved_seeds: int) -> list[str]:
-    """The options given on the command line whose value differs from the run's own."""
+    """``--NAME run's value -> this command's`` for each option given on the command line
+    whose value differs from the run's own."""
     changed = []
     for name in ctx.params:
         source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
         if getattr(source, "name", None) != "COMMANDLINE" or name in ("out", "resume", "epochs", "threads"):
             continue
-        field = "balancer_options" if name == "balancer_option" else name
-        differs = seeds != saved_seeds if name == "seeds" else getattr(settings, field) != getattr(saved, field)
-        if differs:
-            changed.append("--" + name.replace("_", "-"))
+        field = FIELDS.get(name, name)
+        old, new = (saved_seeds, seeds) if name == "seeds" else (getattr(saved, field), getattr(settings, field))
+        if old != new:
+            changed.append(f"--{name.replace('_', '-')} {old!r} -> {new!r}")
     return changed
 
 
@@ -175,15 +187,16 @@ def train(
     data: Path = typer.Option(..., help="the dataset: MOSI pickle, IEMOCAP feature root or Food-101 root"),
     out: Path = typer.Option(..., help="the run folder (config, seed-<k>/ with metrics, telemetry, checkpoints, plots)"),
     balancer: str = typer.Option("none", help="none, cggm or a baseline (see `balancers`)"),
-    preset: str = typer.Option("stable", help="CGGM preset: stable, paper or official"),
+    cggm_preset: str = typer.Option(None, help="CGGM variant: stable, paper or official [default: stable]"),
+    preset: str = typer.Option(None, hidden=True, help="the former name of --cggm-preset"),
     epochs: int = typer.Option(None, help="epochs per seed [default: 20; with --resume: the run's, or more to extend it]"),
     seeds: int = typer.Option(1, help="train seeds 0..n-1 and report mean ± std"),
     lr: float = typer.Option(1e-3, help="learning rate (model and heads)"),
     batch_size: int = typer.Option(32, help="batch size"),
     optimizer: str = typer.Option("adamw", help="adamw or sgd (momentum 0.9)"),
     weight_decay: float = typer.Option(1e-4, help="weight decay"),
-    rho: float = typer.Option(1.2, help="CGGM rho"),
-    lam: float = typer.Option(0.1, help="CGGM lambda (weight of the direction loss)"),
+    rho: float = typer.Option(1.2, help="CGGM's rho (how strongly the modalities are rebalanced)"),
+    lam: float = typer.Option(0.1, help="CGGM's lambda (weight of the direction loss)"),
     d_model: int = typer.Option(64, help="width of each modality's transformer encoder"),
     layers: int = typer.Option(2, help="transformer layers per modality"),
     heads: int = typer.Option(4, help="attention heads"),
@@ -193,14 +206,17 @@ def train(
     max_steps: int = typer.Option(0, help="cut every sequence to this many steps (0: keep all)"),
     bert: Path = typer.Option(None, help="Food-101: local BERT folder (features are extracted once, then cached)"),
     vit: Path = typer.Option(None, help="Food-101: local ViT folder"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("cpu", help="auto (cuda when available), cpu or cuda"),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     resume: bool = typer.Option(False, help="continue the run in --out (finished seeds are kept)"),
     balancer_option: list[str] = typer.Option(
         None, "--balancer-option",
-        help="a balancer hyperparameter, e.g. alpha=0.5 (repeatable; each method takes the ones it declares)"),
+        help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; each method takes the ones it declares)"),
 ) -> None:
-    """Train a task model with a balancer; select each seed on validation, report on test."""
+    """Train a task model with a balancer; select each seed on validation, report on test.
+
+    The command that started a run, with `--resume` appended, continues it; only `--epochs`
+    may change."""
     from multimodal_general.experiments.seeds import read_settings, train_run
     from multimodal_general.training.runner import TrainSettings
 
@@ -210,20 +226,25 @@ def train(
         torch.set_num_threads(threads)
     if seeds < 1:
         raise ConfigurationError("--seeds must be >= 1")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = renamed(cggm_preset, preset, "--cggm-preset", "--preset") or "stable"
     settings = TrainSettings(
         task=task, data=str(data.expanduser().resolve()), balancer=balancer, preset=preset, rho=rho, lam=lam,
         epochs=epochs or 20, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
         max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
-        device=device, balancer_options=parse_settings(balancer_option or [], "--balancer-option", "alpha=0.5"),
+        device=device, balancer_options=parse_balancer_options(balancer_option, OWN_OPTIONS),
     ).check()
     seed_list = list(range(seeds))
-    if resume and (out / "config.yaml").exists():  # the run as configured; only --epochs may change
+    if resume:  # the run as configured; only --epochs may change
         saved, seed_list = read_settings(out)
         changed = _changed_on_resume(ctx, settings, saved, seeds, len(seed_list))
         if changed:
             raise ConfigurationError(f"{out}: --resume continues the run as configured; only --epochs may "
-                                     f"change (got other {', '.join(changed)})")
+                                     f"change (got {', '.join(changed)})")
         settings = replace(saved, epochs=epochs or saved.epochs)
         seeds = len(seed_list)
     data_ = _load(settings)
@@ -255,7 +276,7 @@ def train(
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="a run folder made by `multimodal-general train`"),
-    split: str = typer.Option("test", help="train, valid or test"),
+    split: str = typer.Option("test", help="train, val (validation) or test"),
     checkpoint: str = typer.Option("best", help="best (validation-selected) or last"),
     data: Path = typer.Option(None, help="the dataset, when it moved since training"),
 ) -> None:
@@ -263,6 +284,7 @@ def evaluate(
     from multimodal_general.datasets.metrics import TASK_METRICS
     from multimodal_general.experiments.seeds import evaluate_run, read_settings
 
+    split = {"val": "valid"}.get(split, split)  # brats-cggm's name for it; valid, the datasets', too
     settings, _ = read_settings(run)
     if data is not None:
         settings = replace(settings, data=str(data.expanduser().resolve()))

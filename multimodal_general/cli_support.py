@@ -60,6 +60,31 @@ def parse_settings(settings: list[str], option: str = "--set", example: str = "o
     return parsed
 
 
+#: the balancer settings that have an option of their own in both command lines' ``train``
+#: (``--balancer-option`` is for the rest: a baseline's hyperparameters)
+OWN_OPTIONS = {"preset": "--cggm-preset", "rho": "--rho", "lam": "--lam"}
+
+
+def parse_balancer_options(items: list[str] | None, own: dict[str, str] | None = None) -> dict[str, object]:
+    """``--balancer-option NAME=VALUE`` items (repeatable, both command lines) -> a dict; a name
+    in ``own`` (a setting with an option of its own, e.g. ``rho``: ``--rho``) is refused."""
+    options = parse_settings(items or [], "--balancer-option", "alpha=0.5")
+    for name in options:
+        if name in (own or {}):
+            raise ConfigurationError(f"--balancer-option {name}=...: {name} has an option of its own, {own[name]}")
+    return options
+
+
+def renamed(value, old_value, name: str, old_name: str):
+    """An option given by its name or by its former one (kept, hidden, for old scripts);
+    two different values are a one-line error."""
+    if old_value is None:
+        return value
+    if value is not None and value != old_value:
+        raise ConfigurationError(f"{old_name} is the former name of {name}; give one of them (got {old_value!r} and {value!r})")
+    return old_value
+
+
 def progress_bar(console: Console, *, elapsed: bool = True, transient: bool = False,
                  extra: Sequence[ProgressColumn] = ()) -> Progress:
     """The command lines' progress bar: description, bar, done/total, (``extra`` columns,)

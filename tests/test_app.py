@@ -1,4 +1,4 @@
-"""The web app (apps/brats), served on a free localhost port: its `segment` endpoint through
+"""The web app (brats_cggm_app, in apps/), served on a free localhost port: its `segment` endpoint through
 gradio_client, and the page in a real browser (headless Chromium through Playwright).
 
 Screenshots go to pytest's tmp dir and are copied to runs/app_screenshots/
@@ -23,11 +23,11 @@ gr = pytest.importorskip("gradio", reason="the app needs gradio (pip install 'br
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from apps.brats import launch
 from brats_cggm import MODALITIES
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.inference.inputs import case_from_files
 from brats_cggm.inference.segmenter import Segmenter, default_model
+from brats_cggm_app import launch
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = Path(os.environ.get("BRATS_APP_SCREENSHOTS", REPO / "runs" / "app_screenshots"))
@@ -306,7 +306,7 @@ def test_views_are_radiological_with_true_aspect(tmp_path, codes):
     voxel order; pixels keep the voxel size."""
     from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
 
-    from apps.brats.views import CaseViews, ViewSettings
+    from brats_cggm_app.views import CaseViews, ViewSettings
 
     shape_ras, zooms_ras = np.array([20, 24, 16]), np.array([1.0, 1.0, 2.5])
     labels = np.zeros(shape_ras, np.uint8)
@@ -330,14 +330,14 @@ def test_uploads_become_cases(tmp_path, phantom):
     """Four files with pickers, one 4-D file, a zip of a case folder; clear messages otherwise."""
     from types import SimpleNamespace
 
-    from apps.brats.service import (
+    from brats_cggm.errors import UserError
+    from brats_cggm_app.service import (
         Runner,
         Workspace,
         describe_upload,
         guess_assignment,
         user_message,
     )
-    from brats_cggm.errors import UserError
 
     runner = Runner(SimpleNamespace(source="model.onnx", card={}), Workspace(tmp_path / "work"))
     staging = tmp_path / "staging"
@@ -379,7 +379,7 @@ def test_views_of_contributions_kept_in_a_box_equal_the_full_grid(tmp_path, code
     images as the full grid, at positions inside and outside the box."""
     from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
 
-    from apps.brats.views import VIEWS, CaseViews, ViewSettings
+    from brats_cggm_app.views import VIEWS, CaseViews, ViewSettings
 
     rng = np.random.default_rng(0)
     to_codes = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes)))

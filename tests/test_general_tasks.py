@@ -48,6 +48,8 @@ MODALITIES = {"mosi": ("text", "audio", "vision"), "iemocap": ("audio", "vision"
               "food101": ("text", "image")}
 SMALL = {"d_model": 8, "layers": 1, "heads": 2, "batch_size": 16}
 EPOCHS = {"mosi": 3, "iemocap": 2, "food101": 2}
+#: the CGGM runs' options, in the spelling both command lines share (brats-cggm train has them too)
+CGGM = {"balancer": "cggm", "cggm_preset": "stable", "rho": 1.2, "lam": 0.1}
 SEED_FILES = ("metrics.jsonl", "metrics.csv", "telemetry.csv", "checkpoints/best.pt",
               "checkpoints/last.pt", "plots/balance.png", "plots/validation.png", "test.json")
 SCRIPT = Path(sys.executable).with_name("multimodal-general")
@@ -151,7 +153,7 @@ def runs(data_sets, tmp_path_factory) -> dict[tuple[str, str], Path]:
     made = {}
     for task in ("mosi", "iemocap", "food101"):
         out = folder / f"{task}-cggm"
-        code, stdout, err = cli(*train_args(task, data_sets[task], out, data_sets, balancer="cggm"))
+        code, stdout, err = cli(*train_args(task, data_sets[task], out, data_sets, **CGGM))
         assert code == 0, stdout + err
         made[task, "cggm"] = out
         settings = settings_for(task, data_sets)
@@ -347,10 +349,13 @@ def test_resume_continues_an_interrupted_run_from_last_pt(data_sets, tmp_path):
                 assert resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_resume_keeps_a_finished_seed(runs, data_sets, tmp_path):
+@pytest.mark.parametrize("spelling", ["cggm_preset", "preset"])  # --preset: the former name, still accepted
+def test_resume_keeps_a_finished_seed(runs, data_sets, tmp_path, spelling):
+    """The command that made the run, with --resume appended, continues it."""
     run = Path(shutil.copytree(runs["mosi", "cggm"], tmp_path / "run"))
     seed_files = {k: v for k, v in snapshot(run / "seed-0").items() if not k.startswith("plots/")}
-    code, stdout, err = cli(*train_args("mosi", data_sets["mosi"], run, data_sets, balancer="cggm"), "--resume")
+    options = {**{k: v for k, v in CGGM.items() if k != "cggm_preset"}, spelling: CGGM["cggm_preset"]}
+    code, stdout, err = cli(*train_args("mosi", data_sets["mosi"], run, data_sets, **options), "--resume")
     assert code == 0, stdout + err
     assert {k: v for k, v in snapshot(run / "seed-0").items() if not k.startswith("plots/")} == seed_files
 
@@ -361,8 +366,29 @@ def test_resume_refuses_options_that_change_the_run(runs, data_sets, tmp_path):
     run = Path(shutil.copytree(runs["mosi", "cggm"], tmp_path / "run"))
     before = snapshot(run)
     code, _, err = cli(*train_args("mosi", data_sets["mosi"], run, data_sets, balancer="none", lr=0.5), "--resume")
-    one_line_error(code, err, "only --epochs may change", "--balancer", "--lr")
+    one_line_error(code, err, "only --epochs may change", "--balancer 'cggm' -> 'none'", "--lr 0.001 -> 0.5")
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("option, named", [
+    (["--cggm-preset", "paper"], "--cggm-preset 'stable' -> 'paper'"),
+    (["--preset", "paper"], "--preset 'stable' -> 'paper'"),  # the former name of --cggm-preset
+    (["--rho", "2.0"], "--rho 1.2 -> 2.0"),
+    (["--balancer-option", "alpha=0.5"], "--balancer-option {} -> {'alpha': 0.5}"),
+])
+def test_resume_names_the_changed_setting_and_both_values(runs, data_sets, tmp_path, option, named):
+    run = Path(shutil.copytree(runs["mosi", "cggm"], tmp_path / "run"))
+    flag = {"cggm_preset": "--preset"} if "--preset" in option else {}  # either spelling, not both
+    given = {k: v for k, v in CGGM.items() if flag.get(k, f"--{k.replace('_', '-')}") not in option}
+    code, _, err = cli(*train_args("mosi", data_sets["mosi"], run, data_sets, **given), *option, "--resume")
+    one_line_error(code, err, "only --epochs may change", named)
+
+
+def test_resume_of_a_folder_without_a_run_is_an_error(data_sets, tmp_path):
+    """As brats-cggm train --resume: nothing to continue is a mistake, not a fresh start."""
+    code, _, err = cli(*train_args("mosi", data_sets["mosi"], tmp_path / "nothing", data_sets), "--resume")
+    one_line_error(code, err, "config.yaml")
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_resume_with_more_epochs_on_a_finished_run_is_consistent(runs, data_sets, tmp_path):
@@ -379,8 +405,10 @@ def test_resume_with_more_epochs_on_a_finished_run_is_consistent(runs, data_sets
 def test_evaluate_reproduces_test_json(runs, task):
     run = runs[task, "cggm"]
     expected = json.loads((run / "seed-0" / "test.json").read_text())
-    for split in ("test", "valid"):
-        code, stdout, err = cli("evaluate", "--run", run, "--split", split)
+    # --split val, as brats-cggm evaluate spells it; valid (the datasets' name) still works
+    for given in ("test", "val", "valid") if task == "mosi" else ("test", "val"):
+        split = {"val": "valid"}.get(given, given)
+        code, stdout, err = cli("evaluate", "--run", run, "--split", given)
         assert code == 0, stdout + err
         result = json.loads((run / f"evaluation-{split}-best.json").read_text())
         assert result["split"] == split and result["checkpoint"] == "best"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_packaging import copy_sources
 from test_real_cases import REAL
 
 from brats_cggm.data.phantom import write_phantoms
@@ -44,12 +44,7 @@ def venv(tmp_path_factory):
     """A clean venv with the base install, from a copy of the package's sources (so the
     build leaves nothing in the work tree)."""
     root = tmp_path_factory.mktemp("torch_free")
-    source = root / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for package in ("brats_cggm", "multimodal_general", "apps"):
-        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    source = copy_sources(root / "source")
     env = root / "venv"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
@@ -121,6 +116,17 @@ def test_a_command_that_needs_torch_names_the_extra(venv, tmp_path, args):
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'brats-cggm[train]'" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_the_app_is_brats_cggm_app_and_names_its_extra(venv):
+    """The web app installs as brats_cggm_app (no top-level `apps`); without Gradio its command
+    says which extra brings it."""
+    env, _ = venv
+    code = "import importlib.util as u; print(u.find_spec('apps') is None, u.find_spec('brats_cggm_app') is not None)"
+    found = subprocess.run([str(env / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True)
+    assert found.stdout.split() == ["True", "True"], found.stdout
+    result = cli(env, "app", check=False)
+    assert result.returncode == 2 and "pip install 'brats-cggm[app]'" in result.stderr, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases at {REAL} (a fresh clone has none)")

@@ -489,13 +489,17 @@ def test_early_fusion_with_cggm_is_refused_naming_the_network(phantoms, tmp_path
 
 
 # -------------------------------------------------------- 8, 9. the commands
+#: CGGM's settings as options (the configuration's own values), spelled as in multimodal-general train
+CGGM_OPTIONS = ("--cggm-preset", "stable", "--rho", "1.0", "--lam", "0.1")
+
+
 @pytest.fixture(scope="module")
 def cli_run(phantoms, tmp_path_factory):
-    """``brats-cggm train --config tiny.yaml --epochs 1`` in a subprocess."""
+    """``brats-cggm train --config tiny.yaml --epochs 1 --cggm-preset ...`` in a subprocess."""
     folder = tmp_path_factory.mktemp("cli")
     config = write_config(folder / "tiny.yaml", phantoms)
     run = folder / "run"
-    result = run_cli("train", "--config", config, "--out", run, "--epochs", "1")
+    result = run_cli("train", "--config", config, "--out", run, "--epochs", "1", *CGGM_OPTIONS)
     return SimpleNamespace(run=run, config=config, result=result)
 
 
@@ -545,6 +549,9 @@ def test_second_train_into_a_run_folder_is_an_error(cli_run, capsys):
     (["--data", "elsewhere"], "data.dir"),
     (["--config", "tiny.yaml", "--set", "validation.every=3"], "validation.every 2 -> 3"),
     (["--preset", "gpu"], "network.preset"),
+    (["--cggm-preset", "paper"], "balancer.preset 'stable' -> 'paper'"),
+    (["--rho", "2.5"], "balancer.rho 1.0 -> 2.5"),
+    (["--balancer-option", "alpha=0.5"], "balancer.options.alpha None -> 0.5"),
 ])
 def test_resume_refuses_changed_options(cli_run, capsys, option, named):
     option = [str(cli_run.config) if o == "tiny.yaml" else o for o in option]
@@ -558,7 +565,7 @@ def test_resume_refuses_changed_options(cli_run, capsys, option, named):
 def test_resume_accepts_the_command_that_started_the_run(cli_run, capsys):
     """The exact command plus --resume continues the run (as nnU-Net's --c does)."""
     code, out, err = in_process(capsys, "train", "--config", cli_run.config, "--out", cli_run.run, "--epochs", "1",
-                                "--resume")
+                                *CGGM_OPTIONS, "--resume")
     assert code == 0, f"exit status {code}: {out}{err}"
     assert load_last(cli_run.run)["progress"]["epoch"] == 1
 

@@ -22,7 +22,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from apps.brats.views import CaseViews
 from brats_cggm import MODALITIES
 from brats_cggm.data.layouts import NIFTI, Case, discover
 from brats_cggm.data.validation import load_sequences
@@ -31,6 +30,7 @@ from brats_cggm.inference.contributions import coalition_plan
 from brats_cggm.inference.inputs import case_from_files, sequence_from_name
 from brats_cggm.inference.outputs import write_prediction
 from brats_cggm.inference.segmenter import Prediction, Segmenter
+from brats_cggm_app.views import CaseViews
 
 DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
 #: the largest grid accepted (voxels per sequence): more than any MRI of a head

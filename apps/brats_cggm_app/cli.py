@@ -1,8 +1,9 @@
 """The ``brats-cggm`` console script: the commands of :mod:`brats_cggm.cli` plus ``app``.
 
-The web app lives in ``apps/`` and imports flow ``apps -> brats_cggm``, so the ``app``
-command is added to brats_cggm's command line here rather than there. Gradio is imported
-only when the command runs (every other command starts without it).
+The web app is the ``brats_cggm_app`` package (in ``apps/``) and imports flow
+``brats_cggm_app -> brats_cggm``, so the ``app`` command is added to brats_cggm's command line
+here rather than there. Gradio is imported only when the command runs (every other command
+starts without it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def serve(
     """Serve the web app: upload MRI volumes, see the segmentation and each sequence's
     contribution, download the result. Never opens a public share link."""
     try:
-        from apps.brats import launch
+        from brats_cggm_app import launch
     except ImportError as error:
         raise ConfigurationError(f"the web app needs Gradio ({error.name} is missing): pip install 'brats-cggm[app]'") from None
     if concurrency < 1 or max_file_mb < 1:

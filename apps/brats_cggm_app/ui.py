@@ -1,7 +1,7 @@
 """The Gradio page: upload a case, segment it, look at it, download the results.
 
-A thin layer: uploads become cases and results in :mod:`apps.brats.service` (through
-``brats_cggm.inference``); the views are drawn in :mod:`apps.brats.views`. The public
+A thin layer: uploads become cases and results in :mod:`brats_cggm_app.service` (through
+``brats_cggm.inference``); the views are drawn in :mod:`brats_cggm_app.views`. The public
 ``segment`` endpoint serves scripts (docs/app.md); the page's own events are private.
 """
 
@@ -20,7 +20,10 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from apps.brats.service import (
+from brats_cggm import MODALITIES
+from brats_cggm.errors import UserError
+from brats_cggm.inference.segmenter import Prediction, Segmenter
+from brats_cggm_app.service import (
     DISPLAY_NAMES,
     Outcome,
     Runner,
@@ -29,7 +32,7 @@ from apps.brats.service import (
     guess_assignment,
     user_message,
 )
-from apps.brats.views import (
+from brats_cggm_app.views import (
     LABEL_COLOURS,
     LABEL_NAMES,
     NEGATIVE,
@@ -38,9 +41,6 @@ from apps.brats.views import (
     CaseViews,
     ViewSettings,
 )
-from brats_cggm import MODALITIES
-from brats_cggm.errors import UserError
-from brats_cggm.inference.segmenter import Prediction, Segmenter
 
 log = logging.getLogger(__name__)
 
