@@ -56,9 +56,11 @@ from rich.progress import (
 from rich.table import Table
 
 from multimodal_general.balance import PRESETS
+from multimodal_general.experiments.harness import markdown_table, rotated
+from multimodal_general.experiments.imbalance_comparison import method_options
 from multimodal_general.experiments.provenance import provenance
-from multimodal_general.io import atomic_write, atomic_write_text
-from multimodal_general.series import moving_average
+from multimodal_general.io import atomic_write, atomic_write_text, json_safe
+from multimodal_general.series import mean_std, moving_average, smoothing_label, smoothing_window
 from multimodal_general.training.imbalance import TASKS, RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)} (default: all)")
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS),
-        help="comma-separated: 'none' and/or 'cggm-<preset>' with preset in "
+        help="comma-separated: 'none', any balancer, or 'cggm-<preset>' with preset in "
         + ", ".join(PRESETS) + f" (default: {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds 0..n-1 (default {FULL['seeds']}, quick {QUICK['seeds']})")
@@ -104,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown task {task!r}; choose from {list(TASKS)}")
     for method in args.methods:
         try:
-            method_config(method)
+            method_options(method)
         except ValueError as error:
             parser.error(str(error))
     if len(set(args.methods)) != len(args.methods) or len(set(args.tasks)) != len(args.tasks):
@@ -119,19 +121,6 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def method_config(method: str) -> dict:
-    """``none`` -> joint training; ``cggm-<preset>`` -> CGGM with that preset."""
-    if method == "none":
-        return {"balancer": "none"}
-    balancer, _, preset = method.partition("-")
-    if balancer != "cggm" or preset not in PRESETS:
-        raise ValueError(
-            f"unknown method {method!r}; use 'none' or one of "
-            + ", ".join(f"cggm-{p}" for p in PRESETS)
-        )
-    return {"balancer": "cggm", "preset": preset}
-
-
 # ------------------------------------------------------------ telemetry analysis
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
@@ -139,14 +128,6 @@ def _finite(x) -> bool:
 
 def series(telemetry: list[dict], key: str) -> np.ndarray:
     return np.array([row.get(key, np.nan) for row in telemetry], dtype=float)
-
-
-def _smoothing_label(window: int) -> str:
-    return f"moving avg over {window} steps" if window > 1 else "per step, unsmoothed"
-
-
-def smoothing_window(steps: int) -> int:
-    return int(max(1, min(50, steps // 25)))
 
 
 def plateau_step(eps: np.ndarray, fraction: float = 0.9) -> int | None:
@@ -295,18 +276,11 @@ def warm_up(tasks: Sequence[str], methods: Sequence[str]) -> None:
     for task in tasks:
         for method in methods:
             train_and_evaluate(
-                RunConfig(task=task, seed=10_000, epochs=1, train_size=256, val_size=256, **method_config(method))
+                RunConfig(task=task, seed=10_000, epochs=1, train_size=256, val_size=256, **method_options(method))
             )
 
 
 # --------------------------------------------------------------------- aggregate
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-    values = [v for v in values if _finite(v)]
-    if not values:
-        return None, None, 0
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
-
-
 def aggregate(results: list[dict], tasks: Sequence[str], methods: Sequence[str]) -> dict:
     """Per task and method: means/stds over the finite runs, divergence, step times."""
     table: dict = {}
@@ -332,10 +306,10 @@ def aggregate(results: list[dict], tasks: Sequence[str], methods: Sequence[str])
                 "runs": len(runs),
                 "errors": len(runs) - len(ok),
                 "diverged": sum(r["diverged"] for r in ok),
-                "fused": _ms(mean_std([r["fused"] for r in finite])),
-                "probe": {m: _ms(mean_std([r["probe"][m] for r in finite])) for m in modalities},
-                "step_ms": _ms(mean_std([r["step_ms"] for r in ok])),
-                "best_epoch_step_ms": _ms(mean_std([r["best_epoch_step_ms"] for r in ok])),
+                "fused": _ms([r["fused"] for r in finite]),
+                "probe": {m: _ms([r["probe"][m] for r in finite]) for m in modalities},
+                "step_ms": _ms([r["step_ms"] for r in ok]),
+                "best_epoch_step_ms": _ms([r["best_epoch_step_ms"] for r in ok]),
                 "step_ratio_vs_none": (
                     {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
                     if method != "none" and ratios else None
@@ -348,26 +322,26 @@ def aggregate(results: list[dict], tasks: Sequence[str], methods: Sequence[str])
                 "first_nonfinite_steps": [s["first_nonfinite_step"] for s in summaries],
                 "first_B_blowup_steps": [s["first_B_blowup_step"] for s in summaries],
                 "max_abs_B": max(max_b) if max_b else None,
-                "negative_B_step_fraction": _ms(mean_std([s.get("negative_B_step_fraction") for s in summaries])),
-                "plateau_step": _ms(mean_std([s["phases"]["plateau_step"] for s in summaries])),
+                "negative_B_step_fraction": _ms([s.get("negative_B_step_fraction") for s in summaries]),
+                "plateau_step": _ms([s["phases"]["plateau_step"] for s in summaries]),
                 "B_median_after_plateau": {
-                    m: _ms(mean_std([
+                    m: _ms([
                         s["phases"].get("after", {}).get("B_median", {}).get(m) for s in summaries
-                    ]))
+                    ])
                     for m in modalities
                 },
                 "collapsed_runs": sum(bool(s.get("collapsed")) for s in summaries),
                 "dead_encoder_runs": sum(bool(s.get("dead_encoders")) for s in summaries),
                 "eps_median_after_plateau": {
-                    m: _ms(mean_std([
+                    m: _ms([
                         s["phases"].get("after", {}).get("eps_median", {}).get(m) for s in summaries
-                    ]))
+                    ])
                     for m in modalities
                 },
                 "B_median_before_plateau": {
-                    m: _ms(mean_std([
+                    m: _ms([
                         s["phases"].get("before", {}).get("B_median", {}).get(m) for s in summaries
-                    ]))
+                    ])
                     for m in modalities
                 },
             }
@@ -376,9 +350,11 @@ def aggregate(results: list[dict], tasks: Sequence[str], methods: Sequence[str])
     return table
 
 
-def _ms(stats: tuple[float | None, float | None, int]) -> dict:
-    mean, std, n = stats
-    return {"mean": mean, "std": std, "n": n}
+def _ms(values: Sequence[float | None]) -> dict:
+    """Mean and std (None below two values) over the finite values, with their count."""
+    n = sum(_finite(v) for v in values)
+    mean, std = mean_std(values)
+    return {"mean": mean if n else None, "std": std if n > 1 else None, "n": n}
 
 
 # ---------------------------------------------------------------------- format
@@ -459,13 +435,6 @@ def telemetry_rows(task_table: dict) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
@@ -552,7 +521,7 @@ def plot_task(
             smooth = moving_average(raw, window)
             if end is not None:
                 smooth[end:] = np.nan
-            ax.plot(x, smooth, color=colors[m], lw=2.0, label=f"B_{m} ({_smoothing_label(window)})")
+            ax.plot(x, smooth, color=colors[m], lw=2.0, label=f"B_{m} ({smoothing_label(window)})")
             above, below = np.isfinite(raw) & (raw > high), np.isfinite(raw) & (raw < low)
             outside += int(above.sum() + below.sum())
             inset = 0.03 * (high - low)  # markers just inside the axes (an empty unclipped line breaks layout)
@@ -611,14 +580,14 @@ def plot_task(
                 ax_grad.plot(x, moving_average(grad, window), color=colors[m], ls=style, lw=1.8, label=f"{m} · {method}")
         ax_eps.set_ylabel(eps_label)
         ax_eps.set_title(
-            f"Head utilization eps_i ({_smoothing_label(window)}): none (solid) vs cggm-stable (dashed), seed {seed}",
+            f"Head utilization eps_i ({smoothing_label(window)}): none (solid) vs cggm-stable (dashed), seed {seed}",
             fontsize=10,
         )
         ax_eps.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
         ax_eps.grid(alpha=0.3)
         ax_grad.set_ylabel("‖applied encoder grad‖")
         ax_grad.set_title(
-            f"Applied encoder gradient norm B_i·‖g_i‖ (‖g_i‖ for none; {_smoothing_label(window)})", fontsize=10
+            f"Applied encoder gradient norm B_i·‖g_i‖ (‖g_i‖ for none; {smoothing_label(window)})", fontsize=10
         )
         ax_grad.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
         ax_grad.grid(alpha=0.3)
@@ -630,17 +599,6 @@ def plot_task(
 
 
 # ------------------------------------------------------------------------- io
-def json_safe(value):
-    """Non-finite floats become ``null`` (strict JSON); the ``diverged`` flags keep the fact."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def render_markdown(meta: dict, table: dict, b_limit: float, plots: dict[str, str]) -> str:
     lines = [
         "# Does CGGM balance? Synthetic imbalance benchmark",
@@ -671,7 +629,7 @@ def render_markdown(meta: dict, table: dict, b_limit: float, plots: dict[str, st
     for task, task_table in table.items():
         spec = TASKS[task]
         lines += [f"## {task} ({spec.kind}; modalities {', '.join(task_table['modalities'])})", ""]
-        lines += [markdown_table(*table_rows(task_table)), ""]
+        lines += [markdown_table(*table_rows(task_table)).rstrip(), ""]
         notes = divergence_notes(task_table, b_limit)
         if notes:
             lines += ["Divergence:", "", *notes, ""]
@@ -683,7 +641,7 @@ def render_markdown(meta: dict, table: dict, b_limit: float, plots: dict[str, st
                 "metric; steps before divergence only, and no phases for runs that diverged in the "
                 "first half):",
                 "",
-                markdown_table(header, rows),
+                markdown_table(header, rows).rstrip(),
                 "",
             ]
         if task in plots:
@@ -702,11 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
     plan = []
-    for index, seed in enumerate(seeds):  # seed-major; method order rotated per seed
-        order = args.methods[index % len(args.methods):] + args.methods[: index % len(args.methods)]
+    for seed in seeds:  # seed-major; method order rotated per seed, as in every comparison
         for task in args.tasks:
-            for method in order:
-                plan.append((seed, task, method))
+            plan += [(seed, task, method) for method in rotated(args.methods, seed)]
     origin = provenance("numpy")
     meta = {
         "command": origin["command"],
@@ -750,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update(bar, description=f"{task} {method} seed {seed}")
             config = RunConfig(
                 task=task, seed=seed, epochs=args.epochs, train_size=args.train_size,
-                val_size=args.val_size, **method_config(method),
+                val_size=args.val_size, **method_options(method),
             )
             done_before = progress.tasks[0].completed
             try:

@@ -22,6 +22,17 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
         return np.where(count > 0.5, total / np.maximum(count, 1.0), np.nan)
 
 
+def smoothing_window(n: int) -> int:
+    """The moving-average window for a curve of ``n`` points: 4 % of it, at most 50."""
+    return int(max(1, min(50, n // 25)))
+
+
+def smoothing_label(window: int, unit: str = "steps") -> str:
+    if window > 1:
+        return f"moving average over {window} {unit}"
+    return "one value per epoch" if unit == "epochs" else "unsmoothed"
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation of the finite numbers among ``values`` (std 0 for one;
     ``(nan, nan)`` for none)."""

@@ -36,7 +36,7 @@ from multimodal_general.io import atomic_write, atomic_write_text, pin_settings
 from multimodal_general.series import mean_std, plus_minus
 
 __all__ = ["Column", "Sweep", "errorbar_panels", "markdown_table", "method_cells", "pin_settings", "results_csv",
-           "run_order", "summarize", "sweep", "write_results"]
+           "rotated", "run_order", "summarize", "sweep", "write_results"]
 
 #: ``run(method, seed, tick)`` -> the run's result; it calls ``tick()`` after every epoch it trains
 RunOne = Callable[[str, int, Callable[[], None]], dict]
@@ -71,12 +71,17 @@ class Sweep:
     rows: list[dict] = field(default_factory=list)  #: the adapter's table, one row per method
 
 
-def run_order(methods: Sequence[str], seeds: int) -> Iterator[tuple[int, str]]:
-    """``(seed, method)`` seed-major, the method order rotated by one per seed."""
+def rotated(methods: Sequence[str], seed: int) -> list[str]:
+    """The method order of seed ``seed``: rotated by one per seed."""
     names = list(methods)
+    shift = seed % len(names)
+    return names[shift:] + names[:shift]
+
+
+def run_order(methods: Sequence[str], seeds: int) -> Iterator[tuple[int, str]]:
+    """``(seed, method)`` seed-major, the method order :func:`rotated` per seed."""
     for seed in range(seeds):
-        shift = seed % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(methods, seed):
             yield seed, name
 
 
@@ -141,10 +146,11 @@ def summarize(done: Sweep, columns: Sequence[Column], **fields: Callable[[str, l
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table (``|`` in a cell becomes ``/``)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    """A Markdown table (a ``|`` in the header or a cell is escaped)."""
+    def line(cells: Sequence) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
 
 
 def method_cells(row: Mapping, cells: Sequence[str], width: int) -> list[str]:

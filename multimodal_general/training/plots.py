@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from multimodal_general.errors import BadDataFile
 from multimodal_general.io import atomic_write
-from multimodal_general.series import moving_average
+from multimodal_general.series import moving_average, smoothing_label, smoothing_window
 
 DPI = 110
 WIDTH, ROW_HEIGHT = 10.0, 4.0
@@ -108,11 +108,6 @@ def to_float(value: Any) -> float:
 
 
 # ----------------------------------------------------------------------------- smoothing
-def smoothing_window(n: int) -> int:
-    """Moving-average window for a series of ``n`` points: about 2 % of it, at least 5."""
-    return max(1, min(n, max(5, n // 50)))
-
-
 def finite(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
@@ -138,12 +133,6 @@ def new_figure(rows: int, title: str) -> tuple[Figure, list[Axes]]:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig, list(axes)
-
-
-def smoothing_label(window: int, unit: str) -> str:
-    if window > 1:
-        return f"moving average over {window} {unit}"
-    return "one value per epoch" if unit == "epochs" else "unsmoothed"
 
 
 def metrics_x(metrics: Sequence[dict[str, Any]]) -> tuple[np.ndarray, str]:
