@@ -36,6 +36,8 @@ from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import REGIONS
 from brats_cggm.training.cases import select_cases
 from brats_cggm.training.config import DataConfig
+from multimodal_general.balance import PRESETS as CGGM_PRESETS
+from multimodal_general.experiments import harness
 from multimodal_general.experiments.harness import Column, Sweep, summarize, sweep, write_results
 from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
@@ -56,21 +58,20 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+#: CGGM with a named preset (``cggm`` is ``cggm-stable``), the names ``multimodal-general compare`` uses
+CGGM_VARIANTS = {f"cggm-{p}": {"balancer.name": "cggm", "balancer.preset": p} for p in CGGM_PRESETS}
+
+
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    """``"none,cggm"`` or a list of names (``"all"``: every method), checked."""
-    if methods == "all":
-        return list(METHODS)
-    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ConfigurationError(f"unknown method(s) {unknown or methods!r}; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(names))
+    """``"none,cggm"``, a list of names or ``"all"`` (every method of :data:`METHODS`), checked."""
+    return harness.parse_methods(methods, [*METHODS, *CGGM_VARIANTS], list(METHODS))
 
 
 def method_overrides(method: str, shared: dict[str, Any], preset: str) -> dict[str, Any]:
     """The configuration overrides of one method's run: the shared ones, then the method's."""
-    overrides = {**shared, **METHODS[method]}
-    if METHODS[method].get("network.preset") == "early_fusion":
+    own = {**METHODS, **CGGM_VARIANTS}[method]
+    overrides = {**shared, **own}
+    if own.get("network.preset") == "early_fusion":
         overrides["network.fusion"] = "mean"  # one U-Net over stacked sequences: no branches to fuse
         overrides["network.overrides"] = early_fusion_overrides(preset, shared)
     return overrides

@@ -102,7 +102,7 @@ def test_methods_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys)
         cli.main()
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: unknown method(s) ['cgm']")
+    assert len(lines) == 1 and lines[0].startswith("error: unknown method 'cgm'")
     assert not (tmp_path / "out").exists()
 
 

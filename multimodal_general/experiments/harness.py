@@ -35,7 +35,7 @@ from multimodal_general.errors import ConfigurationError
 from multimodal_general.io import atomic_write, atomic_write_text, pin_settings
 from multimodal_general.series import mean_std, plus_minus
 
-__all__ = ["Column", "Sweep", "errorbar_panels", "markdown_table", "method_cells", "pin_settings", "results_csv",
+__all__ = ["Column", "Sweep", "errorbar_panels", "markdown_table", "method_cells", "parse_methods", "pin_settings", "results_csv",
            "rotated", "run_order", "summarize", "sweep", "write_results"]
 
 #: ``run(method, seed, tick)`` -> the run's result; it calls ``tick()`` after every epoch it trains
@@ -69,6 +69,25 @@ class Sweep:
     computed: list[tuple[str, int]] = field(default_factory=list)
     skipped: list[tuple[str, int]] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)  #: the adapter's table, one row per method
+
+
+def parse_methods(methods: str | Sequence[str], choices: Sequence[str], everything: Sequence[str] | None = None) -> list[str]:
+    """Method names from ``"a,b"`` or a list, each one of ``choices``; ``"all"`` is ``everything``
+    (default: every choice). An unknown, repeated or missing name is a one-line
+    :class:`ConfigurationError`."""
+    if methods == "all":
+        return list(everything if everything is not None else choices)
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if not names:
+        raise ConfigurationError(f"no method given; choose from {', '.join(choices)} or all")
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        named = f"method {unknown[0]!r}" if len(unknown) == 1 else f"methods {unknown}"
+        raise ConfigurationError(f"unknown {named}; choose from {', '.join(choices)} or all")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigurationError(f"methods repeated: {repeated}")
+    return names
 
 
 def rotated(methods: Sequence[str], seed: int) -> list[str]:

@@ -56,6 +56,7 @@ import torch
 
 from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
 from multimodal_general.errors import ConfigurationError
+from multimodal_general.experiments import harness
 from multimodal_general.experiments.harness import (
     Column,
     Sweep,
@@ -82,31 +83,20 @@ DEFAULT_METHODS = ("none", "cggm", "ogm_ge", "mmpareto", "agm", "mslr", "modalit
 RUN_FORMAT = 1
 
 
+#: every method name: a balancer, or CGGM with one of its presets
+METHODS = (*BALANCERS, *(f"cggm-{p}" for p in PRESETS))
+
+
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    """Method names from a comma-separated string or a list; unknown or repeated names are
-    a :class:`ConfigurationError` (one line)."""
-    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    if not names:
-        raise ConfigurationError("no method given")
-    for name in names:
-        method_options(name)
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigurationError(f"methods repeated: {repeated}")
-    return names
+    """Method names (``"none,cggm"``, a list, or ``"all"`` = :data:`DEFAULT_METHODS`), checked."""
+    return harness.parse_methods(methods, METHODS, DEFAULT_METHODS)
 
 
 def method_options(method: str) -> dict:
     """``<balancer>`` (any of BALANCERS) or ``cggm-<preset>`` -> RunConfig fields."""
-    if method in BALANCERS:
-        return {"balancer": method}
+    parse_methods([method])
     balancer, _, preset = method.partition("-")
-    if balancer == "cggm" and preset in PRESETS:
-        return {"balancer": "cggm", "preset": preset}
-    raise ConfigurationError(
-        f"unknown method {method!r}; choose from {', '.join(BALANCERS)} or "
-        + ", ".join(f"cggm-{p}" for p in PRESETS)
-    )
+    return {"balancer": balancer, "preset": preset} if method not in BALANCERS else {"balancer": method}
 
 
 def _finite(x) -> bool:
