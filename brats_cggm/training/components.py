@@ -7,7 +7,8 @@ one-sequence modality mask) and scores them by soft Dice; ``mslr`` gets one opti
 group per branch encoder, whose rate is ``scale * lr`` under the schedule (its scales are applied
 by the optimizer, never to gradients: AdamW would normalize a gradient scale away);
 ``gblending``'s weights and MSLR's scales are updated after validations
-(:mod:`brats_cggm.training.validation_updates`).
+(:mod:`brats_cggm.training.validation_updates`; the encoder groups' rates follow through
+:func:`multimodal_general.training.step.apply_encoder_rates`).
 """
 
 from __future__ import annotations
@@ -94,19 +95,6 @@ def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> lis
         group["modality"] = name
     in_encoders = {id(p) for group in groups for p in group["params"]}
     return [*groups, {"params": [p for p in net.parameters() if id(p) not in in_encoders]}]
-
-
-def set_encoder_rates(parts: Components, base_lr: float) -> None:
-    """After MSLR changed its scales: each encoder group's rate becomes ``scale * base_lr``
-    times the schedule's current factor (the scheduler's base rate follows, so the schedule
-    goes on from the new rate)."""
-    balancer, scheduler = parts.balancer, parts.scheduler
-    if not isinstance(balancer, MSLR):
-        return
-    for index, group in enumerate(parts.optimizer.param_groups):
-        if "modality" in group:
-            scheduler.base_lrs[index] = base_lr * balancer.scale_of(group["modality"])
-            group["lr"] = scheduler.base_lrs[index] * scheduler.lr_lambdas[index](scheduler.last_epoch)
 
 
 def network_from_config(network: NetworkConfig) -> nn.Module:

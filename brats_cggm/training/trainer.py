@@ -46,11 +46,12 @@ from brats_cggm.training.config import TrainConfig
 from brats_cggm.training.distributed import Place
 from brats_cggm.training.mono_modal import MonoModalResponses
 from brats_cggm.training.validation import validate_cases
-from brats_cggm.training.validation_updates import update_after_validation
+from brats_cggm.training.validation_updates import restore_legacy_measurement, validation_of
 from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
 from multimodal_general.training.runlog import Logbook
 from multimodal_general.training.runtime import keep_freed_memory
+from multimodal_general.training.step import after_validation, balanced_step
 
 
 class TrainingDiverged(UserError):
@@ -248,7 +249,9 @@ class Trainer:
                 checkpoint.save(self.ckpt_dir / "best.pt", self._model_payload(row, rows, epoch))
         if self.place.is_main:
             atomic_write_text(self.run_dir / "validation" / f"epoch{epoch:04d}.json", json.dumps(rows, indent=1))
-        update_after_validation(self.parts, row, self.config.optim.lr, self.state.extra, self.place.mean_over_ranks)
+        if self.parts.balancer is not None:
+            after_validation(self.parts.balancer, validation_of(self.parts.balancer, row, self.place.mean_over_ranks),
+                             self.parts.optimizer, self.config.optim.lr, self.parts.scheduler)
 
     # ------------------------------------------------------------ checkpoints
     def _model_payload(self, row: dict[str, Any], cases: list[dict], epoch: int) -> dict[str, Any]:
@@ -299,6 +302,7 @@ class Trainer:
         scheduler._last_lr = [group["lr"] for group in self.parts.optimizer.param_groups]
         self.scaler.load_state_dict(payload["scaler"])
         self.state = checkpoint.Progress(**payload["progress"])
+        restore_legacy_measurement(self.parts.balancer, self.state.extra)
         checkpoint.set_rng_state(payload["rng"][self.place.rank])
 
     # ------------------------------------------------------------------ output
@@ -361,29 +365,20 @@ def train_step(
     autocast: Callable = nullcontext,
     check_loss: Callable[[Tensor], None] = lambda loss: None,
 ) -> StepResult:
-    """One optimizer step, following the balancer's loop contract: forward (``model``
-    returns logits and branch features), task loss + balancer terms, backward, unscale,
-    ``modulate`` (CGGM scales the encoders' gradients), optimizer and schedule step.
-    ``check_loss`` sees the total loss before backward (the trainer stops on NaN there)."""
-    parts.optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        logits, features = model(image)
-        task_loss = parts.criterion(logits, target)
-        loss = task_loss
-        if parts.balancer is not None:
-            loss = loss + parts.balancer.extra_loss(features, logits, target, task_loss)
-    check_loss(loss)
-    scaler.scale(loss).backward()
-    scaler.unscale_(parts.optimizer)
+    """One optimizer step: the shared :func:`~multimodal_general.training.step.balanced_step`
+    (forward under ``autocast``, task loss + balancer terms, scaled backward, unscale,
+    ``modulate``, optimizer step; the heads are a param group of the one optimizer), then the
+    schedule's step. ``check_loss`` sees the total loss before backward (the trainer stops on
+    NaN there). The telemetry adds each head's loss to the balancer's."""
+    task_loss, step = balanced_step(model, parts.balancer, (parts.optimizer,), parts.criterion, image, target,
+                                    scaler=scaler, autocast=autocast, check_loss=check_loss)
     telemetry = {}
     if parts.balancer is not None:
         head_losses = parts.balancer.head_losses
         if head_losses:  # one synchronisation for all heads
             values = torch.stack([value.detach().float() for value in head_losses.values()]).tolist()
             telemetry = {f"head_loss/{name}": value for name, value in zip(head_losses, values)}
-        telemetry.update(parts.balancer.modulate().as_dict())
-    scaler.step(parts.optimizer)
-    scaler.update()
+        telemetry.update(step.as_dict())
     parts.scheduler.step()
     telemetry.pop("step", None)
     return StepResult(float(task_loss.detach()), telemetry)

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Sequence
 
 from multimodal_general.balance.agm import AGM, concat_unimodal_output
-from multimodal_general.balance.base import Balancer
+from multimodal_general.balance.base import COMMON_OPTIONS, Balancer, CommonOptions, Validation
 from multimodal_general.balance.cggm import CGGM, PRESETS, CGGMPreset
 from multimodal_general.balance.gblending import GBlending
 from multimodal_general.balance.joint import JointTraining
@@ -30,10 +30,18 @@ BALANCERS: dict[str, type[Balancer]] = {
 }
 
 
+def own_options(cls: type[Balancer]) -> set[str]:
+    """The hyperparameters a balancer class declares itself (not the common options)."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in parameters if p.kind in named} - {"self", "modalities"} - COMMON_OPTIONS
+
+
 def balancer_options(name: str | None = None) -> set[str]:
-    """The keyword options balancer ``name`` declares (every balancer's when ``None``)."""
+    """The keyword options balancer ``name`` takes (every balancer's when ``None``): its own
+    hyperparameters and the common options (:data:`~multimodal_general.balance.base.COMMON_OPTIONS`)."""
     classes = BALANCERS.values() if name is None else [BALANCERS[name]]
-    return {p for c in classes for p in inspect.signature(c.__init__).parameters} - {"self", "modalities"}
+    return {p for c in classes for p in own_options(c)} | COMMON_OPTIONS
 
 
 def check_balancer_options(options) -> None:
@@ -54,7 +62,7 @@ def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balan
     # One configuration serves every balancer: each takes the options it declares, and
     # an option that no balancer declares is a mistake.
     check_balancer_options(options)
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = balancer_options(name)
     return cls(modalities, **{k: v for k, v in options.items() if k in accepted})
 
 
@@ -66,7 +74,9 @@ __all__ = [
     "MSLR",
     "OGMGE",
     "PRESETS",
+    "COMMON_OPTIONS",
     "Balancer",
+    "CommonOptions",
     "CGGMPreset",
     "GBlending",
     "JointTraining",
@@ -74,6 +84,7 @@ __all__ = [
     "Modality",
     "ModalityDropout",
     "StepTelemetry",
+    "Validation",
     "concat_unimodal_output",
     "drop_mask",
     "balancer_options",

@@ -41,9 +41,15 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance.base import Balancer, Criterion, check_classification, detached
+from multimodal_general.balance.base import (
+    Balancer,
+    CommonOptions,
+    Unpack,
+    check_classification,
+    detached,
+)
 from multimodal_general.balance.distributed import all_reduce_sum
-from multimodal_general.balance.metrics import UtilizationMetric, soft_dice
+from multimodal_general.balance.metrics import soft_dice
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError, RegistrationError
@@ -105,23 +111,14 @@ class AGM(Balancer):
         modalities: Sequence[Modality],
         *,
         unimodal_output: UnimodalOutput | None = None,
-        criterion: Criterion | None = None,
-        metric: str | UtilizationMetric = "accuracy",
         task_kind: str = "classification",
         alpha: float = 0.1,
         momentum: float = 0.9,
         min_coef: float = 0.1,
         max_coef: float = 10.0,
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         if unimodal_output is None:
             raise ConfigurationError(
                 "agm needs unimodal_output(features, keep) -> the fused output with only modality "

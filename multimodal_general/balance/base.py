@@ -24,12 +24,25 @@ from gradients (CGGM's cosines) comes from the rank's local batch, and DDP avera
 resulting gradients. With AMP, ``GradScaler`` checks for inf/NaN in ``unscale_``, before
 ``modulate``; a balancer whose coefficients are bounded (CGGM ``stable``) cannot create
 new ones. A step the scaler skips still counts as a step for the balancer.
+(:func:`multimodal_general.training.step.balanced_step` is this step, written once.)
+
+After each validation (and, where a loop measures the untrained network, once before
+training with ``epoch=0``), the loop calls :meth:`Balancer.on_validation` with a
+:class:`Validation`, then re-sets the encoders' learning rates from
+:meth:`Balancer.lr_scales` (:func:`multimodal_general.training.step.after_validation`
+does both). MSLR adapts its scales there, G-Blending its loss weights; the others do
+nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar, TypedDict
+
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack  # noqa: F401 (the balancers import it from here)
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +54,61 @@ from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError, RegistrationError
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
+HeadLosses = Mapping[str, tuple[float, float]]
+
+
+class CommonOptions(TypedDict, total=False):
+    """The options every balancer takes (see :class:`Balancer`); a subclass receives them as
+    ``**common`` and passes them on, declaring only its own hyperparameters."""
+
+    criterion: Criterion | None
+    metric: str | UtilizationMetric
+    accumulation_steps: int
+    process_group: Any
+
+
+COMMON_OPTIONS: frozenset[str] = frozenset(CommonOptions.__annotations__)
+
+
+class Validation:
+    """What a loop measured at one validation, as :meth:`Balancer.on_validation` reads it.
+
+    Args:
+        epoch: training epochs done (``0``: the untrained network, before the first epoch).
+        head_metrics: each modality's unimodal head's validation metric, higher is better
+            (a loop whose metric is lower-is-better passes it negated); a non-finite value
+            counts as the worst.
+        losses: ``{"fused" | modality: (train_loss, validation_loss)}`` of the fused output
+            and of every unimodal head.
+
+    Either may be given as a function of no arguments: it is called (once) only when a
+    balancer reads the value, so a loop need not measure what no balancer uses.
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        head_metrics: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
+        losses: HeadLosses | Callable[[], HeadLosses] | None = None,
+    ) -> None:
+        self.epoch = int(epoch)
+        self._values = {"head_metrics": head_metrics, "losses": losses}
+
+    def _get(self, key: str):
+        value = self._values[key]
+        if value is None:
+            raise ConfigurationError(f"this loop's validation measures no {key}, and the balancer needs them")
+        if callable(value):
+            value = self._values[key] = value()
+        return value
+
+    @property
+    def head_metrics(self) -> Mapping[str, float]:
+        return self._get("head_metrics")
+
+    @property
+    def losses(self) -> HeadLosses:
+        return self._get("losses")
 
 
 def detached(features: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
@@ -72,7 +140,11 @@ class Balancer(nn.Module):
     """Base class: runs the unimodal heads and measures each modality's utilization.
 
     Subclasses implement :meth:`_balance_loss` (a differentiable term added to the task
-    loss) and :meth:`_modulate_gradients` (in-place changes to encoder gradients).
+    loss), :meth:`_modulate_gradients` (in-place changes to encoder gradients) and, if they
+    adapt between epochs, :meth:`on_validation` and :meth:`lr_scales`. A subclass's
+    ``__init__`` declares only its own hyperparameters and passes ``**common`` (the
+    :class:`CommonOptions` below) to ``super().__init__``; see ``docs/baselines.md``,
+    "Adding a balancer".
 
     Args:
         modalities: the registered modalities, in a fixed order.
@@ -181,6 +253,17 @@ class Balancer(nn.Module):
         self._step_utilization = None
         self.step_count += 1
         return telemetry
+
+    def on_validation(self, validation: Validation) -> dict[str, float] | None:
+        """After a validation: adapt from it (nothing by default); returns what changed
+        (e.g. new scales or weights) or ``None``."""
+        return None
+
+    def lr_scales(self) -> dict[str, float] | None:
+        """Per-modality factors of each encoder's learning rate that the loop applies to its
+        optimizer (param groups tagged ``"modality"``); ``None`` (default): the balancer sets no
+        rates."""
+        return None
 
     # ------------------------------------------------------------- for subclasses
     def _balance_loss(self, features, output, target, task_loss) -> Tensor:

@@ -23,14 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimodal_general.balance.base import Balancer, Criterion
+from multimodal_general.balance.base import Balancer, CommonOptions, Unpack
 from multimodal_general.balance.coefficients import (
     ema_update,
     paper_coefficients,
     stable_coefficients,
     trend,
 )
-from multimodal_general.balance.metrics import UtilizationMetric
 from multimodal_general.balance.registration import (
     Modality,
     last_weight,
@@ -101,24 +100,15 @@ class CGGM(Balancer):
         modalities: Sequence[Modality],
         *,
         fused_last_layer: nn.Module | nn.Parameter,
-        criterion: Criterion,
-        metric: str | UtilizationMetric = "accuracy",
         preset: str = "stable",
         rho: float = 1.2,
         lam: float = 0.1,
         fast_beta: float = 0.9,
         slow_beta: float = 0.99,
         min_signal: float = 1e-6,
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         if preset not in PRESETS:
             raise ConfigurationError(f"unknown CGGM preset '{preset}'; choose one of {sorted(PRESETS)}")
         if rho <= 0 or lam < 0:

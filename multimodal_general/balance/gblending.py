@@ -23,8 +23,13 @@ trained exactly as under joint training and its weight acts on the encoder.
 
 The weights start uniform (``1 / (M + 1)`` each) and live in the ``weights`` buffer
 (order: fused, then the modalities); ``state_dict`` resumes them. Measuring the train and
-held-out losses is the training harness's job (``multimodal_general.experiments.imbalance_comparison`` does it
-every ``super_epoch`` epochs and calls :meth:`GBlending.update_from_losses`).
+held-out losses is the loop's job: it passes them to :meth:`GBlending.on_validation` after
+every validation (as ``Validation.losses``). The first measurement is kept; at each later
+validation at least ``super_epoch`` epochs after the kept one, the weights are re-estimated
+from the two (:meth:`GBlending.update_from_losses`) and the new measurement is kept. The kept
+measurement (``measured_epoch``, ``measured_losses``) is part of ``state_dict``, so a resumed
+run updates as an uninterrupted one; a state saved before it existed loads as "nothing kept".
+A loop that also measures the untrained network passes it as epoch 0.
 """
 
 from __future__ import annotations
@@ -36,8 +41,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from multimodal_general.balance.base import Balancer, Criterion
-from multimodal_general.balance.metrics import UtilizationMetric
+from multimodal_general.balance.base import Balancer, CommonOptions, Unpack, Validation
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError, RegistrationError
@@ -73,7 +77,7 @@ class GBlending(Balancer):
         modalities: one or more, each with encoder and head.
         criterion: the task loss, used for the fused output and for every head.
         metric: the heads' utilization metric (telemetry ``eps``).
-        super_epoch: epochs between weight updates (read by the harness).
+        super_epoch: epochs between weight updates (at least; see :meth:`on_validation`).
         epsilon: floor of ``dO^2`` in the weight rule.
     """
 
@@ -85,26 +89,21 @@ class GBlending(Balancer):
         self,
         modalities: Sequence[Modality],
         *,
-        criterion: Criterion,
-        metric: str | UtilizationMetric = "accuracy",
         super_epoch: int = 2,
         epsilon: float = 1e-6,
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         if int(super_epoch) < 1 or not epsilon > 0:
             raise ConfigurationError("gblending needs super_epoch >= 1 and epsilon > 0")
         self.super_epoch, self.epsilon = int(super_epoch), float(epsilon)
         m = len(modalities)
         self.register_buffer("weights", torch.full((m + 1,), 1.0 / (m + 1)))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        # the measurement kept for the next update: its epoch (-1: none) and, per head (the
+        # order of ``keys``), its (train loss, validation loss)
+        self.register_buffer("measured_epoch", torch.full((), -1, dtype=torch.long))
+        self.register_buffer("measured_losses", torch.zeros((m + 1, 2), dtype=torch.float64))
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "super_epoch": self.super_epoch, "epsilon": self.epsilon}
@@ -133,6 +132,42 @@ class GBlending(Balancer):
             self.weights.copy_(torch.tensor(weights, dtype=self.weights.dtype))
         self.updates += 1
         return {k: self.weight_of(k) for k in self.keys}
+
+    def on_validation(self, validation: Validation) -> dict[str, float] | None:
+        """Keep the first measurement; at a validation ``super_epoch`` or more epochs after
+        the kept one, update the weights from the two and keep the new one. Returns the
+        new weights after an update, else ``None``."""
+        last = int(self.measured_epoch)
+        if last >= 0 and validation.epoch - last < self.super_epoch:
+            return None
+        losses = validation.losses
+        weights = self.update_from_losses(self.measurement(), losses) if last >= 0 else None
+        self.keep_measurement(validation.epoch, losses)
+        return weights
+
+    def measurement(self) -> dict[str, tuple[float, float]] | None:
+        """The kept measurement ``{head: (train_loss, val_loss)}``, or ``None``."""
+        if int(self.measured_epoch) < 0:
+            return None
+        return {key: (float(t), float(v)) for key, (t, v) in zip(self.keys, self.measured_losses.tolist())}
+
+    def keep_measurement(self, epoch: int, losses: Mapping[str, tuple[float, float]]) -> None:
+        """Keep ``{head: (train_loss, val_loss)}`` measured after ``epoch`` epochs (also: restore
+        one kept outside the balancer, e.g. in an older checkpoint)."""
+        missing = sorted(set(self.keys) - set(losses))
+        if missing:
+            raise ConfigurationError(f"a G-Blending measurement needs losses for every head; missing {missing}")
+        values = [[float(x) for x in losses[key]] for key in self.keys]
+        self.measured_losses.copy_(torch.tensor(values, dtype=torch.float64))
+        self.measured_epoch.fill_(int(epoch))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a state saved before the kept measurement was part of it: nothing kept
+        for key in ("measured_epoch", "measured_losses"):
+            if prefix + key not in state_dict:
+                default = torch.full_like(getattr(self, key), -1 if key == "measured_epoch" else 0)
+                state_dict[prefix + key] = default
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _balance_loss(self, features, output, target, task_loss) -> Tensor:
         loss = (self.weights[0].to(task_loss.dtype) - 1) * task_loss

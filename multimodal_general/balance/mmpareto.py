@@ -54,9 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from multimodal_general.balance.base import Balancer, Criterion
+from multimodal_general.balance.base import Balancer, CommonOptions, Unpack
 from multimodal_general.balance.distributed import is_distributed
-from multimodal_general.balance.metrics import UtilizationMetric
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import RegistrationError
@@ -115,19 +114,10 @@ class MMPareto(Balancer):
         self,
         modalities: Sequence[Modality],
         *,
-        criterion: Criterion,
-        metric: str | UtilizationMetric = "accuracy",
         rescale: bool = True,
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         self.rescale = bool(rescale)
         m = len(modalities)
         self.register_buffer("cosines", torch.zeros(m))

@@ -27,8 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from multimodal_general.balance.base import Balancer, Criterion
-from multimodal_general.balance.metrics import UtilizationMetric
+from multimodal_general.balance.base import Balancer, CommonOptions, Unpack
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError
@@ -77,18 +76,9 @@ class ModalityDropout(Balancer):
         drop_probability: float = 0.25,
         applied_by_model: bool = False,
         noise_seed: int = 0,
-        criterion: Criterion | None = None,
-        metric: str | UtilizationMetric = "accuracy",
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         if not 0.0 <= drop_probability < 1.0:
             raise ConfigurationError(f"drop_probability must be in [0, 1), got {drop_probability}")
         self.drop_probability = float(drop_probability)

@@ -7,10 +7,11 @@ Adam/AdamW (their update is invariant to a constant gradient scale) nor with wei
 (the decay term is not scaled): there, give each encoder its own optimizer param group
 with ``lr = s_i * lr`` (:meth:`MSLR.param_groups` builds them) and build the balancer with
 ``applied_by_optimizer=True``: it then leaves gradients alone and only keeps, adapts and
-reports the scales; the loop sets each group's rate from :meth:`MSLR.scale_of` after an
+reports the scales; the loop sets each group's rate from :meth:`MSLR.lr_scales` after an
 update (so a scale is never applied twice).
 
-Adaptive variant (``update_from_validation``): after each validation, a modality whose
+Adaptive variant (``update_from_validation``, which :meth:`MSLR.on_validation` calls with
+each unimodal head's validation metric): after each validation, a modality whose
 validation metric (higher is better) did not improve on its best by more than
 ``min_delta`` has its scale multiplied by ``decay`` (never below ``min_scale``); an
 improving modality keeps its scale. This is our reading of the paper's "dynamic"
@@ -20,12 +21,12 @@ in ``docs/baselines.md``; the fixed scales are the paper's "keep" strategy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from multimodal_general.balance.base import Balancer, Criterion
-from multimodal_general.balance.metrics import UtilizationMetric
+from multimodal_general.balance.base import Balancer, CommonOptions, Unpack, Validation
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError
@@ -56,18 +57,9 @@ class MSLR(Balancer):
         min_delta: float = 0.0,
         min_scale: float = 1e-3,
         applied_by_optimizer: bool = False,
-        criterion: Criterion | None = None,
-        metric: str | UtilizationMetric = "accuracy",
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         scales = dict(scales or {})
         unknown = sorted(set(scales) - set(self.modality_names))
         if unknown:
@@ -109,6 +101,18 @@ class MSLR(Balancer):
             else:
                 self.scales[index] = max(float(self.scales[index]) * self.decay, self.min_scale)
         return {n: self.scale_of(n) for n in self.modality_names}
+
+    def on_validation(self, validation: Validation) -> dict[str, float] | None:
+        """:meth:`update_from_validation` from each head's validation metric (a non-finite
+        one counts as a stall); the untrained network (``epoch`` 0) sets no best."""
+        if validation.epoch == 0:
+            return None
+        metrics = validation.head_metrics
+        return self.update_from_validation({n: v if math.isfinite(v) else -math.inf for n, v in metrics.items()})
+
+    def lr_scales(self) -> dict[str, float] | None:
+        """The scales, when the loop applies them as per-encoder learning rates."""
+        return {n: self.scale_of(n) for n in self.modality_names} if self.applied_by_optimizer else None
 
     def _modulate_gradients(self, telemetry: StepTelemetry) -> None:
         for index, name in enumerate(self.modality_names):

@@ -32,9 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance.base import Balancer, Criterion, check_classification
+from multimodal_general.balance.base import Balancer, CommonOptions, Unpack, check_classification
 from multimodal_general.balance.distributed import all_reduce_sum
-from multimodal_general.balance.metrics import UtilizationMetric
 from multimodal_general.balance.registration import Modality
 from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError, RegistrationError
@@ -71,21 +70,12 @@ class OGMGE(Balancer):
         modalities: Sequence[Modality],
         *,
         fused_last_layer: nn.Module,
-        criterion: Criterion | None = None,
-        metric: str | UtilizationMetric = "accuracy",
         alpha: float = 0.1,
         ge: bool = True,
         noise_seed: int = 0,
-        accumulation_steps: int = 1,
-        process_group=None,
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(
-            modalities,
-            criterion=criterion,
-            metric=metric,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-        )
+        super().__init__(modalities, **common)
         if not isinstance(fused_last_layer, nn.Linear):
             raise ConfigurationError(
                 "ogm_ge needs fused_last_layer to be the nn.Linear that reads the concatenated "

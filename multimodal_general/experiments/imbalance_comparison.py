@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from multimodal_general.balance import BALANCERS, MSLR, PRESETS, GBlending
+from multimodal_general.balance import BALANCERS, PRESETS, Validation
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.experiments import harness
 from multimodal_general.experiments.harness import (
@@ -170,30 +170,23 @@ def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | No
         if _finite(metric) and (best["epoch"] is None or better(metric, best["metric"])):
             best.update(metric=metric, epoch=epoch, model=copy.deepcopy(model.state_dict()),
                         balancer=copy.deepcopy(balancer.state_dict()))
-        if isinstance(balancer, MSLR):  # adaptive MSLR: scales from each modality's validation metric
-            heads = _head_metrics(model, balancer, val, kind)
-            sign = 1.0 if _higher_is_better(kind) else -1.0
-            balancer.update_from_validation({n: sign * v if _finite(v) else -math.inf for n, v in heads.items()})
-        if isinstance(balancer, GBlending) and (epoch + 1) % balancer.super_epoch == 0:
-            measured = gblending_losses(model, balancer)
-            balancer.update_from_losses(blending_start[0], measured)
-            blending_start[0] = measured
         model.train()
 
-    # G-Blending: (train, validation) loss of every head at the start of the super-epoch
-    blending_start: list[dict] = [{}]
+    def validation(epoch, model, balancer):
+        """What MSLR (each head's validation metric, higher is better) and G-Blending (each
+        head's train and validation loss) adapt from; measured only when one reads it."""
+        sign = 1.0 if _higher_is_better(kind) else -1.0
 
-    def gblending_losses(model, balancer):
-        on_train, on_val = head_losses(model, balancer, train), head_losses(model, balancer, val)
-        return {k: (on_train[k], on_val[k]) for k in on_train}
+        def losses():
+            on_train, on_val = head_losses(model, balancer, train), head_losses(model, balancer, val)
+            return {k: (on_train[k], on_val[k]) for k in on_train}
 
-    def on_start(model, balancer):
-        if isinstance(balancer, GBlending):
-            blending_start[0] = gblending_losses(model, balancer)
+        return Validation(epoch, lambda: {n: sign * v for n, v in _head_metrics(model, balancer, val, kind).items()},
+                          losses)
 
     began = time.perf_counter()
     model, balancer, telemetry, step_seconds = train_model(
-        config, train, progress=progress, on_epoch=on_epoch, on_start=on_start
+        config, train, progress=progress, on_epoch=on_epoch, validation=validation
     )
     nonfinite_telemetry = sum(
         1 for row in telemetry if any(not _finite(v) for v in row.as_dict().values())

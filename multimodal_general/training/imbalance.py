@@ -20,7 +20,7 @@ from multimodal_general.models.late_fusion import (  # FUSION_HEADS, unimodal_he
     unimodal_head,
 )
 from multimodal_general.models.probe import probe_accuracy, probe_mae
-from multimodal_general.training.step import balanced_step
+from multimodal_general.training.step import after_validation, balanced_step
 
 __all__ = ["FUSION_HEADS", "TASKS", "LateFusionNet", "RunConfig", "build", "generate", "train_and_evaluate",
            "unimodal_head"]
@@ -78,11 +78,14 @@ def fusion_head_of(config: RunConfig) -> str:
     return config.fusion_head
 
 
-def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None, on_start=None):
+def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None, validation=None):
     """Build and train under ``config`` on ``train``; returns ``(model, balancer, telemetry,
     step_seconds)``. ``on_epoch(epoch, model, balancer)`` runs after every epoch (e.g. a
-    validation for model selection), ``on_start(model, balancer)`` once before the first
-    (e.g. G-Blending's first loss measurement); neither may use the global torch RNG.
+    validation for model selection). ``validation(epoch, model, balancer)`` returns the
+    :class:`~multimodal_general.balance.Validation` the balancer adapts from
+    (:func:`~multimodal_general.training.step.after_validation`): once before the first epoch
+    (epoch 0: the untrained network) and after every epoch, after ``on_epoch``. Neither may
+    use the global torch RNG.
 
     With a :class:`ModalityDropout` balancer the loop passes the features through
     ``balancer.drop_features`` before the fused head (training steps only)."""
@@ -99,8 +102,8 @@ def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None, o
         forward = model
     order = torch.Generator().manual_seed(config.seed)
     telemetry, step_seconds = [], 0.0
-    if on_start is not None:
-        on_start(model, balancer)
+    if validation is not None:
+        after_validation(balancer, validation(0, model, balancer), optimizers[0], config.lr)
     for epoch in range(config.epochs):
         model.train()
         permutation = torch.randperm(len(train), generator=order)
@@ -112,6 +115,8 @@ def train_model(config: RunConfig, train: Split, progress=None, on_epoch=None, o
             telemetry.append(step)
         if on_epoch is not None:
             on_epoch(epoch, model, balancer)
+        if validation is not None:
+            after_validation(balancer, validation(epoch + 1, model, balancer), optimizers[0], config.lr)
         if progress is not None:
             progress()
     return model, balancer, telemetry, step_seconds

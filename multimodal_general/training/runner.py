@@ -37,11 +37,10 @@ import torch
 from torch import Tensor
 
 from multimodal_general.balance import (
-    MSLR,
     PRESETS,
     Balancer,
-    GBlending,
     ModalityDropout,
+    Validation,
     check_balancer_options,
 )
 from multimodal_general.datasets.metrics import (
@@ -67,7 +66,7 @@ from multimodal_general.training.plots import (
     save_figure,
 )
 from multimodal_general.training.runlog import Logbook
-from multimodal_general.training.step import balanced_step
+from multimodal_general.training.step import after_validation, balanced_step
 
 TASKS = ("food101", "mosi", "iemocap")
 CHECKPOINT_FORMAT = "multimodal-general-checkpoint/1"
@@ -278,7 +277,8 @@ def train_seed(
                       resume_epoch=state["epoch"] if resume else None)
     forward, train = _forward(parts), data.splits["train"]
     device = torch.device(settings.device)
-    blending = [_losses(parts, train), _losses(parts, data.splits["valid"])] if isinstance(parts.balancer, GBlending) else None
+    if state["epoch"] == 0:  # G-Blending's first measurement: the untrained network
+        after_validation(parts.balancer, _validation(parts, data, None, 0), parts.optimizers[0], settings.lr)
     try:
         for epoch in range(state["epoch"], settings.epochs):
             parts.model.train()
@@ -298,7 +298,7 @@ def train_seed(
                 if on_batch is not None:
                     on_batch()
             valid = score(parts, data, "valid")
-            _adapt(parts, settings, valid, data, epoch, blending)
+            after_validation(parts.balancer, _validation(parts, data, valid, epoch + 1), parts.optimizers[0], settings.lr)
             value = valid["fused"].get(metric, math.nan)
             if math.isfinite(value) and (state["best"] is None or (value > state["best"] if larger else value < state["best"])):
                 state.update(best=value, best_epoch=epoch + 1)
@@ -332,23 +332,21 @@ def train_seed(
     return result
 
 
-def _adapt(parts: Parts, settings: TrainSettings, valid: dict, data: TaskData, epoch: int, blending) -> None:
-    """The per-epoch updates of MSLR and G-Blending (see the module docstring)."""
-    balancer = parts.balancer
-    if isinstance(balancer, MSLR):
-        metric, _ = SELECTION[data.task]
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-        values = {m: sign * v.get(metric, math.nan) for m, v in valid["heads"].items()}
-        scales = balancer.update_from_validation({m: v if math.isfinite(v) else -math.inf for m, v in values.items()})
-        if balancer.applied_by_optimizer:
-            for group in parts.optimizers[0].param_groups:
-                if "modality" in group:
-                    group["lr"] = settings.lr * scales[group["modality"]]
-    if isinstance(balancer, GBlending) and (epoch + 1) % balancer.super_epoch == 0:
+def _validation(parts: Parts, data: TaskData, valid: dict | None, epoch: int) -> Validation:
+    """What MSLR and G-Blending adapt from (see the module docstring): each unimodal head's
+    selection metric on ``valid`` (negated when lower is better), and each head's loss on the
+    whole train and valid splits (measured only when read)."""
+    metric, _ = SELECTION[data.task]
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+    def head_metrics() -> dict[str, float]:
+        return {m: sign * v.get(metric, math.nan) for m, v in valid["heads"].items()}
+
+    def losses() -> dict[str, tuple[float, float]]:
         train, val = _losses(parts, data.splits["train"]), _losses(parts, data.splits["valid"])
-        start = {k: (blending[0][k], blending[1][k]) for k in train}
-        balancer.update_from_losses(start, {k: (train[k], val[k]) for k in train})
-        blending[:] = [train, val]
+        return {k: (train[k], val[k]) for k in train}
+
+    return Validation(epoch, head_metrics if valid is not None else None, losses)
 
 
 def method_name(settings: TrainSettings) -> str:
