@@ -39,7 +39,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +471,25 @@ def divergence_notes(task_table: dict, b_limit: float) -> list[str]:
 
 
 # ------------------------------------------------------------------------ plots
+@dataclass(frozen=True)
+class Frame:
+    """What every panel of a task's telemetry figure shares."""
+
+    modalities: list[str]
+    colors: dict
+    seed: int
+    steps: int  # the longest run's steps
+    steps_per_epoch: int
+
+    @property
+    def full_range(self) -> tuple[float, float]:
+        return -0.02 * self.steps, 1.02 * self.steps
+
+    @property
+    def step_label(self) -> str:
+        return f"training step ({self.steps_per_epoch} steps per epoch)" if self.steps_per_epoch else "training step"
+
+
 def plot_task(
     task: str, telemetries: dict[str, list[dict]], seed: int, epochs: int, path: Path, rho: float, b_limit: float
 ) -> bool:
@@ -483,119 +502,124 @@ def plot_task(
 
     spec = TASKS[task]
     modalities = [s.name for s in spec.modalities]
-    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(modalities)}
     cggm = [m for m in telemetries if m.startswith("cggm-")]
     compare = [m for m in ("none", "cggm-stable") if m in telemetries]
     panels = len(cggm) + (2 if compare else 0)
     if not panels:
         return False
-    fig, axes = plt.subplots(
-        panels, 1, figsize=(11, 3.0 * panels + 0.6), squeeze=False, layout="constrained"
-    )
+    steps = max(len(t) for t in telemetries.values())
+    frame = Frame(modalities, {m: plt.get_cmap("tab10")(i) for i, m in enumerate(modalities)}, seed, steps,
+                  steps // max(1, epochs))
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 3.0 * panels + 0.6), squeeze=False, layout="constrained")
     axes = axes[:, 0]
-    steps_any = max(len(t) for t in telemetries.values())
-    steps_per_epoch = steps_any // max(1, epochs)
-    step_label = f"training step ({steps_per_epoch} steps per epoch)" if steps_per_epoch else "training step"
-    full_range = (-0.02 * steps_any, 1.02 * steps_any)
-    eps_label = "batch accuracy of head i" if spec.kind == "classification" else "−MAE of head i on the batch"
-
     for ax, method in zip(axes, cggm):
-        telemetry = telemetries[method]
-        x = np.arange(len(telemetry))
-        low, high = B_YLIM
-        outside, raw_min, raw_max = 0, np.inf, -np.inf
-        summary = summarize_telemetry(telemetry, modalities, b_limit)
-        end = summary["first_nonfinite_step"]  # B after a non-finite step means nothing
-        # A run that diverged early would be a sliver of a full-length axis: zoom in on it.
-        shown = len(telemetry) if end is None else min(len(telemetry), max(2 * end + 10, steps_per_epoch))
-        zoomed = shown < len(telemetry)
-        window = smoothing_window(shown)
-        for m in modalities:
-            raw = series(telemetry, f"B/{m}")
-            if end is not None:
-                raw[end:] = np.nan
-            finite = raw[np.isfinite(raw)]
-            if finite.size:
-                raw_min, raw_max = min(raw_min, finite.min()), max(raw_max, finite.max())
-            ax.plot(x, raw, color=colors[m], lw=0.6, alpha=0.25)
-            smooth = moving_average(raw, window)
-            if end is not None:
-                smooth[end:] = np.nan
-            ax.plot(x, smooth, color=colors[m], lw=2.0, label=f"B_{m} ({smoothing_label(window)})")
-            above, below = np.isfinite(raw) & (raw > high), np.isfinite(raw) & (raw < low)
-            outside += int(above.sum() + below.sum())
-            inset = 0.03 * (high - low)  # markers just inside the axes (an empty unclipped line breaks layout)
-            if above.any():
-                ax.plot(x[above], np.full(above.sum(), high - inset), "^", color=colors[m], ms=5, alpha=0.8)
-            if below.any():
-                ax.plot(x[below], np.full(below.sum(), low + inset), "v", color=colors[m], ms=5, alpha=0.8)
-        ax.axhline(1.0, color="0.4", ls="--", lw=1, label="B = 1 (gradient unchanged)")
-        ax.axhline(0.0, color="0.7", ls=":", lw=1)
-        if summary["first_B_blowup_step"] is not None:
-            ax.axvline(summary["first_B_blowup_step"], color="black", ls=":", lw=1.5,
-                       label=f"first |B| > {b_limit:g} (step {summary['first_B_blowup_step']})")
-        if summary["first_nonfinite_step"] is not None:
-            start = summary["first_nonfinite_step"]
-            ax.axvspan(start, len(telemetry), color="tab:red", alpha=0.08)
-            ax.axvline(start, color="tab:red", lw=1.5, label=f"non-finite from step {start}: diverged, B not shown")
-        ax.set_ylim(low, high)
-        if outside:
-            ax.text(
-                0.01, 0.96,
-                f"y clipped to [{low:g}, {high:g}]: {outside} raw values outside (▲▼), "
-                f"raw range [{raw_min:.3g}, {raw_max:.3g}]",
-                transform=ax.transAxes, va="top", fontsize=8,
-                bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
-            )
-        ax.set_ylabel("B_i (encoder grad scale)")
-        ax.set_xlim(*((-0.5, shown - 0.5) if zoomed else full_range))
-        ax.set_title(
-            f"{method}: balancing coefficients B_i (seed {seed}, rho = {rho:g})"
-            + (f" — x zoomed to the first {shown} of {len(telemetry)} steps" if zoomed else ""),
-            fontsize=10,
-        )
-        if zoomed or ax is axes[-1]:
-            ax.set_xlabel(step_label)
-        else:
-            ax.tick_params(labelbottom=False)
-        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
-        ax.grid(alpha=0.3)
-
+        _b_panel(ax, frame, method, telemetries[method], rho, b_limit, last=ax is axes[-1])
     if compare:
-        ax_eps, ax_grad = axes[len(cggm)], axes[len(cggm) + 1]
-        window = smoothing_window(steps_any)
-        for ax in (ax_eps, ax_grad):
-            ax.set_xlim(*full_range)
-        ax_eps.tick_params(labelbottom=False)
-        for method, style in zip(compare, ("-", "--")):
-            telemetry = telemetries[method]
-            x = np.arange(len(telemetry))
-            for m in modalities:
-                eps = series(telemetry, f"eps/{m}")
-                ax_eps.plot(x, moving_average(eps, window), color=colors[m], ls=style, lw=1.8, label=f"eps_{m} · {method}")
-                grad = series(telemetry, f"grad_norm/{m}")
-                if method != "none":
-                    b = series(telemetry, f"B/{m}")
-                    grad = grad * np.where(np.isfinite(b), b, np.nan)
-                ax_grad.plot(x, moving_average(grad, window), color=colors[m], ls=style, lw=1.8, label=f"{m} · {method}")
-        ax_eps.set_ylabel(eps_label)
-        ax_eps.set_title(
-            f"Head utilization eps_i ({smoothing_label(window)}): none (solid) vs cggm-stable (dashed), seed {seed}",
-            fontsize=10,
-        )
-        ax_eps.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
-        ax_eps.grid(alpha=0.3)
-        ax_grad.set_ylabel("‖applied encoder grad‖")
-        ax_grad.set_title(
-            f"Applied encoder gradient norm B_i·‖g_i‖ (‖g_i‖ for none; {smoothing_label(window)})", fontsize=10
-        )
-        ax_grad.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
-        ax_grad.grid(alpha=0.3)
-    axes[-1].set_xlabel(step_label)
+        eps_label = "batch accuracy of head i" if spec.kind == "classification" else "−MAE of head i on the batch"
+        _utilization_panels(axes[len(cggm)], axes[len(cggm) + 1], frame, {m: telemetries[m] for m in compare},
+                            eps_label)
+    axes[-1].set_xlabel(frame.step_label)
     fig.suptitle(f"{task} ({spec.kind}; modalities: {', '.join(modalities)}) — CGGM telemetry", fontsize=12)
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
     return True
+
+
+def _b_panel(ax, frame: Frame, method: str, telemetry: list[dict], rho: float, b_limit: float, last: bool) -> None:
+    """One CGGM preset's ``B_i`` over training: raw and smoothed, clipped to :data:`B_YLIM` (values
+    outside marked), blow-up and divergence marked, zoomed onto a run that diverged early."""
+    x = np.arange(len(telemetry))
+    low, high = B_YLIM
+    outside, raw_min, raw_max = 0, np.inf, -np.inf
+    summary = summarize_telemetry(telemetry, frame.modalities, b_limit)
+    end = summary["first_nonfinite_step"]  # B after a non-finite step means nothing
+    # A run that diverged early would be a sliver of a full-length axis: zoom in on it.
+    shown = len(telemetry) if end is None else min(len(telemetry), max(2 * end + 10, frame.steps_per_epoch))
+    zoomed = shown < len(telemetry)
+    window = smoothing_window(shown)
+    for m in frame.modalities:
+        color = frame.colors[m]
+        raw = series(telemetry, f"B/{m}")
+        if end is not None:
+            raw[end:] = np.nan
+        finite = raw[np.isfinite(raw)]
+        if finite.size:
+            raw_min, raw_max = min(raw_min, finite.min()), max(raw_max, finite.max())
+        ax.plot(x, raw, color=color, lw=0.6, alpha=0.25)
+        smooth = moving_average(raw, window)
+        if end is not None:
+            smooth[end:] = np.nan
+        ax.plot(x, smooth, color=color, lw=2.0, label=f"B_{m} ({smoothing_label(window)})")
+        above, below = np.isfinite(raw) & (raw > high), np.isfinite(raw) & (raw < low)
+        outside += int(above.sum() + below.sum())
+        inset = 0.03 * (high - low)  # markers just inside the axes (an empty unclipped line breaks layout)
+        if above.any():
+            ax.plot(x[above], np.full(above.sum(), high - inset), "^", color=color, ms=5, alpha=0.8)
+        if below.any():
+            ax.plot(x[below], np.full(below.sum(), low + inset), "v", color=color, ms=5, alpha=0.8)
+    ax.axhline(1.0, color="0.4", ls="--", lw=1, label="B = 1 (gradient unchanged)")
+    ax.axhline(0.0, color="0.7", ls=":", lw=1)
+    if summary["first_B_blowup_step"] is not None:
+        ax.axvline(summary["first_B_blowup_step"], color="black", ls=":", lw=1.5,
+                   label=f"first |B| > {b_limit:g} (step {summary['first_B_blowup_step']})")
+    if end is not None:
+        ax.axvspan(end, len(telemetry), color="tab:red", alpha=0.08)
+        ax.axvline(end, color="tab:red", lw=1.5, label=f"non-finite from step {end}: diverged, B not shown")
+    ax.set_ylim(low, high)
+    if outside:
+        ax.text(
+            0.01, 0.96,
+            f"y clipped to [{low:g}, {high:g}]: {outside} raw values outside (▲▼), "
+            f"raw range [{raw_min:.3g}, {raw_max:.3g}]",
+            transform=ax.transAxes, va="top", fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
+        )
+    ax.set_ylabel("B_i (encoder grad scale)")
+    ax.set_xlim(*((-0.5, shown - 0.5) if zoomed else frame.full_range))
+    ax.set_title(
+        f"{method}: balancing coefficients B_i (seed {frame.seed}, rho = {rho:g})"
+        + (f" — x zoomed to the first {shown} of {len(telemetry)} steps" if zoomed else ""),
+        fontsize=10,
+    )
+    if zoomed or last:
+        ax.set_xlabel(frame.step_label)
+    else:
+        ax.tick_params(labelbottom=False)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.grid(alpha=0.3)
+
+
+def _utilization_panels(ax_eps, ax_grad, frame: Frame, telemetries: dict[str, list[dict]], eps_label: str) -> None:
+    """``eps_i`` and the applied encoder gradient norm ``B_i·‖g_i‖``, ``none`` (solid) against
+    ``cggm-stable`` (dashed)."""
+    window = smoothing_window(frame.steps)
+    for ax in (ax_eps, ax_grad):
+        ax.set_xlim(*frame.full_range)
+    ax_eps.tick_params(labelbottom=False)
+    for (method, telemetry), style in zip(telemetries.items(), ("-", "--")):
+        x = np.arange(len(telemetry))
+        for m in frame.modalities:
+            eps = series(telemetry, f"eps/{m}")
+            ax_eps.plot(x, moving_average(eps, window), color=frame.colors[m], ls=style, lw=1.8,
+                        label=f"eps_{m} · {method}")
+            grad = series(telemetry, f"grad_norm/{m}")
+            if method != "none":
+                b = series(telemetry, f"B/{m}")
+                grad = grad * np.where(np.isfinite(b), b, np.nan)
+            ax_grad.plot(x, moving_average(grad, window), color=frame.colors[m], ls=style, lw=1.8,
+                         label=f"{m} · {method}")
+    ax_eps.set_ylabel(eps_label)
+    ax_eps.set_title(
+        f"Head utilization eps_i ({smoothing_label(window)}): none (solid) vs cggm-stable (dashed), seed {frame.seed}",
+        fontsize=10,
+    )
+    ax_grad.set_ylabel("‖applied encoder grad‖")
+    ax_grad.set_title(
+        f"Applied encoder gradient norm B_i·‖g_i‖ (‖g_i‖ for none; {smoothing_label(window)})", fontsize=10
+    )
+    for ax in (ax_eps, ax_grad):
+        ax.legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
+        ax.grid(alpha=0.3)
 
 
 # ------------------------------------------------------------------------- io
@@ -663,26 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:  # seed-major; method order rotated per seed, as in every comparison
         for task in args.tasks:
             plan += [(seed, task, method) for method in rotated(args.methods, seed)]
-    origin = provenance("numpy")
-    meta = {
-        "command": origin["command"],
-        "started": origin["date"],
-        "tasks": args.tasks,
-        "methods": args.methods,
-        "seeds": seeds,
-        "epochs": args.epochs,
-        "train_size": args.train_size,
-        "val_size": args.val_size,
-        "threads": args.threads,
-        "b_limit": args.b_limit,
-        "rho": RunConfig.rho,
-        "lam": RunConfig.lam,
-        "torch": origin["versions"]["torch"],
-        "python": origin["versions"]["python"],
-        "machine": origin["machine"],
-        "git": origin["git"],
-        "runs_total": len(plan),
-    }
+    meta = _meta(args, seeds, len(plan))
     results: list[dict] = []
     plot_telemetry: dict[str, dict[str, list[dict]]] = {task: {} for task in args.tasks}
     began = time.perf_counter()
@@ -709,14 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 val_size=args.val_size, **method_options(method),
             )
             done_before = progress.tasks[0].completed
-            try:
-                result, telemetry = run_one(config, args.b_limit, progress=lambda: progress.advance(bar))
-            except Exception as error:  # recorded and reported; the other runs go on
-                result, telemetry = (
-                    {"task": task, "seed": seed, "method": method, "config": asdict(config),
-                     "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
-                    None,
-                )
+            result, telemetry = run_recorded(config, method, args.b_limit, lambda: progress.advance(bar))
+            if "error" in result:
                 progress.console.print(f"[red]{task} {method} seed {seed}: ERROR {result['error']}")
             progress.update(bar, completed=done_before + steps_per_run, runs=f"{number}/{len(plan)}")
             results.append(result)
@@ -737,17 +736,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = save(complete=True)
     atomic_write_text(out / "results.md", render_markdown(meta, table, args.b_limit, plots) + "\n")
 
-    for task, task_table in table.items():
-        console.print()
-        console.print(rich_table(f"{task} ({TASKS[task].kind})", *table_rows(task_table)))
-        for note in divergence_notes(task_table, args.b_limit):
-            console.print("  " + note.replace("**", ""))
+    print_summary(console, table, args.b_limit)
     console.print(f"\nwall time {meta['wall_s']:.1f} s; wrote {out / 'results.json'}, {out / 'results.md'}"
                   + "".join(f", {out / name}" for name in plots.values()))
     errors = sum("error" in r for r in results)
     if errors:
         console.print(f"[red]{errors} run(s) raised; see 'error' in results.json")
     return 1 if errors else 0
+
+
+def _meta(args: argparse.Namespace, seeds: list[int], runs: int) -> dict:
+    """The run's settings and provenance, at the top of results.json and results.md."""
+    origin = provenance("numpy")
+    return {
+        "command": origin["command"], "started": origin["date"], "tasks": args.tasks, "methods": args.methods,
+        "seeds": seeds, "epochs": args.epochs, "train_size": args.train_size, "val_size": args.val_size,
+        "threads": args.threads, "b_limit": args.b_limit, "rho": RunConfig.rho, "lam": RunConfig.lam,
+        "torch": origin["versions"]["torch"], "python": origin["versions"]["python"],
+        "machine": origin["machine"], "git": origin["git"], "runs_total": runs,
+    }
+
+
+def run_recorded(config: RunConfig, method: str, b_limit: float, progress: Callable[[], None]) -> tuple[dict, list | None]:
+    """:func:`run_one`, or the error it raised recorded as the run's result (the other runs go on)."""
+    try:
+        return run_one(config, b_limit, progress=progress)
+    except Exception as error:
+        return {"task": config.task, "seed": config.seed, "method": method, "config": asdict(config),
+                "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}, None
+
+
+def print_summary(console: Console, table: dict, b_limit: float) -> None:
+    for task, task_table in table.items():
+        console.print()
+        console.print(rich_table(f"{task} ({TASKS[task].kind})", *table_rows(task_table)))
+        for note in divergence_notes(task_table, b_limit):
+            console.print("  " + note.replace("**", ""))
 
 
 def run_line(result: dict, kind: str) -> str:
