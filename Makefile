@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # torch is pinned in the same pip command: the CPU build of 2.13.0 instead of a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make test` runs on two pytest-xdist workers, one per core of the 2-core reference machine
+# (tests/conftest.py: one torch thread per worker, each file whole on one worker, longest files
+# first). `make test PYTEST_XDIST=` runs in one process; `PYTEST_XDIST="-n 4 ..."` uses 4 cores.
+PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install demo test test-slow bench clean
 
@@ -34,7 +38,7 @@ demo: | $(BIN)/python
 	$(BIN)/brats-cggm predict --model $(DEMO)/model/demo.onnx --input $(DEMO)/phantoms --out $(DEMO)/predictions --contributions --overwrite
 
 test: | $(BIN)/python
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-slow: | $(BIN)/python
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -1,14 +1,109 @@
-"""Small models and batches shared by the balancer tests."""
+"""Small models and batches shared by the balancer tests; the tiny trained and exported
+BraTS model shared by the inference tests; and what `make test`'s parallel workers need.
+
+``make test`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadfile``; the
+Makefile's PYTEST_XDIST):
+
+* a file runs whole on one worker, so that its module fixtures (trainings, exports, the
+  web server, the torch-free venv) are built once. (``--dist loadgroup`` with
+  ``xdist_group`` marks would split files finer, but pytest-xdist 3.8 groups by editing
+  ``item._nodeid``, which pytest 9.2 no longer reads: the marks are ignored.)
+* the files that take longest go first (:data:`LONGEST_FIRST`), the many short ones fill
+  in at the end, so that both workers finish at about the same time;
+* each worker keeps torch at one intra-op thread (two workers on two cores: a second
+  thread per worker only spins against the other worker);
+* session fixtures that build something expensive (:func:`tiny_export`) build it once
+  per run under a file lock, in a folder the workers share (:func:`built_once`).
+
+Without xdist (``pytest`` alone, or ``make test PYTEST_XDIST=``) none of this changes
+what runs: the order of the files is then pytest's own.
+"""
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+from filelock import FileLock
 from torch import nn
-from training_cases import torch_threads
+from training_cases import CPU, tiny_config, torch_threads
 
 from multimodal_general.balance import CGGM, Modality
 from multimodal_general.training.imbalance import LateFusionNet, unimodal_head
+
+#: set in the processes of pytest-xdist's workers ("gw0", "gw1", ...)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    torch.set_num_threads(1)
+
+#: the files that took longest under ``make test`` (20-65 s each on 2 shared cores), longest
+#: first: handed out first to the workers. Only the order depends on this list; a file
+#: missing from it just runs later, in pytest's order. The torch-free install waits on
+#: the package index more than it computes: started first, it overlaps the other worker.
+LONGEST_FIRST = (
+    "test_torch_free_install.py", "test_training.py", "test_app.py", "test_numpy_chain.py",
+    "test_export.py", "test_gpu_check.py", "test_fusion.py", "test_brats_compare.py",
+    "test_evaluate_subsets.py", "test_shipped_model.py", "test_distributed.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the files of :data:`LONGEST_FIRST` first (a stable sort: every worker
+    computes the same order, as xdist requires; ``--no-loadscope-reorder`` keeps it)."""
+    if XDIST_WORKER:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` filled by ``build(folder)`` once per test run. Under pytest-xdist
+    it lies in the run's temporary folder that every worker shares (the parent of the
+    worker's own): the first worker builds it under a file lock, the others wait for it
+    and reuse it (a build that raised is redone by the next worker that asks)."""
+    if not XDIST_WORKER:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{folder}.lock"):
+        done = folder / ".built"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+def _train_and_export_tiny(folder: Path) -> None:
+    from brats_cggm.data.phantom import write_phantoms
+    from brats_cggm.export import export_run
+    from brats_cggm.training import Trainer
+
+    with torch_threads(1):
+        write_phantoms(folder / "train", 6, size=32, layout="brats2021", seed=0)
+        config = tiny_config(folder / "train", network__modality_dropout=0.25, optim__epochs=2)
+        Trainer(config, folder / "run", CPU, report=lambda line: None).fit()
+        card = export_run(folder / "run", folder / "models" / "tiny.onnx", parity_cases=1)
+    # the card export_run returned, as it returned it (test_export compares it with the files)
+    (folder / "returned_card.pickle").write_bytes(pickle.dumps(card))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> SimpleNamespace:
+    """One tiny BraTS run (training_cases.TINY on 6 phantoms of 32^3, modality dropout 0.25,
+    2 epochs) and its ONNX export with one parity patch, shared by tests/test_export.py and
+    tests/test_predict.py (the export is what costs: ~8 s). Read-only: a test writes its
+    own files in its own folder."""
+    folder = built_once(tmp_path_factory, "tiny_export", _train_and_export_tiny)
+    return SimpleNamespace(train=folder / "train", run=folder / "run", onnx=folder / "models" / "tiny.onnx",
+                           card=pickle.loads((folder / "returned_card.pickle").read_bytes()))
 
 CLASSES = 3
 FEATURES = 32

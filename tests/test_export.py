@@ -10,9 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from training_cases import CPU, error_line, run_cli, tiny_config
+from training_cases import error_line, run_cli
 
-from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.errors import ConfigurationError
 from brats_cggm.export import (
     PARITY_TOLERANCE,
@@ -22,7 +21,6 @@ from brats_cggm.export import (
 )
 from brats_cggm.inference.card import ONNX_FIELDS
 from brats_cggm.inference.segmenter import Segmenter
-from brats_cggm.training import Trainer
 from brats_cggm.training.checkpoint import load_network
 from brats_cggm.training.trained import load_run
 
@@ -30,20 +28,17 @@ SHIPPED_CARD = Path(__file__).resolve().parents[1] / "models" / "brats_cggm_real
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_export):
+    """The tiny run of conftest's ``tiny_export`` (2 epochs on 6 phantoms), shared with
+    tests/test_predict.py."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("export")
-    write_phantoms(root / "data", 6, size=32, layout="brats2021", seed=0)
-    run = root / "run"
-    Trainer(tiny_config(root / "data", optim__epochs=2), run, CPU).fit()
-    return run
+    return tiny_export.run
 
 
 @pytest.fixture(scope="module")
-def exported(trained):
-    out = trained.parent / "models" / "tiny.onnx"
-    card = export_run(trained, out, parity_cases=1)
-    return out, card
+def exported(tiny_export):
+    """Its export by ``export_run(run, out, parity_cases=1)`` and the card that returned."""
+    return tiny_export.onnx, tiny_export.card
 
 
 def test_the_graph_passes_the_checker_and_carries_its_card(exported, trained):

@@ -3,7 +3,7 @@ input's grid kept in every output, missing sequences, contribution maps, and
 ``brats-cggm predict`` on folders and files.
 
 One tiny run (modality dropout 0.25, 2 epochs) is trained and exported once for the
-module; a copy of its ONNX file whose card says ``modality_dropout: 0`` stands for a model
+session (conftest's ``tiny_export``, shared with tests/test_export.py); a copy of its ONNX file whose card says ``modality_dropout: 0`` stands for a model
 trained without dropout (only the metadata changes, so the graph digest still matches).
 Most CLI calls run in this process (``inference_cases.cli``); one runs the console script.
 """
@@ -34,20 +34,18 @@ from inference_cases import (
     shapley_by_orderings,
     write_case,
 )
-from training_cases import CPU, error_line, run_cli, tiny_config
+from training_cases import error_line, run_cli
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import generate_case, write_phantoms
 from brats_cggm.errors import ConfigurationError, IncompatibleModel
-from brats_cggm.export import export_run
 from brats_cggm.inference.card import card_path
 from brats_cggm.inference.contributions import coalition_plan, region_shares
 from brats_cggm.inference.inputs import case_from_files
 from brats_cggm.inference.outputs import write_prediction
 from brats_cggm.inference.segmenter import Segmenter
-from brats_cggm.training import Trainer
 
 BRATS2021_VALUES = {0, 1, 2, 4}
 BRATS2023_VALUES = {0, 1, 2, 3}
@@ -57,18 +55,16 @@ BRATS2023_VALUES = {0, 1, 2, 3}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """The trained run, its ONNX export, and a no-dropout copy of the export."""
+def models(tmp_path_factory, tiny_export):
+    """The trained run and its ONNX export (conftest's ``tiny_export``, shared with
+    tests/test_export.py: read-only), a no-dropout copy of the export, and this module's
+    folder for inputs and outputs."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("predict")
-    write_phantoms(root / "train", 6, size=32, layout="brats2021", seed=0)
-    run = root / "run"
-    Trainer(tiny_config(root / "train", network__modality_dropout=0.25, optim__epochs=2), run, CPU).fit()
-    onnx_path = root / "models" / "tiny.onnx"
-    export_run(run, onnx_path, parity_cases=0)
-    nodrop = copy_model(onnx_path, root / "models" / "nodrop.onnx",
+    nodrop = copy_model(tiny_export.onnx, root / "models" / "nodrop.onnx",
                         edit_card=lambda card: card["network"].update(modality_dropout=0.0))
-    return SimpleNamespace(root=root, run=run, onnx=onnx_path, nodrop=nodrop)
+    return SimpleNamespace(root=root, train=tiny_export.train, run=tiny_export.run, onnx=tiny_export.onnx,
+                           nodrop=nodrop)
 
 
 @pytest.fixture(scope="module")
@@ -557,7 +553,7 @@ def batch_folder(models, inputs):
     folder = models.root / "inputs" / "batch"
     shutil.copytree(inputs / "brats2021", folder)
     broken = folder / "BraTS2021_00005"
-    shutil.copytree(models.root / "train" / "BraTS2021_00005", broken)
+    shutil.copytree(models.train / "BraTS2021_00005", broken)
     t2 = broken / "BraTS2021_00005_t2.nii.gz"
     data = t2.read_bytes()
     t2.write_bytes(data[: len(data) // 2])
