@@ -123,7 +123,9 @@ def test_the_app_is_brats_cggm_app_and_names_its_extra(venv):
     says which extra brings it."""
     env, _ = venv
     code = "import importlib.util as u; print(u.find_spec('apps') is None, u.find_spec('brats_cggm_app') is not None)"
-    found = subprocess.run([str(env / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True)
+    # -I: the installed packages only (without it the repository's own apps/ folder, in the
+    # working directory, would be found as a namespace package)
+    found = subprocess.run([str(env / "bin" / "python"), "-I", "-c", code], check=True, capture_output=True, text=True)
     assert found.stdout.split() == ["True", "True"], found.stdout
     result = cli(env, "app", check=False)
     assert result.returncode == 2 and "pip install 'brats-cggm[app]'" in result.stderr, result.stdout + result.stderr
