@@ -21,7 +21,6 @@ from brats_cggm.export import (
 )
 from brats_cggm.inference.card import ONNX_FIELDS
 from brats_cggm.inference.segmenter import Segmenter
-from brats_cggm.training.checkpoint import load_network
 from brats_cggm.training.trained import load_run
 
 SHIPPED_CARD = Path(__file__).resolve().parents[1] / "models" / "brats_cggm_real.card.json"
@@ -49,7 +48,8 @@ def test_the_graph_passes_the_checker_and_carries_its_card(exported, trained):
     assert [o.name for o in model.graph.output] == ["logits"]
     embedded = json.loads({p.key: p.value for p in model.metadata_props}["model_card"])
     assert embedded == json.loads(card_path(out).read_text()) == card
-    net, config = load_network(trained / "checkpoints" / "best.pt")
+    run = load_run(trained)
+    net, config = run.net, run.config
     assert card["weights_sha256"] == weights_sha256(net)
     assert card["modalities"] == ["flair", "t1", "t1ce", "t2"]
     assert card["preprocessing"] == config.preprocessing.to_dict()
@@ -88,7 +88,7 @@ def test_load_run_builds_the_checkpoints_network_in_eval_mode(trained):
 
 def test_onnx_runtime_matches_torch_on_other_shapes_and_masks(exported, trained):
     out, _ = exported
-    net, _ = load_network(trained / "checkpoints" / "best.pt")
+    net = load_run(trained).net
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(5)
     for shape, mask in [((1, 4, 24, 16, 32), [[1, 1, 1, 1]]), ((3, 4, 16, 16, 16), [[1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0]])]:

@@ -84,14 +84,10 @@ def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
 
 
-def load_network(path: Path, device: str | torch.device = "cpu"):
-    """The network of a checkpoint (``best.pt``, or ``last.pt``), in eval mode, with the
-    run's configuration: ``(net, TrainConfig)``."""
-    return network_from_payload(load(path, map_location=device), path, device)
-
-
 def network_from_payload(payload: dict[str, Any], path: Path, device: str | torch.device = "cpu"):
-    """:func:`load_network` for a checkpoint already read with :func:`load`."""
+    """The network of a checkpoint already read with :func:`load` (``best.pt`` or ``last.pt``),
+    in eval mode, with the run's configuration: ``(net, TrainConfig)``. A whole run folder:
+    :func:`brats_cggm.training.trained.load_run`."""
     from brats_cggm.training.components import network_from_config
     from brats_cggm.training.config import TrainConfig
 
