@@ -11,8 +11,9 @@ report (:class:`Column`); the harness does the rest, the same way for every task
 * **Not applicable.** A :class:`ConfigurationError` from a method's first run (it cannot serve
   the task, e.g. OGM-GE on a regression task) makes it a "not applicable" row; from a later
   seed it is a real error and propagates.
-* **Settings pinned.** :func:`pin_settings` writes the shared settings into the output folder;
-  a rerun with other settings is refused instead of mixing budgets in one table.
+* **Settings pinned.** Each adapter records the settings its runs were made with
+  (:func:`~multimodal_general.io.pin_settings` for a folder, or a run's own file); a rerun
+  with other settings is refused instead of mixing budgets in one table.
 * **One table.** Per method the mean ± sample std over seeds of every column (finite values
   only, :func:`~multimodal_general.series.mean_std`), written as ``results.md``,
   ``results.csv`` (``<column>_mean`` / ``<column>_std``) and the adapter's ``results.png``.
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_general.errors import ConfigurationError
-from multimodal_general.io import atomic_write, atomic_write_text, pin_settings
+from multimodal_general.io import atomic_write_text
 from multimodal_general.series import mean_std, plus_minus
 
-__all__ = ["Column", "Sweep", "errorbar_panels", "markdown_table", "method_cells", "parse_methods", "pin_settings", "results_csv",
-           "rotated", "run_order", "summarize", "sweep", "write_results"]
+__all__ = ["Column", "Sweep", "errorbar_panels", "markdown_table", "method_cells", "parse_methods",
+           "results_csv", "rotated", "run_order", "summarize", "sweep", "write_results"]
 
 #: ``run(method, seed, tick)`` -> the run's result; it calls ``tick()`` after every epoch it trains
 RunOne = Callable[[str, int, Callable[[], None]], dict]
@@ -54,7 +55,13 @@ class Column:
     digits: int = 3
 
     def cell(self, row: Mapping) -> str:
+        """``mean ± std`` of the column in a table row (``—`` without a finite mean)."""
         return plus_minus(row[self.key], self.digits)
+
+    def mean_cell(self, row: Mapping) -> str:
+        """The mean alone (``—`` when it is not finite), for a value whose spread says little."""
+        mean = row[self.key][0]
+        return f"{mean:.{self.digits}f}" if math.isfinite(mean) else "—"
 
 
 @dataclass
@@ -216,6 +223,8 @@ def errorbar_panels(path: Path, rows: Sequence[Mapping], panels: Sequence[tuple[
     several columns of a panel side by side; a method that is not applicable is marked n/a."""
     from matplotlib.figure import Figure
 
+    from multimodal_general.training.plots import save_figure
+
     fig = Figure(figsize=(max(8, 1.5 * len(rows) + 4), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels):
@@ -233,6 +242,4 @@ def errorbar_panels(path: Path, rows: Sequence[Mapping], panels: Sequence[tuple[
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right")
         ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    save_figure(fig, path)

@@ -314,14 +314,15 @@ def compare(
     done = sweep(names, seeds, run, epochs, progress, reuse)
     task_spec = TASKS[task]
     modalities = [s.name for s in task_spec.modalities]
+    columns = _columns(modalities)
     done.rows = summarize(
-        done, _columns(modalities),
+        done, columns,
         finite=lambda name, runs: sum(_finite(r["test_metric"]) for r in runs),
         diverged=lambda name, runs: sum(bool(r["diverged"]) for r in runs),
         wall_s_total=lambda name, runs: sum(r["wall_s"] for r in runs),
         fusion_head=lambda name, runs: fusion_head_of(replace(base, **method_options(name))),
     )
-    markdown = _header(task, names, seeds, base, test_size) + _markdown(done.rows, modalities, task_spec.kind)
+    markdown = _header(task, names, seeds, base, test_size) + _markdown(done.rows, columns, task_spec.kind)
     write_results(out, markdown, done.rows,
                   (lambda path: _plot(path, done.rows, modalities, task, task_spec.kind)) if plot else None)
     return done
@@ -369,15 +370,13 @@ def _header(task: str, names: list[str], seeds: int, base: RunConfig, test_size:
     )
 
 
-def _markdown(rows: list[dict], modalities: list[str], kind: str) -> str:
-    columns = _columns(modalities)
+def _markdown(rows: list[dict], columns: list[Column], kind: str) -> str:
     header = ["method", f"test {_metric_name(kind)} {'↑' if _higher_is_better(kind) else '↓'}", "diverged",
               *(c.title for c in columns[1:]), "fused head"]
     cells = []
     for row in rows:
         values = [columns[0].cell(row), f"{row['diverged']}/{row['runs']}", *(c.cell(row) for c in columns[1:-2])]
-        epoch = row["best_epoch"][0]
-        values += ["—" if not _finite(epoch) else f"{epoch:.1f}", columns[-1].cell(row), row["fusion_head"]]
+        values += [columns[-2].mean_cell(row), columns[-1].cell(row), row["fusion_head"]]
         cells.append(method_cells(row, values, len(header)))
     return markdown_table(header, cells)
 

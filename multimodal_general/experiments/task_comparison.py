@@ -30,12 +30,12 @@ from multimodal_general.experiments.harness import (
     errorbar_panels,
     markdown_table,
     method_cells,
-    pin_settings,
     summarize,
     sweep,
     write_results,
 )
 from multimodal_general.experiments.imbalance_comparison import method_options, parse_methods
+from multimodal_general.io import pin_settings
 from multimodal_general.training.runner import TrainSettings, train_seed
 
 
@@ -69,7 +69,7 @@ def compare_on_task(
     columns = _columns(data)
     done.rows = summarize(done, columns, diverged=lambda name, runs: sum(bool(r.get("diverged")) for r in runs))
     metric, _ = SELECTION[data.task]
-    write_results(out, _header(settings, names, seeds, data) + _markdown(done.rows, columns, data), done.rows,
+    write_results(out, _header(settings, names, seeds, data) + _markdown(done.rows, columns), done.rows,
                   lambda path: errorbar_panels(path, done.rows, [
                       (f"{data.task}: fused test {metric} (mean ± std)", [("fused", f"test_{metric}")]),
                       (f"each modality's unimodal head (test {metric})", [(m, f"head_{m}") for m in data.modalities]),
@@ -109,12 +109,12 @@ def _header(settings: TrainSettings, names: list[str], seeds: int, data: TaskDat
     )
 
 
-def _markdown(rows: list[dict], columns: list[Column], data: TaskData) -> str:
+def _markdown(rows: list[dict], columns: list[Column]) -> str:
     scores, timing = columns[:-2], columns[-2:]
     header = ["method", *(c.title for c in scores), "diverged", *(c.title for c in timing)]
     cells = []
     for row in rows:
         values = [c.cell(row) for c in scores] + [f"{row['diverged']}/{row['runs']}"]
-        values += [f"{row[c.key][0]:.1f}" if math.isfinite(row[c.key][0]) else "—" for c in timing]
+        values += [c.mean_cell(row) for c in timing]
         cells.append(method_cells(row, values, len(header)))
     return markdown_table(header, cells)
