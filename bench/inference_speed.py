@@ -105,7 +105,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from brats_cggm import MODALITIES
+from brats_cggm import MODALITIES, models
 from brats_cggm.data.labels import REGIONS
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
@@ -142,7 +142,7 @@ BASELINE = "torch"
 #: the reference of a configuration without torch (s: the shipped model has no run here)
 ONNX_BASELINE = "onnxruntime"
 CONFIGS = ("a", "b", "s")
-SHIPPED = REPO / "models" / "brats_cggm_real.onnx"
+SHIPPED = models.default().path
 FULL = {"case_size": "240,240,155", "rounds": "5,3,5", "large_spacing": 1.0, "large_patch": 128,
         "small_patch": 48, "exporter": "project", "matmul_size": 2048}
 QUICK = {"case_size": "64,64,64", "rounds": "1,1,1", "large_spacing": 4.0, "large_patch": 32,

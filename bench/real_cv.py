@@ -49,7 +49,8 @@ class Row:
     ``fusion``) a trained model scored on each test fold."""
 
     label: str
-    #: the compare method; for a scored model, the model file (``PRETRAINED``: the pre-training run)
+    #: the compare method; for a scored model, a shipped model's name or a model file (``PRETRAINED``: the
+    #: pre-training run)
     method: str
     fusion: str | None = None
     #: the phantom pre-training (a key of ``PRETRAIN``) the row starts from, or (scored) is
@@ -78,7 +79,7 @@ ROWS: dict[str, Row] = {
                            "mean", init="early_fusion"),
     # no real training: the phantom-trained demo model (3 mm, mean fusion, old phantoms), and
     # the pre-training run (calibrated phantoms, the cpu-real recipe), scored on every test fold
-    "phantom-only": Row("phantom-only demo model (no real training)", "models/brats_cggm_phantom_demo.onnx"),
+    "phantom-only": Row("phantom-only demo model (no real training)", "brats_cggm_phantom_demo"),
     "phantom-calibrated": Row("calibrated phantoms only, 4 branches, cpu-real recipe (no real training)",
                               PRETRAINED, init="hemis"),
 }

@@ -98,6 +98,32 @@ def info() -> None:
     console.print(table)
 
 
+@app.command("models")
+def list_models(
+    name: Annotated[str | None, typer.Argument(help="a shipped model: print its card")] = None,
+) -> None:
+    """List the models shipped in the package (use a name with --model), or print one's card."""
+    import json
+
+    from brats_cggm import models
+
+    if name is not None:
+        model = models.find(name)
+        console.print(f"{model.name}: {model.path}", highlight=False, soft_wrap=True)
+        console.print_json(json.dumps(model.card))
+        return
+    table = Table(title=f"shipped models ({models.folder()})")
+    for column in ("name", "task", "network", "MB", "description"):
+        table.add_column(column, overflow="fold", no_wrap=column != "description",
+                         justify="right" if column == "MB" else "left")
+    for model in models.available():
+        network = model.card.get("network", {})
+        table.add_row(model.name + (" (default)" if model.is_default else ""), model.task,
+                      str(network.get("preset", "")), f"{model.path.stat().st_size / 2**20:.1f}",
+                      model.card.get("description", ""))
+    console.print(table)
+
+
 @app.command()
 def check(
     data_dir: Annotated[Path, typer.Argument(help="folder with BraTS cases")],
@@ -313,8 +339,8 @@ def compare(
 def evaluate(
     run: Annotated[Path | None, typer.Option(help="a run folder written by `brats-cggm train`")] = None,
     model: Annotated[Path | None, typer.Option(
-        help="an exported .onnx file, scored on every labelled case of --data (default without --run: the "
-             "shipped model)")] = None,
+        help="a shipped model's name or an exported .onnx file, scored on every labelled case of --data "
+             "(default without --run: the shipped brats_cggm_real)")] = None,
     data: Annotated[Path | None, typer.Option(help="folder with labelled BraTS cases (a run's default: its own)")] = None,
     out: Annotated[Path | None, typer.Option(
         help="where a model's results go (default: evaluation/<model name>); a run's go to RUN/evaluation/<split>")] = None,
@@ -329,7 +355,7 @@ def evaluate(
     case's own grid)."""
     from brats_cggm.evaluation import evaluate as evaluate_run
     from brats_cggm.evaluation import evaluate_model
-    from brats_cggm.inference.segmenter import default_model
+    from brats_cggm import models
     from brats_cggm.metrics import REGIONS
 
     if run is not None and (model is not None or out is not None):
@@ -338,7 +364,7 @@ def evaluate(
         raise ConfigurationError("scoring a model needs --data DIR, a folder of labelled BraTS cases")
     if run is None and split not in (None, "all"):
         raise ConfigurationError("--split picks a run's cases; a model is scored on every case of --data")
-    name = run.name if run is not None else (model or default_model()).stem
+    name = run.name if run is not None else models.resolve(model).stem
     with progress_bar() as bar:
         def track(items, text):
             return bar.track(items, description=text)
@@ -412,7 +438,8 @@ def predict(
     ],
     out: Annotated[Path, typer.Option(help="folder for the label maps and their JSON summaries")],
     model: Annotated[
-        Path | None, typer.Option(help="an exported .onnx file or a run folder (default: the shipped model)")
+        Path | None, typer.Option(help="a shipped model's name (brats-cggm models), an exported .onnx file or a run "
+                                       "folder (default: the shipped brats_cggm_real)")
     ] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu or cuda")] = "cpu",
     device: Annotated[str, typer.Option(help="torch device for a run folder: cpu or cuda")] = "cpu",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the shipped demo model, models/brats_cggm_phantom_demo.onnx (+ .card.json), with the
+# Rebuild the shipped demo model, brats_cggm/models/brats_cggm_phantom_demo.onnx (+ .card.json), with the
 # project's own CLI: 30 phantom cases (96^3) -> cpu-small training with modality dropout (so
 # that a missing sequence can be switched off at inference) -> ONNX export with its card.
 #
@@ -16,7 +16,7 @@ BALANCER=${BALANCER:-none}
 EPOCHS=${EPOCHS:-50}
 LR=${LR:-1e-3}
 SEED=${SEED:-0}
-OUT=${OUT:-models/brats_cggm_phantom_demo.onnx}
+OUT=${OUT:-brats_cggm/models/brats_cggm_phantom_demo.onnx}
 
 [ -f "$WORK/phantoms/BraTS2021_00029/BraTS2021_00029_seg.nii.gz" ] ||
     "$BIN/brats-cggm" phantom --out "$WORK/phantoms" --cases 30 --size 96 --seed 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the shipped default model, models/brats_cggm_real.onnx (+ .card.json), from your own
+# Rebuild the shipped default model, brats_cggm/models/brats_cggm_real.onnx (+ .card.json), from your own
 # copy of labelled BraTS cases, with the project's own CLI. The recipe is the row that measured
 # best in the cross-validation on real cases (bench/real_cv.py, docs/real_data.md):
 #   1. phantom pre-training: 30 calibrated phantoms (96^3, seed 0), cpu-real for 60 epochs;
@@ -20,7 +20,7 @@ BIN=${BIN:-.venv/bin}
 WORK=${WORK:-runs/real_model}
 PRETRAIN=${PRETRAIN:-runs/real_model_pretrain}
 SEED=${SEED:-0}
-OUT=${OUT:-models/brats_cggm_real.onnx}
+OUT=${OUT:-brats_cggm/models/brats_cggm_real.onnx}
 EVALUATION=${EVALUATION:-bench/results/real_cv_card.json}
 CASES=$(find "$DATA" -name '*seg.nii*' | wc -l)
 NETWORK=(--network early_fusion --set 'network.overrides={"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}')

@@ -26,7 +26,7 @@ from gradio_client.exceptions import AppError
 from brats_cggm import MODALITIES
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.inference.inputs import case_from_files
-from brats_cggm.inference.segmenter import Segmenter, default_model
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm_app import launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(phantom) -> np.ndarray:
     """The label map the segmenter (as `brats-cggm predict` runs it) gives the phantom."""
-    return Segmenter.load(default_model()).predict_case(case_from_files(phantom)).labels
+    return Segmenter.load().predict_case(case_from_files(phantom)).labels
 
 
 def test_segment_endpoint_matches_the_segmenter(app, phantom, expected, tmp_path):
@@ -96,7 +96,7 @@ def test_segment_endpoint_reports_bad_and_partial_input(app, phantom, tmp_path):
     with pytest.raises(AppError, match="notes_flair.nii.gz: is named .gz but is not gzip-compressed"):
         client.predict(handle_file(str(fake)), *[handle_file(str(p)) for p in phantom[1:]], False, api_name="/segment")
     without_t1ce = [handle_file(str(p)) if m != "t1ce" else None for m, p in zip(MODALITIES, phantom)]
-    if Segmenter.load(default_model()).allows_missing:
+    if Segmenter.load().allows_missing:
         _, summary, _ = client.predict(*without_t1ce, False, api_name="/segment")
         assert summary["sequences_missing"] == ["t1ce"]
     else:

@@ -19,16 +19,17 @@ from monai.transforms import Orientation, Spacing
 from test_real_cases import REAL
 from training_cases import torch_threads
 
-from brats_cggm import MODALITIES
+from brats_cggm import MODALITIES, models
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import generate_case
 from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.transforms import image_transforms
 from brats_cggm.inference.grid import orient, preprocess, spacing_grid
-from brats_cggm.inference.segmenter import DEFAULT_MODEL, Segmenter
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.inference.windows import gaussian_importance, window_starts
 
-DEMO_MODEL = DEFAULT_MODEL.with_name("brats_cggm_phantom_demo.onnx")  # 3 mm, four branches
+DEFAULT_MODEL = models.default().path
+DEMO_MODEL = models.find("brats_cggm_phantom_demo").path  # 3 mm, four branches
 SAME_LABELS = 0.9999
 MAX_PROBABILITY_DIFFERENCE = 1e-3
 
@@ -170,7 +171,9 @@ def test_an_onnx_file_takes_the_numpy_chain_and_a_run_folder_monais(chains):
     assert monai_chain.chain == "monai"
 
 
-REAL_CASES = sorted(p.name for p in REAL.glob("*/*") if p.is_dir() and p.name != "labels") if REAL.is_dir() else []
+#: every full case (partial/ holds two-sequence cases, one folder deeper)
+REAL_CASES = sorted(p.name for p in REAL.glob("*/*") if p.is_dir() and p.name != "labels"
+                    and p.parent.name != "partial") if REAL.is_dir() else []
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases at {REAL} (a fresh clone has none)")

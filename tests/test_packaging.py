@@ -53,3 +53,45 @@ def test_the_console_scripts_point_at_the_app_and_the_general_cli(wheel):
     text = wheel.read(entry_points).decode()
     assert "brats-cggm = brats_cggm_app.cli:main" in text, text
     assert "multimodal-general = multimodal_general.cli:main" in text, text
+
+
+def test_the_wheel_carries_the_shipped_models_and_their_cards(wheel):
+    """`pip install <wheel>` segments with no --model: the models are package data of
+    brats_cggm.models, found through importlib.resources."""
+    from brats_cggm import models
+
+    shipped = {f"brats_cggm/models/{m.path.name}" for m in models.available()}
+    shipped |= {f"brats_cggm/models/{m.card_path.name}" for m in models.available()}
+    assert models.default().name in {m.name for m in models.available()}
+    assert shipped <= set(wheel.namelist()), sorted(shipped - set(wheel.namelist()))
+    for name in shipped:  # the very bytes of the work tree
+        assert wheel.read(name) == (REPO / name).read_bytes(), name
+    size_mb = Path(wheel.filename).stat().st_size / 2**20
+    print(f"\nwheel: {size_mb:.1f} MB")
+    assert size_mb < 8  # small: the models are a few MB
+
+
+def _build(hook: str, source: Path, out: Path) -> Path:
+    """A PEP 517 build with this environment's setuptools (no index, no isolation)."""
+    code = f"from setuptools import build_meta; print(build_meta.{hook}({str(out)!r}))"
+    name = subprocess.run([sys.executable, "-c", code], cwd=source, check=True, capture_output=True, text=True,
+                          timeout=300).stdout.split()[-1]
+    return out / name
+
+
+def _contents(wheel: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(wheel) as archive:
+        return {n: archive.read(n) for n in archive.namelist() if not n.endswith(".dist-info/RECORD")}
+
+
+def test_the_sdist_builds_the_same_wheel(tmp_path):
+    pytest.importorskip("setuptools", reason="building needs setuptools")
+    source = copy_sources(tmp_path / "source")
+    direct = _build("build_wheel", source, tmp_path / "direct")
+    sdist = _build("build_sdist", source, tmp_path / "sdist")
+    shutil.unpack_archive(sdist, tmp_path / "unpacked")
+    unpacked = next((tmp_path / "unpacked").iterdir())
+    from_sdist = _build("build_wheel", unpacked, tmp_path / "from_sdist")
+    ours, theirs = _contents(direct), _contents(from_sdist)
+    assert sorted(ours) == sorted(theirs), sorted(set(ours) ^ set(theirs))
+    assert [n for n in ours if ours[n] != theirs[n]] == []

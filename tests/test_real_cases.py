@@ -15,7 +15,7 @@ import torch
 from training_cases import torch_threads
 
 from brats_cggm.data.layouts import discover
-from brats_cggm.inference.segmenter import Segmenter, default_model
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.metrics import region_metrics
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases 
 @pytest.fixture(scope="module")
 def segmenter():
     with torch_threads(2):
-        yield Segmenter.load(default_model())
+        yield Segmenter.load()
 
 
 def test_the_default_model_was_trained_on_real_scans_and_says_so(segmenter):

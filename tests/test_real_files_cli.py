@@ -15,9 +15,12 @@ import pytest
 from inference_cases import cli
 from test_real_cases import REAL
 
+from brats_cggm import models
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.validation import load_sequences
-from brats_cggm.inference.segmenter import DEFAULT_MODEL, Segmenter
+from brats_cggm.inference.segmenter import Segmenter
+
+DEFAULT_MODEL = models.default().path
 
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases at {REAL} (a fresh clone has none)")
 

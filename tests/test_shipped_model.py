@@ -14,10 +14,13 @@ import torch
 from inference_cases import cli
 from training_cases import run_cli
 
+from brats_cggm import models
 from brats_cggm.data.layouts import Case, discover
 from brats_cggm.data.phantom import write_phantoms
-from brats_cggm.inference.segmenter import DEFAULT_MODEL, Segmenter
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.metrics import region_metrics
+
+DEFAULT_MODEL = models.default().path
 
 
 @pytest.fixture(scope="module")

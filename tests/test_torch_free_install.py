@@ -1,12 +1,14 @@
-"""The torch-free install: a clean virtual environment with ``pip install brats-cggm`` (the
-base install, no extra) must run ``check`` and ``predict`` (every option) on a phantom and
-on a real case, with no torch, MONAI, Gradio or SciPy; a command that needs the ``train``
-extra says so in one line (exit 2, no traceback).
+"""The torch-free install: a wheel built from the sources, installed in a clean virtual
+environment (``pip install brats_cggm-*.whl``, the base install, no extra), must run ``check``
+and ``predict`` (every option) on a phantom and on a real case with no ``--model`` (the shipped
+default travels in the wheel), with no torch, MONAI, Gradio or SciPy; a command that needs the
+``train`` extra says so in one line (exit 2, no traceback).
 
 It installs from the package index (18-35 s, 233 MB), so it runs where
 ``BRATS_CGGM_INSTALL_TEST=1`` (``.ci/run`` sets it) and is skipped with that reason
 elsewhere. The phantom is written by this (full) environment: ``brats-cggm phantom``
-needs the ``train`` extra. Size and time of the install are printed (``pytest -s``).
+needs the ``train`` extra. Size and time of the install and the wheel's size are printed
+(``pytest -s``). Commands run outside the repository, so nothing of the work tree is found.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from test_packaging import copy_sources
 from test_real_cases import REAL
 
 from brats_cggm.data.phantom import write_phantoms
-from brats_cggm.inference.segmenter import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -41,16 +42,19 @@ def folder_mb(path: Path) -> float:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
-    """A clean venv with the base install, from a copy of the package's sources (so the
-    build leaves nothing in the work tree)."""
+    """A clean venv with the base install of a wheel built from a copy of the package's
+    sources (so the build leaves nothing in the work tree)."""
     root = tmp_path_factory.mktemp("torch_free")
     source = copy_sources(root / "source")
     env = root / "venv"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    subprocess.run([str(env / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(source)],
-                   check=True, timeout=900)
+    pip = [str(env / "bin" / "pip"), "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(root / "dist"), str(source)], check=True, timeout=900)
+    wheel = next((root / "dist").glob("brats_cggm-*.whl"))
+    subprocess.run([*pip, "install", "--quiet", str(wheel)], check=True, timeout=900)
     seconds = time.perf_counter() - start
+    print(f"\nwheel: {wheel.name}, {wheel.stat().st_size / 2**20:.1f} MB")
     listed = subprocess.run([str(env / "bin" / "pip"), "list", "--format", "json"], check=True,
                             capture_output=True, text=True).stdout
     packages = {p["name"].lower(): p["version"] for p in json.loads(listed)}
@@ -60,7 +64,7 @@ def venv(tmp_path_factory):
 
 def cli(env: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(env / "bin" / "brats-cggm"), *args], check=False, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+                            timeout=600, env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}, cwd=env)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -73,19 +77,27 @@ def test_the_install_has_no_torch_and_fits_400_mb(venv):
     assert folder_mb(env) <= 400
 
 
+def test_the_shipped_models_come_from_the_installed_wheel(venv):
+    env, _ = venv
+    listed = cli(env, "models").stdout
+    assert "brats_cggm_real (default)" in listed and "brats_cggm_phantom_demo" in listed, listed
+    card = cli(env, "models", "brats_cggm_real").stdout
+    assert card.startswith(f"brats_cggm_real: {env}") and '"format": "brats-cggm-model-card/1"' in card, card
+
+
 def test_check_and_predict_a_phantom_with_every_option(venv, tmp_path):
     env, _ = venv
     write_phantoms(tmp_path / "cases", 1, size=48, layout="brats2023", seed=5)
     cli(env, "check", str(tmp_path / "cases"))
     out = tmp_path / "out"
-    result = cli(env, "predict", "--model", str(DEFAULT_MODEL), "--input", str(tmp_path / "cases"), "--out", str(out),
-                 "--contributions", "--method", "shapley", "--probabilities", "--tta", "--label-scheme", "brats2023")
+    result = cli(env, "predict", "--input", str(tmp_path / "cases"), "--out", str(out), "--contributions", "--method", "shapley", "--probabilities", "--tta", "--label-scheme", "brats2023")
     summary = json.loads(next(out.glob("*.json")).read_text())
     assert summary["tta"] and summary["contributions"]["method"] == "shapley", result.stdout
     assert summary["label_scheme"] == "brats2023" and len(summary["files"]["contributions"]) == 4
+    assert summary["model"]["source"].startswith(str(env)), summary["model"]  # the wheel's default model
     case = next((tmp_path / "cases").iterdir())
     files = sorted(case.glob("*-t2f.nii.gz"))  # one sequence as a file: a missing-sequence case
-    cli(env, "predict", "--model", str(DEFAULT_MODEL), "--input", str(files[0]), "--out", str(tmp_path / "one"))
+    cli(env, "predict", "--input", str(files[0]), "--out", str(tmp_path / "one"))
     assert json.loads(next((tmp_path / "one").glob("*.json")).read_text())["sequences_used"] == ["flair"]
 
 
@@ -94,7 +106,7 @@ def test_the_python_api_imports_no_torch(venv):
     code = (
         "import sys, numpy as np\n"
         "from brats_cggm.inference.segmenter import Segmenter\n"
-        f"s = Segmenter.load({str(DEFAULT_MODEL)!r})\n"
+        "s = Segmenter.load()\n"
         "rng = np.random.default_rng(0)\n"
         "arrays = {m: np.pad(rng.uniform(100, 200, (30, 30, 30)), 5).astype(np.float32) for m in ('flair', 't1', 't1ce', 't2')}\n"
         "p = s.predict_arrays(arrays, np.eye(4), contributions='occlusion')\n"
@@ -138,7 +150,7 @@ def test_a_real_case_with_a_flipped_direction(venv, tmp_path):
     case = REAL / "brats2023" / "BraTS-MET-00110-000"
     cli(env, "check", str(case.parent))
     files = [a for f in sorted(case.glob("*.nii.gz")) for a in ("--input", str(f))]
-    cli(env, "predict", "--model", str(DEFAULT_MODEL), *files, "--out", str(tmp_path))
+    cli(env, "predict", *files, "--out", str(tmp_path))
     labels = nib.load(tmp_path / f"{case.name}.nii.gz")
     source = nib.load(next(case.glob("*-t1c.nii.gz")))
     assert labels.shape == source.shape and np.allclose(labels.affine, source.affine, atol=1e-5)

@@ -19,7 +19,7 @@ from brats_cggm.errors import ConfigurationError
 
 @app.command("app")
 def serve(
-    model: Annotated[Path | None, typer.Option(help="an exported .onnx file (default: the shipped model, models/brats_cggm_real.onnx)")] = None,
+    model: Annotated[Path | None, typer.Option(help="a shipped model's name or an exported .onnx file (default: the shipped brats_cggm_real)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on; 0.0.0.0 exposes the app to the network")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 7860,
     concurrency: Annotated[int, typer.Option(help="segmentations run at once; more requests wait in a queue")] = 2,

@@ -1,7 +1,7 @@
 """The segmenter: one object that turns a case into a label map, for the CLI, the web app
 and pipelines.
 
->>> segmenter = Segmenter.load("models/brats_cggm_real.onnx")     # or a run folder
+>>> segmenter = Segmenter.load("brats_cggm_real")   # a shipped model's name, an .onnx file or a run folder
 >>> result = segmenter.predict_case(case, tta=True, contributions="occlusion")
 >>> result.labels.shape == result.shape, result.volumes_ml()["WT"]
 
@@ -27,7 +27,6 @@ and weights (``tests/test_numpy_chain.py`` holds them together):
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from brats_cggm import MODALITIES
+from brats_cggm import MODALITIES, models
 from brats_cggm.data.labels import REGIONS, SCHEMES, labels_from_regions, to_brats2021
 from brats_cggm.data.layouts import Case
 from brats_cggm.data.preprocessing import PreprocessConfig
@@ -53,8 +52,6 @@ from brats_cggm.inference.windows import sliding_window, window_count
 
 CHAINS = ("numpy", "monai")
 
-#: the shipped demonstration model (see models/README.md); BRATS_CGGM_MODEL overrides it
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "brats_cggm_real.onnx"
 OUTPUT_SCHEMES = ("brats2021", "brats2023")
 #: every mirroring of a 3-D window (nnU-Net's test-time augmentation), identity first
 MIRRORS = tuple(axes for n in range(4) for axes in combinations((2, 3, 4), n))
@@ -64,10 +61,6 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     """The logistic function in the logits' dtype, without overflow (0.5 + 0.5 tanh(x / 2))."""
     half = np.asarray(logits) * np.asarray(0.5, dtype=np.asarray(logits).dtype)
     return np.tanh(half, out=half) * half.dtype.type(0.5) + half.dtype.type(0.5)
-
-
-def default_model() -> Path:
-    return Path(os.environ.get("BRATS_CGGM_MODEL") or DEFAULT_MODEL)
 
 
 @dataclass
@@ -163,13 +156,12 @@ class Segmenter:
     @classmethod
     def load(cls, model: str | Path | None = None, provider: str = "cpu", device: str = "cpu",
              checkpoint: str = "best", threads: int | None = None, chain: str | None = None) -> Segmenter:
-        """An exported ``.onnx`` (ONNX Runtime on ``provider``) or a run folder (torch on
-        ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped model.
+        """An exported ``.onnx`` (ONNX Runtime on ``provider``), a shipped model's name or a run
+        folder (torch on ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped
+        default model (:mod:`brats_cggm.models`).
         ``chain``: ``numpy`` (an ONNX file's default) or ``monai`` (a run folder's default;
         needs torch and MONAI)."""
-        path = Path(model) if model is not None else default_model()
-        if model is None and not path.is_file():
-            raise IncompatibleModel(f"{path}: the default model is missing; pass --model FILE.onnx or a run folder")
+        path = models.resolve(model)
         if model_kind(path) == "onnx":
             onnx_model, card = read_onnx(path)
             return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path, chain=chain or "numpy")
@@ -287,4 +279,4 @@ class Segmenter:
         return predict
 
 
-__all__ = ["CHAINS", "OUTPUT_SCHEMES", "Prediction", "Segmenter", "default_model", "window_count"]
+__all__ = ["CHAINS", "OUTPUT_SCHEMES", "Prediction", "Segmenter", "window_count"]

@@ -1,0 +1,63 @@
+"""The shipped models, found by name (brats_cggm.models): what `predict`, `evaluate` and the
+app load when no --model is given, what a name or a path resolves to, and `brats-cggm models`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from inference_cases import cli
+
+from brats_cggm import models
+from brats_cggm.errors import IncompatibleModel
+from brats_cggm.inference.card import read_onnx
+
+SHIPPED = {"brats_cggm_real", "brats_cggm_phantom_demo"}
+
+
+def test_every_shipped_model_has_a_card_that_its_file_carries():
+    found = models.available()
+    assert {m.name for m in found} == SHIPPED
+    for model in found:
+        assert model.path.parent == models.folder() and model.card_path.is_file()
+        assert read_onnx(model.path)[1] == model.card, model.name  # the card beside = the card inside
+        assert model.task == "segmentation"
+
+
+def test_the_default_is_the_real_data_model():
+    assert models.default().name == "brats_cggm_real" and models.default().is_default
+    assert not models.find("brats_cggm_phantom_demo").is_default
+
+
+def test_resolve_takes_a_name_a_path_or_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("BRATS_CGGM_MODEL", raising=False)
+    demo = models.find("brats_cggm_phantom_demo").path
+    assert models.resolve(None) == models.default().path
+    assert models.resolve("brats_cggm_phantom_demo") == demo
+    assert models.resolve(demo) == demo
+    assert models.resolve(tmp_path / "run") == tmp_path / "run"  # a path is left to the loader to refuse
+    assert models.resolve("missing.onnx").name == "missing.onnx"
+    monkeypatch.setenv("BRATS_CGGM_MODEL", "brats_cggm_phantom_demo")
+    assert models.resolve(None) == demo
+    monkeypatch.setenv("BRATS_CGGM_MODEL", str(tmp_path / "mine.onnx"))
+    assert models.resolve(None) == tmp_path / "mine.onnx"
+
+
+def test_an_unknown_name_is_one_line_naming_the_shipped_models(monkeypatch):
+    with pytest.raises(IncompatibleModel, match=r"^bogus: no such file, and no shipped model has that name "
+                                                r"\(shipped: brats_cggm_phantom_demo, brats_cggm_real\)$"):
+        models.resolve("bogus")
+    code, output = cli("predict", "--model", "bogus", "--input", "nowhere", "--out", "nowhere")
+    assert code == 2 and "no shipped model has that name" in output and "Traceback" not in output
+
+
+def test_the_models_command_lists_them_and_prints_a_card():
+    code, listed = cli("models")
+    assert code == 0 and "brats_cggm_real (default)" in listed and "brats_cggm_phantom_demo" in listed, listed
+    code, shown = cli("models", "brats_cggm_phantom_demo")
+    assert code == 0, shown
+    path, card = shown.split(" ", 2)[1:]
+    assert path == str(models.find("brats_cggm_phantom_demo").path)
+    assert json.loads(card) == models.find("brats_cggm_phantom_demo").card
+    code, output = cli("models", "bogus")
+    assert code == 2 and "no shipped model has that name" in output
