@@ -39,8 +39,8 @@ from brats_cggm import MODALITIES  # noqa: E402
 from brats_cggm.data.layouts import discover  # noqa: E402
 from brats_cggm.data.phantom import write_phantoms  # noqa: E402
 from brats_cggm.inference.segmenter import Segmenter  # noqa: E402
-from multimodal_general.experiments.provenance import provenance  # noqa: E402
 from multimodal_general.io import atomic_write_text  # noqa: E402
+from multimodal_general.runs.provenance import provenance  # noqa: E402
 
 #: tissue -> (label value in BraTS 2021 numbering, the output channel it belongs to, what the phantom shows)
 TISSUES = {

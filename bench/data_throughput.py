@@ -44,8 +44,8 @@ from brats_cggm.data.dataset import make_dataset, make_loader
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig, train_transforms
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
+from multimodal_general.runs.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 

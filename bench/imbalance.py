@@ -58,9 +58,9 @@ from rich.table import Table
 from multimodal_general.balance import PRESETS
 from multimodal_general.experiments.harness import markdown_table, rotated
 from multimodal_general.experiments.imbalance_comparison import method_options
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe
-from multimodal_general.series import mean_std, moving_average, smoothing_label, smoothing_window
+from multimodal_general.runs.provenance import provenance
+from multimodal_general.runs.series import mean_std, moving_average, smoothing_label, smoothing_window
 from multimodal_general.training.imbalance import TASKS, RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]

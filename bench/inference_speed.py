@@ -119,9 +119,9 @@ from brats_cggm.inference.grid import Geometry
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.network.presets import build_network
 from brats_cggm.training.trained import load_run
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
-from multimodal_general.training.runtime import (
+from multimodal_general.runs.provenance import provenance
+from multimodal_general.runs.runtime import (
     RESULT_TAG,
     keep_freed_memory,
     memory_kib,

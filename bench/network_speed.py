@@ -47,9 +47,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from brats_cggm.network import MultiBranchUNet, build_network, make_auxiliary_heads
 from multimodal_general.balance.base import detached
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
-from multimodal_general.training.runtime import keep_freed_memory
+from multimodal_general.runs.provenance import provenance
+from multimodal_general.runs.runtime import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -63,6 +63,7 @@ from scipy import ndimage
 from brats_cggm import MODALITIES
 from brats_cggm.data.phantom import case_seed, generate_case, grid_size
 from multimodal_general.io import atomic_write_text, json_safe
+from multimodal_general.runs.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL = REPO.parent / "shared" / "data" / "real" / "brats2018"
@@ -401,10 +402,6 @@ def rich_table(sections: dict[str, list[tuple[str, ...]]], title: str) -> Table:
 
 
 def write_results(out: Path, title: str, command: str, sections: dict, payload: dict) -> None:
-    from multimodal_general.experiments.provenance import (
-        provenance,  # imports torch: only once measured
-    )
-
     payload = {"provenance": provenance("numpy", "scipy", "nibabel"), **payload}
     atomic_write_text(out.parent / f"{out.name}.md", markdown(sections, title, command))
     text = json.dumps(json_safe(payload), indent=1) + "\n"

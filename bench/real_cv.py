@@ -233,7 +233,7 @@ def telemetry_means(run_dir: Path) -> dict[str, float]:
 
 def telemetry_lines(runs: list[dict]) -> list[str]:
     """The telemetry table of the rows whose runs logged it (mean ± std over folds)."""
-    from multimodal_general.series import mean_std, plus_minus
+    from multimodal_general.runs.series import mean_std, plus_minus
 
     logged = [r for r in runs if "telemetry/B/flair" in r]
     if not logged:
@@ -254,9 +254,9 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
     """real_cv.md|csv|json|png: per row, mean ± std over the folds done."""
     from brats_cggm.compare import SUBSET_KEYS, aggregate, plot
     from multimodal_general.experiments.harness import results_csv
-    from multimodal_general.experiments.provenance import provenance
     from multimodal_general.io import atomic_write_text, json_safe
-    from multimodal_general.series import plus_minus
+    from multimodal_general.runs.provenance import provenance
+    from multimodal_general.runs.series import plus_minus
 
     done = [r for r in rows if any(run["method"] == r for run in runs)]
     table = aggregate(runs, done)

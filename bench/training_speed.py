@@ -69,9 +69,9 @@ import torch
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import resolve_config
 from brats_cggm.training.trainer import FeatureNet, train_step
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
-from multimodal_general.training.runtime import (
+from multimodal_general.runs.provenance import provenance
+from multimodal_general.runs.runtime import (
     RESULT_TAG,
     keep_freed_memory,
     memory_kib,

@@ -39,9 +39,9 @@ from brats_cggm.training.config import DataConfig
 from multimodal_general.balance import PRESETS as CGGM_PRESETS
 from multimodal_general.experiments import harness
 from multimodal_general.experiments.harness import Column, Sweep, summarize, sweep, write_results
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
-from multimodal_general.series import mean_std, plus_minus
+from multimodal_general.runs.provenance import provenance
+from multimodal_general.runs.series import mean_std, plus_minus
 
 #: what each method changes in the shared configuration
 METHODS: dict[str, dict[str, Any]] = {

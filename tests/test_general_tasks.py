@@ -119,7 +119,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def one_thread_and_small_plots():
     """CLI calls with ``--threads 1`` set torch's global thread count: restore it after. The
     run plots are drawn at a low resolution here (PNG encoding dominates these tiny runs)."""
-    from multimodal_general.training import plots as run_plots
+    from multimodal_general.runs import plots as run_plots
 
     with torch_threads(1), pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_plots, "DPI", 20)

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS, SCHEMES
 from brats_cggm.errors import ConfigurationError, IncompatibleModel
+from multimodal_general.runs.provenance import git_revision, versions
 
 if TYPE_CHECKING:
     from brats_cggm.training.trained import TrainedRun
@@ -43,10 +44,7 @@ DEFAULT_BLENDING = ("gaussian", 0.125)
 def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything inference needs to feed ``run``'s network as in training, and where it
     came from; ``evaluation``: how the model (or its recipe, cross-validated) scored on
-    cases it never saw, stored as given. No ONNX-only field (see :data:`ONNX_FIELDS`).
-    Needs torch (the provenance module imports it), as ``run`` itself does."""
-    from multimodal_general.experiments.provenance import git_revision, versions
-
+    cases it never saw, stored as given. No ONNX-only field (see :data:`ONNX_FIELDS`)."""
     config, pre = run.config, run.config.preprocessing
     return {
         "format": CARD_FORMAT,

@@ -16,8 +16,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from multimodal_general.series import moving_average
-from multimodal_general.training.plots import (
+from multimodal_general.runs.plots import (
     MODALITY_PALETTE,
     balance_figure,
     column,
@@ -30,6 +29,7 @@ from multimodal_general.training.plots import (
     save_figure,
     suffixes,
 )
+from multimodal_general.runs.series import moving_average
 
 __all__ = ["moving_average", "plot_run", "read_metrics", "read_telemetry"]
 

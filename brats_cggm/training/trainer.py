@@ -2,7 +2,7 @@
 
 The loop itself is short; the rest lives in collaborators: :mod:`.components` (network,
 heads, balancer, optimizer), :mod:`.cases` (split and per-rank shards),
-:mod:`.validation`, :mod:`.checkpoint`, :mod:`multimodal_general.training.runlog` and :mod:`.plots`.
+:mod:`.validation`, :mod:`.checkpoint`, :mod:`multimodal_general.runs.runlog` and :mod:`.plots`.
 
 A run folder::
 
@@ -47,10 +47,10 @@ from brats_cggm.training.distributed import Place
 from brats_cggm.training.mono_modal import MonoModalResponses
 from brats_cggm.training.validation import validate_cases
 from brats_cggm.training.validation_updates import restore_legacy_measurement, validation_of
-from multimodal_general.experiments.provenance import provenance
 from multimodal_general.io import atomic_write_text
-from multimodal_general.training.runlog import Logbook
-from multimodal_general.training.runtime import keep_freed_memory
+from multimodal_general.runs.provenance import provenance
+from multimodal_general.runs.runlog import Logbook
+from multimodal_general.runs.runtime import keep_freed_memory
 from multimodal_general.training.step import after_validation, balanced_step
 
 

@@ -15,7 +15,7 @@ report (:class:`Column`); the harness does the rest, the same way for every task
   (:func:`~multimodal_general.io.pin_settings` for a folder, or a run's own file); a rerun
   with other settings is refused instead of mixing budgets in one table.
 * **One table.** Per method the mean ± sample std over seeds of every column (finite values
-  only, :func:`~multimodal_general.series.mean_std`), written as ``results.md``,
+  only, :func:`~multimodal_general.runs.series.mean_std`), written as ``results.md``,
   ``results.csv`` (``<column>_mean`` / ``<column>_std``) and the adapter's ``results.png``.
 
 The adapters: :mod:`~multimodal_general.experiments.imbalance_comparison` (the synthetic
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.io import atomic_write_text
-from multimodal_general.series import mean_std, plus_minus
+from multimodal_general.runs.series import mean_std, plus_minus
 
 __all__ = ["Column", "Sweep", "errorbar_panels", "markdown_table", "method_cells", "parse_methods",
            "results_csv", "rotated", "run_order", "summarize", "sweep", "write_results"]
@@ -223,7 +223,7 @@ def errorbar_panels(path: Path, rows: Sequence[Mapping], panels: Sequence[tuple[
     several columns of a panel side by side; a method that is not applicable is marked n/a."""
     from matplotlib.figure import Figure
 
-    from multimodal_general.training.plots import save_figure
+    from multimodal_general.runs.plots import save_figure
 
     fig = Figure(figsize=(max(8, 1.5 * len(rows) + 4), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]

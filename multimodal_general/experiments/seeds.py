@@ -23,7 +23,7 @@ from multimodal_general.datasets.metrics import LOWER_IS_BETTER, SELECTION, TASK
 from multimodal_general.datasets.task_data import TaskData
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe
-from multimodal_general.series import mean_std, plus_minus
+from multimodal_general.runs.series import mean_std, plus_minus
 from multimodal_general.training.runner import (
     TrainSettings,
     build,

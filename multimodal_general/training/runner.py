@@ -54,7 +54,7 @@ from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe, load_tagged, save_tagged
 from multimodal_general.models.late_fusion import attach_balancer
 from multimodal_general.models.sequence import ModelSize, SequenceFusionNet, task_criterion
-from multimodal_general.training.plots import (
+from multimodal_general.runs.plots import (
     balance_figure,
     column,
     epoch_axis,
@@ -65,7 +65,7 @@ from multimodal_general.training.plots import (
     read_telemetry,
     save_figure,
 )
-from multimodal_general.training.runlog import Logbook
+from multimodal_general.runs.runlog import Logbook
 from multimodal_general.training.step import after_validation, balanced_step
 
 TASKS = ("food101", "mosi", "iemocap")

@@ -15,9 +15,15 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
+def source_checkout() -> Path | None:
+    """The git checkout this code runs from (the folder that holds ``multimodal_general`` and
+    ``.git``); None when the code is installed from a wheel."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / ".git").exists() else None
+
+
+REPO = source_checkout()
 
 
 def command_line() -> str:
@@ -25,8 +31,10 @@ def command_line() -> str:
     return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
 
 
-def git_revision(repo: Path = REPO) -> str | None:
+def git_revision(repo: Path | None = REPO) -> str | None:
     """``abc1234`` or ``abc1234+dirty``; None outside a git checkout."""
+    if repo is None:
+        return None
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
@@ -51,6 +59,8 @@ def versions(*packages: str) -> dict[str, str | None]:
 def provenance(*packages: str) -> dict:
     """Command, UTC time, git revision, machine (with its current load) and versions of
     python, torch and ``packages``."""
+    import torch
+
     return {
         "command": command_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

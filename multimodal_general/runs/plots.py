@@ -1,4 +1,4 @@
-"""Figures of a training run, drawn from the files :class:`~multimodal_general.training.runlog.Logbook`
+"""Figures of a training run, drawn from the files :class:`~multimodal_general.runs.runlog.Logbook`
 writes: ``metrics.jsonl`` (one JSON object per finished epoch) and ``telemetry.csv`` (one row per
 optimizer step). Shared by the BraTS trainer and the general tasks: the training loss, and the
 balance figure (each modality's auxiliary-head metric, CGGM's ``B`` and gradient cosines), each
@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from multimodal_general.errors import BadDataFile
 from multimodal_general.io import atomic_write
-from multimodal_general.series import moving_average, smoothing_label, smoothing_window
+from multimodal_general.runs.series import moving_average, smoothing_label, smoothing_window
 
 DPI = 110
 WIDTH, ROW_HEIGHT = 10.0, 4.0
