@@ -21,7 +21,7 @@ from typing import Any
 from multimodal_general.balance.base import Balancer
 from multimodal_general.balance.cggm import CGGM_PRESETS, DEFAULT_RHO, check_cggm_settings
 from multimodal_general.balance.factory import BALANCERS, check_balancer_options, make_balancer
-from multimodal_general.balance.metrics import METRICS
+from multimodal_general.balance.metrics import resolve_metric
 from multimodal_general.balance.registration import Modality
 from multimodal_general.errors import ConfigurationError
 
@@ -62,8 +62,8 @@ class BalancerSpec:
         if self.name not in BALANCERS:
             raise ConfigurationError(f"unknown balancer '{self.name}'; choose one of {sorted(BALANCERS)}")
         check_cggm_settings(self.preset, self.rho, self.lam)
-        if self.metric is not None and self.metric not in METRICS:
-            raise ConfigurationError(f"unknown metric '{self.metric}'; choose one of {sorted(METRICS)}")
+        if self.metric is not None:
+            resolve_metric(self.metric)
         check_balancer_options(self.options)
         own = sorted(set(self.options) & {"preset", "rho", "lam", "metric"})
         if own:
