@@ -236,8 +236,7 @@ def train(
         task=task, data=str(data.expanduser().resolve()), balancer=spec,
         epochs=epochs or 20, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
-        max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
-        device=device,
+        max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "", device=device,
     ).check()
     seed_list = list(range(seeds))
     if resume:  # the run as configured; only --epochs may change
