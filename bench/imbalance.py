@@ -39,7 +39,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +55,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from multimodal_general.balance import PRESETS
+from multimodal_general.balance import CGGM_METHODS, CGGM_PRESETS, BalancerSpec
 from multimodal_general.experiments.harness import markdown_table, rotated
-from multimodal_general.experiments.imbalance_comparison import method_options
+from multimodal_general.experiments.imbalance_comparison import method_spec
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe
 from multimodal_general.runs.provenance import provenance
 from multimodal_general.runs.series import mean_std, moving_average, smoothing_label, smoothing_window
 from multimodal_general.training.imbalance import TASKS, RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = ("none", *(f"cggm-{p}" for p in PRESETS))
+DEFAULT_METHODS = ("none", *CGGM_METHODS)
 QUICK = {"seeds": 2, "epochs": 2, "train_size": 2000, "val_size": 2000}
 FULL = {"seeds": 5, "epochs": 8, "train_size": RunConfig.train_size, "val_size": RunConfig.val_size}
 B_YLIM = (-1.0, 3.0)
@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS),
         help="comma-separated: 'none', any balancer, or 'cggm-<preset>' with preset in "
-        + ", ".join(PRESETS) + f" (default: {','.join(DEFAULT_METHODS)})",
+        + ", ".join(CGGM_PRESETS) + f" (default: {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds 0..n-1 (default {FULL['seeds']}, quick {QUICK['seeds']})")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL['epochs']}, quick {QUICK['epochs']}")
@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown task {task!r}; choose from {list(TASKS)}")
     for method in args.methods:
         try:
-            method_options(method)
+            method_spec(method)
         except ValueError as error:
             parser.error(str(error))
     if len(set(args.methods)) != len(args.methods) or len(set(args.tasks)) != len(args.tasks):
@@ -276,7 +276,7 @@ def warm_up(tasks: Sequence[str], methods: Sequence[str]) -> None:
     for task in tasks:
         for method in methods:
             train_and_evaluate(
-                RunConfig(task=task, seed=10_000, epochs=1, train_size=256, val_size=256, **method_options(method))
+                RunConfig(task=task, seed=10_000, epochs=1, train_size=256, val_size=256, balancer=method_spec(method))
             )
 
 
@@ -502,7 +502,7 @@ def plot_task(
 
     spec = TASKS[task]
     modalities = [s.name for s in spec.modalities]
-    cggm = [m for m in telemetries if m.startswith("cggm-")]
+    cggm = [m for m in telemetries if m in CGGM_METHODS]
     compare = [m for m in ("none", "cggm-stable") if m in telemetries]
     panels = len(cggm) + (2 if compare else 0)
     if not panels:
@@ -711,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update(bar, description=f"{task} {method} seed {seed}")
             config = RunConfig(
                 task=task, seed=seed, epochs=args.epochs, train_size=args.train_size,
-                val_size=args.val_size, **method_options(method),
+                val_size=args.val_size, balancer=method_spec(method),
             )
             done_before = progress.tasks[0].completed
             result, telemetry = run_recorded(config, method, args.b_limit, lambda: progress.advance(bar))
@@ -730,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_plots:
         for task in args.tasks:
             name = f"{task}_telemetry.png"
-            if plot_task(task, plot_telemetry[task], seeds[0], args.epochs, out / name, RunConfig.rho, args.b_limit):
+            if plot_task(task, plot_telemetry[task], seeds[0], args.epochs, out / name, BalancerSpec.rho, args.b_limit):
                 plots[task] = name
     meta["plots"] = {task: str(out / name) for task, name in plots.items()}
     table = save(complete=True)
@@ -751,7 +751,7 @@ def _meta(args: argparse.Namespace, seeds: list[int], runs: int) -> dict:
     return {
         "command": origin["command"], "started": origin["date"], "tasks": args.tasks, "methods": args.methods,
         "seeds": seeds, "epochs": args.epochs, "train_size": args.train_size, "val_size": args.val_size,
-        "threads": args.threads, "b_limit": args.b_limit, "rho": RunConfig.rho, "lam": RunConfig.lam,
+        "threads": args.threads, "b_limit": args.b_limit, "rho": BalancerSpec.rho, "lam": BalancerSpec.lam,
         "torch": origin["versions"]["torch"], "python": origin["versions"]["python"],
         "machine": origin["machine"], "git": origin["git"], "runs_total": runs,
     }
@@ -762,7 +762,7 @@ def run_recorded(config: RunConfig, method: str, b_limit: float, progress: Calla
     try:
         return run_one(config, b_limit, progress=progress)
     except Exception as error:
-        return {"task": config.task, "seed": config.seed, "method": method, "config": asdict(config),
+        return {"task": config.task, "seed": config.seed, "method": method, "config": config.to_dict(),
                 "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}, None
 
 

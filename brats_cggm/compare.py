@@ -36,7 +36,7 @@ from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.metrics import REGIONS
 from brats_cggm.training.cases import select_cases
 from brats_cggm.training.config import DataConfig
-from multimodal_general.balance import PRESETS as CGGM_PRESETS
+from multimodal_general.balance import CGGM_METHODS, BalancerSpec
 from multimodal_general.experiments import harness
 from multimodal_general.experiments.harness import Column, Sweep, summarize, sweep, write_results
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
@@ -59,7 +59,8 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 #: CGGM with a named preset (``cggm`` is ``cggm-stable``), the names ``multimodal-general compare`` uses
-CGGM_VARIANTS = {f"cggm-{p}": {"balancer.name": "cggm", "balancer.preset": p} for p in CGGM_PRESETS}
+CGGM_VARIANTS = {method: {"balancer.name": spec.name, "balancer.preset": spec.preset}
+                 for method in CGGM_METHODS for spec in [BalancerSpec.parse(method)]}
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from multimodal_general.balance import BALANCERS, METRICS, PRESETS
+from multimodal_general.balance import BALANCERS, CGGM_PRESETS, METRICS, BalancerSpec
 from multimodal_general.cli_support import (
     OWN_OPTIONS,
     make_app,
@@ -41,7 +41,7 @@ def balancers() -> None:
     presets.add_column("L_gm lag")
     presets.add_column("guarded B")
     presets.add_column("summary")
-    for preset in PRESETS.values():
+    for preset in CGGM_PRESETS.values():
         presets.add_row(
             preset.name, preset.cosine_of, "1 step" if preset.lagged_direction else "none",
             "yes" if preset.guarded else "no", preset.summary,
@@ -133,7 +133,7 @@ def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, b
         task=task, data=str(data.expanduser().resolve()), epochs=epochs, lr=1e-3 if lr is None else lr,
         batch_size=batch_size, optimizer=optimizer, d_model=d_model, layers=layers, fusion_head=fusion_head,
         fold=fold, max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
-        balancer_options=options,
+        balancer=BalancerSpec(options=options),
     ).check()
     loaded = _load(settings)
     with _bar() as bar:
@@ -161,7 +161,7 @@ def _load(settings, what: str = "reading data"):
         return load_task(settings, progress=progress)
 
 
-#: train's parameters whose TrainSettings field has another name
+#: train's parameters whose key in the run's settings (TrainSettings.to_dict) has another name
 FIELDS = {"balancer_option": "balancer_options", "cggm_preset": "preset"}
 
 
@@ -174,7 +174,7 @@ def _changed_on_resume(ctx: typer.Context, settings, saved, seeds: int, saved_se
         if getattr(source, "name", None) != "COMMANDLINE" or name in ("out", "resume", "epochs", "threads"):
             continue
         field = FIELDS.get(name, name)
-        old, new = (saved_seeds, seeds) if name == "seeds" else (getattr(saved, field), getattr(settings, field))
+        old, new = (saved_seeds, seeds) if name == "seeds" else (saved.to_dict()[field], settings.to_dict()[field])
         if old != new:
             changed.append(f"--{name.replace('_', '-')} {old!r} -> {new!r}")
     return changed
@@ -231,12 +231,12 @@ def train(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = renamed(cggm_preset, preset, "--cggm-preset", "--preset") or "stable"
+    spec = BalancerSpec(balancer, preset, rho, lam, options=parse_balancer_options(balancer_option, OWN_OPTIONS))
     settings = TrainSettings(
-        task=task, data=str(data.expanduser().resolve()), balancer=balancer, preset=preset, rho=rho, lam=lam,
+        task=task, data=str(data.expanduser().resolve()), balancer=spec,
         epochs=epochs or 20, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
-        max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
-        device=device, balancer_options=parse_balancer_options(balancer_option, OWN_OPTIONS),
+        max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "", device=device,
     ).check()
     seed_list = list(range(seeds))
     if resume:  # the run as configured; only --epochs may change

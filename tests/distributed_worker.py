@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from multimodal_general.balance import BalancerSpec
 from multimodal_general.training.imbalance import TASKS, RunConfig, build, generate
 
 STEPS = 8
@@ -56,7 +57,7 @@ def local_head_accuracy(balancer, features, target) -> torch.Tensor:
 def run(preset: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(SEED)  # identical initial model and heads on every rank
-    config = RunConfig(task="cls2", balancer="cggm", preset=preset, lr=LEARNING_RATE[preset])
+    config = RunConfig(task="cls2", balancer=BalancerSpec("cggm", preset), lr=LEARNING_RATE[preset])
     model, balancer, criterion = build(config)
     initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ddp = DistributedDataParallel(model)

@@ -12,6 +12,7 @@ from multimodal_general.balance import (
     BALANCERS,
     MSLR,
     OGMGE,
+    BalancerSpec,
     Modality,
     ModalityDropout,
     drop_mask,
@@ -152,7 +153,7 @@ def test_ogm_rejects_non_classification_targets_and_wrong_fused_layers():
     with pytest.raises(ConfigurationError, match="concatenated"):
         # the imbalance task's two-layer fused head, when asked for explicitly (its default
         # "auto" gives ogm_ge a linear fused head; see tests/test_compare.py)
-        config = RunConfig(task="cls2", balancer="ogm_ge", train_size=64, val_size=64, fusion_head="mlp")
+        config = RunConfig(task="cls2", balancer=BalancerSpec("ogm_ge"), train_size=64, val_size=64, fusion_head="mlp")
         model, ogm, criterion = build(config)
         batch = generate(TASKS["cls2"], 8, seed=0)
         balanced_step(model, ogm, (torch.optim.SGD(model.parameters(), lr=0.1),), criterion,

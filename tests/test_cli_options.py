@@ -9,8 +9,6 @@ tests/test_general_tasks.py (multimodal-general)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import pytest
 import typer
 import yaml
@@ -105,12 +103,13 @@ def test_brats_compare_passes_balancer_options_to_every_run(monkeypatch, tmp_pat
 # ------------------------------------------------------------ multimodal-general train --resume
 @pytest.fixture
 def general_run(tmp_path):
+    from multimodal_general.balance import BalancerSpec
     from multimodal_general.training.runner import TrainSettings
 
     run = tmp_path / "run"
     run.mkdir()
-    settings = TrainSettings(task="mosi", data=str(tmp_path), balancer="cggm")
-    (run / "config.yaml").write_text(yaml.safe_dump({"settings": asdict(settings), "seeds": [0]}))
+    settings = TrainSettings(task="mosi", data=str(tmp_path), balancer=BalancerSpec("cggm"))
+    (run / "config.yaml").write_text(yaml.safe_dump({"settings": settings.to_dict(), "seeds": [0]}))
     return run
 
 

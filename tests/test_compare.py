@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from multimodal_general.balance import BalancerSpec
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.experiments.imbalance_comparison import compare, parse_methods
 from multimodal_general.training.imbalance import RunConfig, build, train_and_evaluate
@@ -92,7 +93,7 @@ def test_cli_unknown_method_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("balancer", ["ogm_ge", "modality_dropout"])
 def test_ogm_ge_and_modality_dropout_now_run_on_cls2(balancer):
-    result = train_and_evaluate(RunConfig(task="cls2", balancer=balancer, epochs=1, train_size=320, val_size=200))
+    result = train_and_evaluate(RunConfig(task="cls2", balancer=BalancerSpec(balancer), epochs=1, train_size=320, val_size=200))
     assert math.isfinite(result["fused_acc"]) and len(result["telemetry"]) == 5
     last = result["telemetry"][-1]
     if balancer == "ogm_ge":
@@ -103,13 +104,13 @@ def test_ogm_ge_and_modality_dropout_now_run_on_cls2(balancer):
 
 
 def test_fusion_head_choice():
-    model, _, _ = build(RunConfig(balancer="ogm_ge"))
+    model, _, _ = build(RunConfig(balancer=BalancerSpec("ogm_ge")))
     assert model.last_layer is model.head  # "auto": ogm_ge gets the single linear fused layer
-    model, _, _ = build(RunConfig(balancer="ogm_ge", fusion_head="mlp"))
+    model, _, _ = build(RunConfig(balancer=BalancerSpec("ogm_ge"), fusion_head="mlp"))
     assert model.last_layer is model.head[-1]  # an explicit choice is kept (OGM-GE then refuses it)
-    model, _, _ = build(RunConfig(balancer="none"))
+    model, _, _ = build(RunConfig(balancer=BalancerSpec("none")))
     assert model.last_layer is model.head[-1]  # the default stays the two-layer head
-    model, _, _ = build(RunConfig(balancer="none", fusion_head="linear"))
+    model, _, _ = build(RunConfig(balancer=BalancerSpec("none"), fusion_head="linear"))
     assert model.last_layer is model.head
     with pytest.raises(ConfigurationError):
         build(RunConfig(fusion_head="bogus"))

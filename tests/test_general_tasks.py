@@ -103,7 +103,7 @@ def train_args(task: str, data: Path, out: Path, data_sets: dict, **options) -> 
 def settings_for(task: str, data_sets: dict, **options) -> TrainSettings:
     extra = {"bert": str(data_sets["bert"]), "vit": str(data_sets["vit"])} if task == "food101" else {}
     values = {**SMALL, "epochs": EPOCHS[task], **extra, **options}
-    return TrainSettings(task=task, data=str(Path(data_sets[task]).resolve()), **values).check()
+    return TrainSettings.from_dict({"task": task, "data": str(Path(data_sets[task]).resolve()), **values}, "test")
 
 
 def rows(path: Path) -> list[dict]:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from multimodal_general.balance import BalancerSpec
 from multimodal_general.models.probe import probe_accuracy, probe_mae
 from multimodal_general.training.imbalance import TASKS, RunConfig, generate, train_and_evaluate
 
@@ -40,7 +41,7 @@ def test_probe_mae_of_a_linear_target_is_its_noise():
 @pytest.mark.parametrize(("task", "balancer", "preset"), [("cls2", "cggm", "stable"), ("reg2", "none", "stable"), ("cls3", "cggm", "official")])
 def test_a_short_run_reports_metrics_probes_and_telemetry(task, balancer, preset):
     result = train_and_evaluate(
-        RunConfig(task=task, balancer=balancer, preset=preset, epochs=1, train_size=640, val_size=400)
+        RunConfig(task=task, balancer=BalancerSpec(balancer, preset), epochs=1, train_size=640, val_size=400)
     )
     names = {s.name for s in TASKS[task].modalities}
     assert set(result["probe"]) == names

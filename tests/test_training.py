@@ -59,6 +59,7 @@ from brats_cggm.errors import ConfigurationError
 from brats_cggm.metrics import REGIONS
 from brats_cggm.training import PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
 from brats_cggm.training import trainer as trainer_module
+from multimodal_general.balance import BalancerSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -182,12 +183,25 @@ def test_bad_values_are_rejected_with_their_dotted_name(key, value):
         resolve_config("cpu-small", overrides={key: value})
 
 
-@pytest.mark.parametrize("key, value", [("balancer.name", "cgm"), ("network.preset", "tiny")])
-def test_component_names_are_checked_with_the_configuration(key, value):
+@pytest.mark.parametrize("key, value, named", [
+    ("balancer.name", "cgm", "balancer: unknown balancer 'cgm'"),
+    ("balancer.preset", "nonsense", "balancer: unknown CGGM preset 'nonsense'"),
+    ("balancer.rho", -1, "balancer: CGGM needs rho > 0"),
+    ("network.preset", "tiny", "network.preset"),
+])
+def test_component_names_are_checked_with_the_configuration(key, value, named):
     """A misspelt balancer or network is a mistake of the configuration, reported when it
     is resolved (as ``optim.optimizer`` is), not after the data set has been cached."""
-    with pytest.raises(ConfigurationError, match=re.escape(key)):
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
         resolve_config("cpu-small", overrides={key: value})
+
+
+def test_the_balancer_section_keeps_its_defaults():
+    """rho 1.0 and soft Dice unless set (not the spec's 1.2), whatever else the section sets."""
+    assert resolve_config("cpu-small").balancer == BalancerSpec("cggm", "stable", 1.0, 0.1, "soft_dice")
+    balancer = resolve_config("cpu-small", overrides={"balancer.name": "agm", "balancer.options.alpha": 0.5}).balancer
+    assert (balancer.rho, balancer.metric, balancer.options) == (1.0, "soft_dice", {"alpha": 0.5})
+    assert resolve_config("cpu-real").balancer.rho == 1.0
 
 
 def test_saved_configuration_round_trips(straight):
@@ -568,6 +582,17 @@ def test_resume_accepts_the_command_that_started_the_run(cli_run, capsys):
                                 *CGGM_OPTIONS, "--resume")
     assert code == 0, f"exit status {code}: {out}{err}"
     assert load_last(cli_run.run)["progress"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("setting, named", [("balancer.preset=nonsense", "unknown CGGM preset 'nonsense'"),
+                                             ("balancer.rho=-1", "CGGM needs rho > 0")])
+def test_a_bad_balancer_setting_fails_before_any_data_is_read(tmp_path, capsys, setting, named):
+    data = tmp_path / "data"
+    data.mkdir()  # no cases: reading it would fail otherwise
+    code, out, err = in_process(capsys, "train", "--data", data, "--out", tmp_path / "run", "--set", setting)
+    assert code == 2 and len(err.strip().splitlines()) == 1, f"exit status {code}: {out}{err}"
+    assert err.startswith("error: ") and named in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and not any(data.iterdir())
 
 
 def test_resume_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):

@@ -30,7 +30,7 @@ from brats_cggm.network import (
 )
 from brats_cggm.training.config import NetworkConfig, TrainConfig
 from brats_cggm.training.mono_modal import MonoModalResponses
-from multimodal_general.balance import MSLR, Balancer, make_balancer
+from multimodal_general.balance import MSLR, Balancer
 
 
 class RegionLoss(nn.Module):
@@ -116,10 +116,9 @@ def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module,
             )
         return None
     heads = make_auxiliary_heads(net)
-    return make_balancer(
-        b.name, balancer_modalities(net, heads), fused_last_layer=net.output_conv, criterion=criterion,
-        metric=b.metric, preset=b.preset, rho=b.rho, lam=b.lam,  # statistics over all ranks
-        unimodal_output=responses, task_kind="segmentation", applied_by_optimizer=True, **b.options,
+    return b.build(
+        balancer_modalities(net, heads), fused_last_layer=net.output_conv, criterion=criterion,
+        unimodal_output=responses, task_kind="segmentation", applied_by_optimizer=True,
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,16 @@ import yaml
 from brats_cggm.data.dataset import CACHE_MODES
 from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.errors import BadInputFile, ConfigurationError
-from multimodal_general.balance import check_balancer_options
+from multimodal_general.balance import BalancerSpec
 from multimodal_general.io import atomic_write_text
 
 #: the balancers that serve segmentation (docs/baselines.md, "Where each one runs today"): AGM
 #: through the network's modality mask, MSLR as per-encoder learning rates, G-Blending with the
 #: heads' losses measured at validation; modality dropout is a network setting
 SEGMENTATION_BALANCERS = ("none", "cggm", "mmpareto", "agm", "mslr", "gblending")
-#: balancer options the trainer sets itself, or that have their own setting in ``balancer``
-RESERVED_OPTIONS = {"criterion", "metric", "preset", "rho", "lam", "fused_last_layer", "unimodal_output",
-                    "task_kind", "applied_by_optimizer", "applied_by_model", "accumulation_steps",
-                    "process_group"}
+#: balancer options the trainer sets itself
+RESERVED_OPTIONS = {"criterion", "fused_last_layer", "unimodal_output", "task_kind", "applied_by_optimizer",
+                    "applied_by_model", "accumulation_steps", "process_group"}
 #: balancers that cannot serve the segmentation network, and why
 REFUSED_BALANCERS = {
     "modality_dropout": "modality dropout is a network setting here: --set network.modality_dropout=0.25",
@@ -94,19 +93,13 @@ class OptimConfig:
     amp: str = "auto"
 
 
-@dataclass
-class BalancerConfig:
-    #: one of SEGMENTATION_BALANCERS
-    name: str = "cggm"
-    #: CGGM variant: stable, paper or official
-    preset: str = "stable"
-    rho: float = 1.0
-    lam: float = 0.1
-    #: how the auxiliary heads' utilization is scored
-    metric: str = "soft_dice"
-    #: the baseline's own keyword options (e.g. ``{alpha: 0.5}`` for agm, ``{super_epoch: 4}``
-    #: for gblending; docs/baselines.md lists each method's)
-    options: dict[str, Any] = field(default_factory=dict)
+def segmentation_balancer() -> BalancerSpec:
+    """The ``balancer`` section's defaults: CGGM ``stable`` with rho 1.0 (not the spec's default
+    1.2: the value the segmentation runs and shipped models were trained with), the auxiliary
+    heads scored by soft Dice. ``name`` is one of :data:`SEGMENTATION_BALANCERS`; ``options``
+    are a baseline's own (e.g. ``{alpha: 0.5}`` for agm, ``{super_epoch: 4}`` for gblending;
+    docs/baselines.md lists each method's)."""
+    return BalancerSpec("cggm", "stable", rho=1.0, lam=0.1, metric="soft_dice")
 
 
 @dataclass
@@ -126,7 +119,7 @@ class TrainConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    balancer: BalancerSpec = field(default_factory=segmentation_balancer)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
     #: auto (cuda when available), cpu or cuda
@@ -144,7 +137,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> TrainConfig:
-        config = _build(cls, values, source)
+        config = _build(cls(), values, source)
         config.preprocess = _typed_section(PreprocessConfig(), config.preprocess, f"{source}: preprocess")
         config.check()
         config.preprocess = config.preprocessing.to_dict()  # every setting, written out
@@ -169,10 +162,9 @@ class TrainConfig:
         }
         if self.balancer.name in REFUSED_BALANCERS:
             raise ConfigurationError(REFUSED_BALANCERS[self.balancer.name])
-        check_balancer_options(self.balancer.options)
         reserved = sorted(set(self.balancer.options) & RESERVED_OPTIONS)
         if reserved:
-            raise ConfigurationError(f"balancer.options: {', '.join(reserved)} is set by the trainer (or has its own setting)")
+            raise ConfigurationError(f"balancer.options: {', '.join(reserved)} is set by the trainer")
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
@@ -307,24 +299,28 @@ def _nest(keys: list[str], value: Any) -> dict[str, Any]:
     return {keys[0]: _nest(keys[1:], value) if len(keys) > 1 else value}
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
+def _build(defaults: Any, values: Any, where: str) -> Any:
+    """The dataclass ``defaults`` with ``values`` written over it, each checked against the type
+    of its default (a section, such as ``balancer``, built the same way from its own defaults)."""
     if not isinstance(values, Mapping):
         raise ConfigurationError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(defaults)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigurationError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
     built = {}
     for name, value in values.items():
-        spec = known[name]
-        default = spec.default_factory() if callable(spec.default_factory) else spec.default
+        default = getattr(defaults, name)
         if is_dataclass(default):
-            built[name] = _build(type(default), value, f"{where}: {name}")
+            built[name] = _build(default, value, f"{where}: {name}")
         elif default is None:
-            built[name] = _optional(str(spec.type), value, f"{where}: {name}")
+            built[name] = _optional(str(known[name].type), value, f"{where}: {name}")
         else:
             built[name] = _typed(default, value, f"{where}: {name}")
-    return cls(**built)
+    try:
+        return replace(defaults, **built)
+    except ConfigurationError as error:  # a section that checks itself (the balancer)
+        raise ConfigurationError(f"{where}: {error}") from None
 
 
 def _optional(annotation: str, value: Any, where: str) -> Any:

@@ -3,17 +3,25 @@
 >>> balancer = make_balancer("cggm", modalities, fused_last_layer=model.head[-1],
 ...                          criterion=nn.CrossEntropyLoss(), metric="accuracy")
 
+or, from a run's description of its balancer (:class:`BalancerSpec`)::
+
+>>> balancer = BalancerSpec.parse("cggm-paper", rho=1.2).build(modalities, fused_last_layer=...)
+
 See :mod:`multimodal_general.balance.base` for the loop contract.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-
 from multimodal_general.balance.agm import AGM, concat_unimodal_output
 from multimodal_general.balance.base import COMMON_OPTIONS, Balancer, CommonOptions, Validation
-from multimodal_general.balance.cggm import CGGM, PRESETS, CGGMPreset
+from multimodal_general.balance.cggm import CGGM, CGGM_PRESETS, CGGMPreset
+from multimodal_general.balance.factory import (
+    BALANCERS,
+    balancer_options,
+    check_balancer_options,
+    make_balancer,
+    own_options,
+)
 from multimodal_general.balance.gblending import GBlending
 from multimodal_general.balance.joint import JointTraining
 from multimodal_general.balance.metrics import METRICS, resolve_metric
@@ -22,60 +30,23 @@ from multimodal_general.balance.modality_dropout import ModalityDropout, drop_ma
 from multimodal_general.balance.mslr import MSLR
 from multimodal_general.balance.ogm_ge import OGMGE
 from multimodal_general.balance.registration import Modality
+from multimodal_general.balance.spec import CGGM_METHODS, DEFAULT_RHO, METHODS, BalancerSpec
 from multimodal_general.balance.telemetry import StepTelemetry
-from multimodal_general.errors import ConfigurationError
-
-BALANCERS: dict[str, type[Balancer]] = {
-    cls.name: cls for cls in (JointTraining, CGGM, OGMGE, MMPareto, AGM, ModalityDropout, MSLR, GBlending)
-}
-
-
-def own_options(cls: type[Balancer]) -> set[str]:
-    """The hyperparameters a balancer class declares itself (not the common options)."""
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return {p.name for p in parameters if p.kind in named} - {"self", "modalities"} - COMMON_OPTIONS
-
-
-def balancer_options(name: str | None = None) -> set[str]:
-    """The keyword options balancer ``name`` takes (every balancer's when ``None``): its own
-    hyperparameters and the common options (:data:`~multimodal_general.balance.base.COMMON_OPTIONS`)."""
-    classes = BALANCERS.values() if name is None else [BALANCERS[name]]
-    return {p for c in classes for p in own_options(c)} | COMMON_OPTIONS
-
-
-def check_balancer_options(options) -> None:
-    """An option that no balancer declares is a mistake (one line, before anything runs)."""
-    unknown = sorted(set(options) - balancer_options())
-    if unknown:
-        raise ConfigurationError(f"unknown balancer option(s): {unknown}")
-
-
-def make_balancer(name: str, modalities: Sequence[Modality], **options) -> Balancer:
-    """Build a balancer by name (``none``, ``cggm``) with its keyword options."""
-    try:
-        cls = BALANCERS[name]
-    except KeyError:
-        raise ConfigurationError(
-            f"unknown balancer '{name}'; choose one of {sorted(BALANCERS)}"
-        ) from None
-    # One configuration serves every balancer: each takes the options it declares, and
-    # an option that no balancer declares is a mistake.
-    check_balancer_options(options)
-    accepted = balancer_options(name)
-    return cls(modalities, **{k: v for k, v in options.items() if k in accepted})
-
 
 __all__ = [
     "AGM",
     "BALANCERS",
     "CGGM",
+    "CGGM_METHODS",
+    "CGGM_PRESETS",
+    "DEFAULT_RHO",
+    "METHODS",
     "METRICS",
     "MSLR",
     "OGMGE",
-    "PRESETS",
     "COMMON_OPTIONS",
     "Balancer",
+    "BalancerSpec",
     "CommonOptions",
     "CGGMPreset",
     "GBlending",
@@ -90,5 +61,6 @@ __all__ = [
     "balancer_options",
     "check_balancer_options",
     "make_balancer",
+    "own_options",
     "resolve_metric",
 ]

@@ -10,7 +10,7 @@ Per optimizer step (see ``shared/CGGM.md`` and ``docs/cggm.md``):
 6. direction: ``L_gm = (1/M) * sum_i (|B_i| - B_i * cos(g_F, g_i))`` is added to the loss
    with weight ``lam``.
 
-The three presets differ as documented on :data:`PRESETS`.
+The three presets differ as documented on :data:`CGGM_PRESETS`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class CGGMPreset:
     summary: str
 
 
-PRESETS: dict[str, CGGMPreset] = {
+#: rho where a run does not set it: the paper's 1.2 (its range is 1.2-1.3). The BraTS trainer's
+#: configuration sets 1.0 (``balancer.rho``), the value its runs and shipped models were trained with.
+DEFAULT_RHO = 1.2
+
+CGGM_PRESETS: dict[str, CGGMPreset] = {
     preset.name: preset
     for preset in (
         CGGMPreset(
@@ -75,6 +79,14 @@ PRESETS: dict[str, CGGMPreset] = {
 }
 
 
+def check_cggm_settings(preset: str, rho: float, lam: float) -> None:
+    """A known preset, ``rho > 0`` and ``lam >= 0``, or a one-line :class:`ConfigurationError`."""
+    if preset not in CGGM_PRESETS:
+        raise ConfigurationError(f"unknown CGGM preset '{preset}'; choose one of {sorted(CGGM_PRESETS)}")
+    if rho <= 0 or lam < 0:
+        raise ConfigurationError(f"CGGM needs rho > 0 and lam >= 0; got rho={rho}, lam={lam}")
+
+
 class CGGM(Balancer):
     """Classifier-guided gradient modulation for any number of modalities and any task.
 
@@ -84,8 +96,8 @@ class CGGM(Balancer):
         criterion: the task loss; trains the heads and defines ``g_F`` and ``g_i``.
         metric: the heads' utilization metric (``accuracy``, ``binary_accuracy``,
             ``neg_mae``, ``soft_dice``, ``hard_dice`` or a callable).
-        preset: ``paper``, ``official`` or ``stable`` (see :data:`PRESETS`).
-        rho: scale of the coefficients (paper: 1.2-1.3; 1.0 on BraTS).
+        preset: ``paper``, ``official`` or ``stable`` (see :data:`CGGM_PRESETS`).
+        rho: scale of the coefficients (see :data:`DEFAULT_RHO`).
         lam: weight of the direction loss ``L_gm`` (paper: 0.05-0.2).
         fast_beta, slow_beta: EMA factors of the ``stable`` trend estimate of ``d``.
         min_signal: ``stable`` leaves gradients untouched when ``sum max(d, 0)`` is below it.
@@ -101,7 +113,7 @@ class CGGM(Balancer):
         *,
         fused_last_layer: nn.Module | nn.Parameter,
         preset: str = "stable",
-        rho: float = 1.2,
+        rho: float = DEFAULT_RHO,
         lam: float = 0.1,
         fast_beta: float = 0.9,
         slow_beta: float = 0.99,
@@ -109,13 +121,10 @@ class CGGM(Balancer):
         **common: Unpack[CommonOptions],
     ) -> None:
         super().__init__(modalities, **common)
-        if preset not in PRESETS:
-            raise ConfigurationError(f"unknown CGGM preset '{preset}'; choose one of {sorted(PRESETS)}")
-        if rho <= 0 or lam < 0:
-            raise ConfigurationError(f"CGGM needs rho > 0 and lam >= 0; got rho={rho}, lam={lam}")
+        check_cggm_settings(preset, rho, lam)
         if not 0 <= fast_beta < slow_beta < 1:
             raise ConfigurationError("CGGM needs 0 <= fast_beta < slow_beta < 1")
-        self.preset = PRESETS[preset]
+        self.preset = CGGM_PRESETS[preset]
         self.rho, self.lam = float(rho), float(lam)
         self.fast_beta, self.slow_beta, self.min_signal = fast_beta, slow_beta, min_signal
         fused = validate_fused_last_layer(modalities, fused_last_layer)

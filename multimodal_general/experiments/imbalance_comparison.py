@@ -49,12 +49,12 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from multimodal_general.balance import BALANCERS, PRESETS, Validation
+from multimodal_general.balance import METHODS, BalancerSpec, Validation
 from multimodal_general.errors import ConfigurationError
 from multimodal_general.experiments import harness
 from multimodal_general.experiments.harness import (
@@ -83,20 +83,17 @@ DEFAULT_METHODS = ("none", "cggm", "ogm_ge", "mmpareto", "agm", "mslr", "modalit
 RUN_FORMAT = 1
 
 
-#: every method name: a balancer, or CGGM with one of its presets
-METHODS = (*BALANCERS, *(f"cggm-{p}" for p in PRESETS))
-
-
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    """Method names (``"none,cggm"``, a list, or ``"all"`` = :data:`DEFAULT_METHODS`), checked."""
+    """Method labels (``"none,cggm"``, a list, or ``"all"`` = :data:`DEFAULT_METHODS`), each one
+    of :data:`~multimodal_general.balance.METHODS`, checked."""
     return harness.parse_methods(methods, METHODS, DEFAULT_METHODS)
 
 
-def method_options(method: str) -> dict:
-    """``<balancer>`` (any of BALANCERS) or ``cggm-<preset>`` -> RunConfig fields."""
+def method_spec(method: str, base: BalancerSpec | None = None) -> BalancerSpec:
+    """The balancer of a method label (checked as :func:`parse_methods` checks it): ``base``
+    (default: the defaults) with the balancer and CGGM preset the label names."""
     parse_methods([method])
-    balancer, _, preset = method.partition("-")
-    return {"balancer": balancer, "preset": preset} if method not in BALANCERS else {"balancer": method}
+    return (base or BalancerSpec()).with_method(method)
 
 
 def _finite(x) -> bool:
@@ -223,7 +220,7 @@ def run_one(config: RunConfig, test_size: int, progress: Callable[[], None] | No
 
 
 def _settings(config: RunConfig, test_size: int) -> dict:
-    settings = asdict(config)
+    settings = config.to_dict()
     settings["test_size"] = test_size
     settings["fusion_head_used"] = fusion_head_of(config)
     settings["test_seed"] = TEST_SEED_OFFSET + config.seed
@@ -292,10 +289,10 @@ def compare(
     out = Path(out)
     base = RunConfig(task=task, epochs=epochs, train_size=train_size, val_size=val_size,
                      batch_size=batch_size, lr=lr, fusion_head=fusion_head,
-                     balancer_options=dict(balancer_options or {}))
+                     balancer=BalancerSpec(options=dict(balancer_options or {})))
 
     def config_of(name: str, seed: int) -> RunConfig:
-        return replace(base, seed=seed, **method_options(name))
+        return replace(base, seed=seed, balancer=method_spec(name, base.balancer))
 
     def path_of(name: str, seed: int) -> Path:
         return out / "runs" / f"{name}-seed{seed}.json"
@@ -320,7 +317,7 @@ def compare(
         finite=lambda name, runs: sum(_finite(r["test_metric"]) for r in runs),
         diverged=lambda name, runs: sum(bool(r["diverged"]) for r in runs),
         wall_s_total=lambda name, runs: sum(r["wall_s"] for r in runs),
-        fusion_head=lambda name, runs: fusion_head_of(replace(base, **method_options(name))),
+        fusion_head=lambda name, runs: fusion_head_of(replace(base, balancer=method_spec(name, base.balancer))),
     )
     markdown = _header(task, names, seeds, base, test_size) + _markdown(done.rows, columns, task_spec.kind)
     write_results(out, markdown, done.rows,
@@ -359,7 +356,7 @@ def _header(task: str, names: list[str], seeds: int, base: RunConfig, test_size:
         f"Command: `multimodal-general compare --task {task} --methods {','.join(names)} --seeds {seeds} "
         f"--epochs {base.epochs} --train-size {base.train_size} --val-size {base.val_size} "
         f"--test-size {test_size} --lr {base.lr} --fusion-head {base.fusion_head}"
-        + "".join(f" --balancer-option {k}={v}" for k, v in base.balancer_options.items()) + "`\n\n"
+        + "".join(f" --balancer-option {k}={v}" for k, v in base.balancer.options.items()) + "`\n\n"
         f"Same budget for every method: {base.epochs} epochs, batch {base.batch_size}, SGD lr {base.lr} "
         f"(momentum 0.9, weight decay 1e-4); seeds 0..{seeds - 1}. Each run keeps the epoch with the best "
         "validation fused metric; the table is on a separate test split of the same task world "

@@ -13,7 +13,6 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from multimodal_general.runs.series import mean_std, plus_minus
 from multimodal_general.training.runner import (
     TrainSettings,
     build,
-    method_name,
     read_checkpoint,
     score,
     train_seed,
@@ -71,10 +69,10 @@ def train_run(
         saved, saved_seeds = read_settings(run_dir)
         if not resume:
             raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if {**asdict(saved), "epochs": 0} != {**asdict(settings), "epochs": 0} or saved_seeds != list(seeds):
+        if {**saved.to_dict(), "epochs": 0} != {**settings.to_dict(), "epochs": 0} or saved_seeds != list(seeds):
             raise ConfigurationError(f"{config}: --resume continues the run as configured; only --epochs may change")
     folder_existed = run_dir.exists()
-    atomic_write_text(config, yaml.safe_dump({"settings": asdict(settings), "seeds": list(seeds),
+    atomic_write_text(config, yaml.safe_dump({"settings": settings.to_dict(), "seeds": list(seeds),
                                               "data": data.summary()}, sort_keys=False))
     results = []
     try:
@@ -140,7 +138,7 @@ def _aggregate(scores: list[dict], task: str) -> dict[str, Any]:
 
 def write_summary(run_dir: Path, settings: TrainSettings, results: list[dict]) -> dict[str, Any]:
     task = settings.task
-    summary = {"method": method_name(settings), "task": task, "seeds": [r["seed"] for r in results],
+    summary = {"method": settings.balancer.method, "task": task, "seeds": [r["seed"] for r in results],
                "selected_epochs": [r["selected_epoch"] for r in results],
                "diverged": sum(bool(r.get("diverged")) for r in results),
                "test": _aggregate([r["test"] for r in results], task),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from multimodal_general.datasets.metrics import LOWER_IS_BETTER, SELECTION, TASK_METRICS
@@ -34,7 +34,7 @@ from multimodal_general.experiments.harness import (
     sweep,
     write_results,
 )
-from multimodal_general.experiments.imbalance_comparison import method_options, parse_methods
+from multimodal_general.experiments.imbalance_comparison import parse_methods
 from multimodal_general.io import pin_settings
 from multimodal_general.training.runner import TrainSettings, train_seed
 
@@ -56,11 +56,11 @@ def compare_on_task(
     if seeds < 1:
         raise ConfigurationError("--seeds must be >= 1")
     out = Path(out)
-    shared = {k: v for k, v in asdict(settings).items() if k not in ("balancer", "preset")}
+    shared = {k: v for k, v in settings.to_dict().items() if k not in ("balancer", "preset")}
     pin_settings(out / "settings.yaml", shared)
 
     def run(name: str, seed: int, tick: Callable[[], None]) -> dict:
-        return train_seed(replace(settings, **method_options(name)), data, seed,
+        return train_seed(replace(settings, balancer=settings.balancer.with_method(name)), data, seed,
                           out / "runs" / name / f"seed-{seed}", resume=True, on_epoch=lambda epoch, row: tick())
 
     done = sweep(names, seeds, run, settings.epochs, progress)
@@ -99,7 +99,7 @@ def _header(settings: TrainSettings, names: list[str], seeds: int, data: TaskDat
         f"--methods {','.join(names)} --seeds {seeds} --epochs {settings.epochs} --lr {settings.lr} "
         f"--batch-size {settings.batch_size} --optimizer {settings.optimizer} --d-model {settings.d_model} "
         f"--layers {settings.layers}"
-        + "".join(f" --balancer-option {k}={v}" for k, v in settings.balancer_options.items()) + "`\n\n"
+        + "".join(f" --balancer-option {k}={v}" for k, v in settings.balancer.options.items()) + "`\n\n"
         f"Splits: {sizes}. Same budget for every method: {settings.epochs} epochs, batch {settings.batch_size}, "
         f"{settings.optimizer} lr {settings.lr}, the same initialization seed and batch order per seed "
         f"(seeds 0..{seeds - 1}). Each run keeps the epoch with the best validation {metric} "

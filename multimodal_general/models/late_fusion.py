@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from multimodal_general.balance import Balancer, Modality, concat_unimodal_output, make_balancer
+from multimodal_general.balance import Balancer, BalancerSpec, Modality, concat_unimodal_output
 from multimodal_general.errors import ConfigurationError
 
 FUSION_HEADS = ("mlp", "linear")
@@ -74,25 +74,25 @@ class LateFusion(nn.Module):
         return self.fuse(fused), features
 
 
-def attach_balancer(model: LateFusion, name: str, criterion: nn.Module, kind: str, **options) -> Balancer:
-    """The balancer ``name`` over ``model``'s modalities, with one :func:`unimodal_head` each.
+def attach_balancer(model: LateFusion, spec: BalancerSpec, criterion: nn.Module, kind: str, **common) -> Balancer:
+    """The balancer ``spec`` describes over ``model``'s modalities, with one :func:`unimodal_head` each.
 
     ``kind`` is ``"classification"`` (heads scored by accuracy) or ``"regression"`` (by
-    negative MAE); ``options`` go to :func:`make_balancer` (``preset``, ``rho``, ``lam``, ...).
+    negative MAE); ``common`` go to :meth:`~multimodal_general.balance.BalancerSpec.build` with
+    the model's wiring (e.g. ``applied_by_optimizer``).
     """
     modalities = []
     for modality, encoder in model.encoders.items():
         head = unimodal_head(model.feature_dim, model.out_dim)
         modalities.append(Modality(modality, encoder, head, head[-1]))
-    return make_balancer(
-        name,
+    return spec.build(
         modalities,
         fused_last_layer=model.last_layer,
         criterion=criterion,
         metric="accuracy" if kind == "classification" else "neg_mae",
         unimodal_output=concat_unimodal_output(model.head, list(model.encoders)),  # AGM's mono-modal responses
         task_kind=kind,
-        **options,
+        **common,
     )
 
 

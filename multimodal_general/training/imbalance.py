@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from multimodal_general.balance import Balancer, ModalityDropout
+from multimodal_general.balance import Balancer, BalancerSpec, ModalityDropout
+from multimodal_general.balance.spec import flat_record
 from multimodal_general.datasets.imbalance import TASKS, ImbalanceTask, Split, generate
 from multimodal_general.models.late_fusion import (  # FUSION_HEADS, unimodal_head: re-exported
     FUSION_HEADS,
@@ -30,22 +32,24 @@ __all__ = ["FUSION_HEADS", "TASKS", "LateFusionNet", "RunConfig", "build", "gene
 @dataclass(frozen=True)
 class RunConfig:
     task: str = "cls2"
-    balancer: str = "none"
-    preset: str = "stable"
+    balancer: BalancerSpec = field(default_factory=BalancerSpec)
     seed: int = 0
     epochs: int = 20
     batch_size: int = 64
     lr: float = 0.05
-    rho: float = 1.2
-    lam: float = 0.1
     train_size: int = 4000
     val_size: int = 4000
     fusion_head: str = "auto"  # "auto" (linear for ogm_ge, else mlp), "mlp" or "linear" (see build)
-    balancer_options: dict = field(default_factory=dict)  # e.g. {"alpha": 0.5}: each method takes what it declares
 
-    @property
-    def method(self) -> str:
-        return f"cggm-{self.preset}" if self.balancer == "cggm" else self.balancer
+    #: the keys of :meth:`to_dict` in the order results files have always had
+    RECORD_ORDER: ClassVar[tuple[str, ...]] = (
+        "task", "balancer", "preset", "seed", "epochs", "batch_size", "lr", "rho", "lam", "train_size",
+        "val_size", "fusion_head", "balancer_options")
+
+    def to_dict(self) -> dict:
+        """The run's settings as results files record them (the balancer's flat: ``balancer``,
+        ``preset``, ``rho``, ``lam``, ``balancer_options``)."""
+        return flat_record(self, self.RECORD_ORDER)
 
 
 def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
@@ -64,17 +68,14 @@ def build(config: RunConfig) -> tuple[LateFusionNet, Balancer, nn.Module]:
         fusion_head=fusion_head_of(config),
     )
     criterion = nn.CrossEntropyLoss() if task.kind == "classification" else nn.MSELoss()
-    balancer = attach_balancer(
-        model, config.balancer, criterion, task.kind,
-        **{"preset": config.preset, "rho": config.rho, "lam": config.lam, **config.balancer_options},
-    )
+    balancer = attach_balancer(model, config.balancer, criterion, task.kind)
     return model, balancer, criterion
 
 
 def fusion_head_of(config: RunConfig) -> str:
     """The fused head a run gets: ``auto`` -> ``linear`` for ``ogm_ge``, else ``mlp``."""
     if config.fusion_head == "auto":
-        return "linear" if config.balancer == "ogm_ge" else "mlp"
+        return "linear" if config.balancer.name == "ogm_ge" else "mlp"
     return config.fusion_head
 
 
@@ -132,8 +133,8 @@ def train_and_evaluate(config: RunConfig, progress=None) -> dict:
     val = generate(task, config.val_size, seed=2 * config.seed + 1)
     model, balancer, telemetry, step_seconds = train_model(config, train, progress=progress)
     return {
-        "config": asdict(config),
-        "method": config.method,
+        "config": config.to_dict(),
+        "method": config.balancer.method,
         "step_ms": 1000 * step_seconds / max(len(telemetry), 1),
         **evaluate(model, task, train, val),
         "telemetry": [row.as_dict() for row in telemetry],

@@ -29,20 +29,15 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from multimodal_general.balance import (
-    PRESETS,
-    Balancer,
-    ModalityDropout,
-    Validation,
-    check_balancer_options,
-)
+from multimodal_general.balance import Balancer, BalancerSpec, ModalityDropout, Validation
+from multimodal_general.balance.spec import FLAT_NAMES, flat_record
 from multimodal_general.datasets.metrics import (
     LOWER_IS_BETTER,
     SELECTION,
@@ -79,10 +74,7 @@ class TrainSettings:
 
     task: str
     data: str
-    balancer: str = "none"
-    preset: str = "stable"  # CGGM's preset
-    rho: float = 1.2
-    lam: float = 0.1
+    balancer: BalancerSpec = field(default_factory=BalancerSpec)
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
@@ -98,20 +90,22 @@ class TrainSettings:
     bert: str = ""  # Food-101: local BERT folder (feature extraction when no cache)
     vit: str = ""  # Food-101: local ViT folder
     device: str = "cpu"
-    balancer_options: dict = field(default_factory=dict)  # e.g. {"alpha": 0.5}: each method takes what it declares
+
+    #: the keys of :meth:`to_dict` in the order run files have always had
+    RECORD_ORDER: ClassVar[tuple[str, ...]] = (
+        "task", "data", "balancer", "preset", "rho", "lam", "epochs", "batch_size", "lr", "weight_decay",
+        "optimizer", "d_model", "layers", "heads", "dropout", "fusion_head", "fold", "max_steps", "bert", "vit",
+        "device", "balancer_options")
 
     def check(self) -> TrainSettings:
         if self.task not in TASKS:
             raise ConfigurationError(f"unknown task {self.task!r}; choose from {list(TASKS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigurationError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
-        if self.preset not in PRESETS:
-            raise ConfigurationError(f"unknown CGGM preset {self.preset!r}; choose from {list(PRESETS)}")
         if min(self.epochs, self.batch_size, self.d_model, self.layers, self.heads) < 1 or not self.lr > 0:
             raise ConfigurationError("epochs, batch size, d_model, layers and heads must be >= 1 and lr > 0")
         if self.d_model % self.heads or self.d_model % 2:
             raise ConfigurationError(f"d_model ({self.d_model}) must be even and divisible by heads ({self.heads})")
-        check_balancer_options(self.balancer_options)
         if not 0 <= self.dropout < 1 or self.max_steps < 0:
             raise ConfigurationError("dropout must be in [0, 1) and max_steps >= 0")
         return self
@@ -123,17 +117,24 @@ class TrainSettings:
     @property
     def fusion(self) -> str:
         if self.fusion_head == "auto":
-            return "linear" if self.balancer == "ogm_ge" else "mlp"
+            return "linear" if self.balancer.name == "ogm_ge" else "mlp"
         return self.fusion_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a run's ``config.yaml`` and checkpoints hold them (the balancer's flat:
+        ``balancer``, ``preset``, ``rho``, ``lam``, ``balancer_options``)."""
+        return flat_record(self, self.RECORD_ORDER)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str) -> TrainSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The settings of :meth:`to_dict`'s record."""
+        spec_names = set(FLAT_NAMES.values())
+        unknown = sorted(set(values) - {f.name for f in fields(cls)} - spec_names)
         if unknown or "task" not in values or "data" not in values:
             raise BadDataFile(where, f"not a run configuration (unknown keys {unknown})" if unknown
                               else "not a run configuration (no task or data)")
-        return cls(**values).check()
+        spec, rest = BalancerSpec.from_flat(values)
+        return cls(balancer=spec, **rest).check()
 
 
 # ---------------------------------------------------------------------------- data
@@ -183,10 +184,9 @@ def build(settings: TrainSettings, data: TaskData, seed: int) -> Parts:
     torch.manual_seed(seed)
     model = SequenceFusionNet(data.input_dims, data.out_dim, settings.size, settings.fusion)
     criterion = task_criterion(data.kind)
-    per_encoder_lr = settings.balancer == "mslr" and settings.optimizer == "adamw"  # see the module docstring
-    balancer = attach_balancer(model, settings.balancer, criterion, data.kind, **{
-        "preset": settings.preset, "rho": settings.rho, "lam": settings.lam, **settings.balancer_options,
-        **({"applied_by_optimizer": True} if per_encoder_lr else {})})
+    per_encoder_lr = settings.balancer.name == "mslr" and settings.optimizer == "adamw"  # see the module docstring
+    balancer = attach_balancer(model, settings.balancer, criterion, data.kind,
+                               **({"applied_by_optimizer": True} if per_encoder_lr else {}))
     device = torch.device(settings.device)
     model.to(device), balancer.to(device)
     encoder_params = {id(p) for e in model.encoders.values() for p in e.parameters()}
@@ -320,7 +320,7 @@ def train_seed(
         _load_weights(run_dir / "checkpoints" / "best.pt", parts)
     empty = {"fused": {}, "heads": {}}
     result = {
-        "task": data.task, "seed": seed, "method": method_name(settings),
+        "task": data.task, "seed": seed, "method": settings.balancer.method,
         "selected_by": f"valid {metric} ({'max' if larger else 'min'})", "selected_epoch": state["best_epoch"],
         "diverged": diverged,
         "valid": empty if diverged else score(parts, data, "valid"),
@@ -349,10 +349,6 @@ def _validation(parts: Parts, data: TaskData, valid: dict | None, epoch: int) ->
     return Validation(epoch, head_metrics if valid is not None else None, losses)
 
 
-def method_name(settings: TrainSettings) -> str:
-    return f"cggm-{settings.preset}" if settings.balancer == "cggm" else settings.balancer
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -361,7 +357,7 @@ def _mean(values: list[float]) -> float:
 def _save(path: Path, parts: Parts, order: torch.Generator, settings: TrainSettings, seed: int,
           state: dict, epoch: int) -> None:
     save_tagged(path, CHECKPOINT_FORMAT, {
-        "settings": asdict(settings), "seed": seed, "epoch": epoch,
+        "settings": settings.to_dict(), "seed": seed, "epoch": epoch,
         "state": dict(state), "model": parts.model.state_dict(), "balancer": parts.balancer.state_dict(),
         "optimizers": [o.state_dict() for o in parts.optimizers], "order": order.get_state(),
     })
@@ -381,7 +377,7 @@ def _load_weights(path: Path, parts: Parts) -> dict[str, Any]:
 def _restore(path: Path, parts: Parts, order: torch.Generator, settings: TrainSettings) -> dict:
     payload = _load_weights(path, parts)
     saved = {k: v for k, v in payload["settings"].items() if k != "epochs"}
-    if saved != {k: v for k, v in asdict(settings).items() if k != "epochs"}:
+    if saved != {k: v for k, v in settings.to_dict().items() if k != "epochs"}:
         raise ConfigurationError(f"{path} was written with other settings; --resume continues a run as configured")
     for optimizer, state in zip(parts.optimizers, payload["optimizers"]):
         optimizer.load_state_dict(state)
