@@ -23,6 +23,7 @@ from multimodal_general.datasets.metrics import LOWER_IS_BETTER, SELECTION, TASK
 from multimodal_general.datasets.task_data import TaskData
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe
+from multimodal_general.resume import check_resume, differences
 from multimodal_general.series import mean_std, plus_minus
 from multimodal_general.training.runner import (
     TrainSettings,
@@ -71,8 +72,8 @@ def train_run(
         saved, saved_seeds = read_settings(run_dir)
         if not resume:
             raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if {**asdict(saved), "epochs": 0} != {**asdict(settings), "epochs": 0} or saved_seeds != list(seeds):
-            raise ConfigurationError(f"{config}: --resume continues the run as configured; only --epochs may change")
+        check_resume(differences({**asdict(saved), "seeds": saved_seeds}, {**asdict(settings), "seeds": list(seeds)}),
+                     "epochs", config)
     folder_existed = run_dir.exists()
     atomic_write_text(config, yaml.safe_dump({"settings": asdict(settings), "seeds": list(seeds),
                                               "data": data.summary()}, sort_keys=False))
