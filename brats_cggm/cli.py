@@ -503,19 +503,24 @@ def predict(
                 failures.append(str(error))
                 console.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
     if done:
-        table = Table(title=f"{len(done)} case(s) segmented into {out}")
-        for column in ("case", "WT ml", "TC ml", "ET ml", "sequences", "s"):
-            table.add_column(column, justify="left" if column in ("case", "sequences") else "right")
-        for row in done:
-            ml = row["volumes_ml"]
-            table.add_row(row["case_id"], f"{ml['WT']:.1f}", f"{ml['TC']:.1f}", f"{ml['ET']:.1f}",
-                          ", ".join(row["sequences_used"]), f"{row['seconds']:.1f}")
-        console.print(table)
+        console.print(_volume_table(done, out))
     if skipped:
         console.print(f"skipped {len(skipped)} case(s) already in {out} (--overwrite redoes them)")
     if failures:
         console.print(f"[bold red]{len(failures)} case(s) failed[/]")
         raise typer.Exit(1)
+
+
+def _volume_table(done: list[dict], out: Path) -> Table:
+    """One row per segmented case: its tumour volumes, the sequences used and the seconds taken."""
+    table = Table(title=f"{len(done)} case(s) segmented into {out}")
+    for column in ("case", "WT ml", "TC ml", "ET ml", "sequences", "s"):
+        table.add_column(column, justify="left" if column in ("case", "sequences") else "right")
+    for row in done:
+        ml = row["volumes_ml"]
+        table.add_row(row["case_id"], f"{ml['WT']:.1f}", f"{ml['TC']:.1f}", f"{ml['ET']:.1f}",
+                      ", ".join(row["sequences_used"]), f"{row['seconds']:.1f}")
+    return table
 
 
 def join_size_values(argv: list[str]) -> list[str]:
