@@ -160,48 +160,10 @@ def summarize_telemetry(telemetry: list[dict], modalities: Sequence[str], b_limi
             if first_nonfinite is not None else []
         ),
     }
-    b = {m: series(telemetry, f"B/{m}") for m in modalities}
-    has_b = any(np.isfinite(v).any() for v in b.values())
-    if has_b:
-        stacked = np.stack([b[m] for m in modalities], axis=1)  # [steps, M]
-        magnitude = np.abs(stacked)
-        blown = np.nonzero((np.where(np.isfinite(magnitude), magnitude, 0.0) > b_limit).any(axis=1))[0]
-        pre = stacked[healthy]
-        finite_abs = magnitude[np.isfinite(magnitude)]
-        summary.update(
-            {
-                "max_abs_B": float(finite_abs.max()) if finite_abs.size else None,
-                "first_B_blowup_step": int(blown[0]) if len(blown) else None,
-                "B_blowup_steps": int(len(blown)),
-                "negative_B_step_fraction": float(np.mean((pre < 0).any(axis=1))) if len(pre) else None,
-                "unmodulated_step_fraction": float(np.mean((pre == 1.0).all(axis=1))) if len(pre) else None,
-                "B_median": {m: _nanstat(np.nanmedian, b[m][healthy]) for m in modalities},
-                "B_mean": {m: _nanstat(np.nanmean, b[m][healthy]) for m in modalities},
-            }
-        )
-    else:
-        summary.update({"max_abs_B": None, "first_B_blowup_step": None, "B_blowup_steps": 0})
+    summary.update(_b_summary(telemetry, modalities, b_limit, healthy))
     candidates = [s for s in (summary["first_nonfinite_step"], summary["first_B_blowup_step"]) if s is not None]
     summary["first_bad_step"] = min(candidates) if candidates else None
-
-    # Before/after the dominant ("easy", else first) modality plateaus.
-    lead = "easy" if "easy" in modalities else modalities[0]
-    eps = {m: series(telemetry, f"eps/{m}")[healthy] for m in modalities}
-    # Phases only when most of the run stayed finite: a plateau found in the few steps
-    # before a divergence says nothing.
-    plateau = plateau_step(eps[lead]) if len(eps[lead]) >= steps / 2 else None
-    phases: dict = {"lead_modality": lead, "plateau_step": plateau}
-    if plateau is not None:
-        for phase, part in (("before", slice(0, plateau)), ("after", slice(plateau, None))):
-            entry: dict = {"steps": len(range(*part.indices(len(eps[lead]))))}
-            for key in ("eps", "d", "B", "grad_norm"):
-                values = {m: series(telemetry, f"{key}/{m}")[healthy][part] for m in modalities}
-                if all(np.isnan(v).all() for v in values.values()):
-                    continue
-                entry[f"{key}_median"] = {m: _nanstat(np.nanmedian, v) for m, v in values.items()}
-                entry[f"{key}_mean"] = {m: _nanstat(np.nanmean, v) for m, v in values.items()}
-            phases[phase] = entry
-    summary["phases"] = phases
+    summary["phases"] = _phases(telemetry, modalities, healthy)
     last = max(1, steps // 8)
     summary["final_eps"] = {m: _nanstat(np.nanmean, series(telemetry, f"eps/{m}")[-last:]) for m in modalities}
     # Collapse without NaN (dead ReLUs after reversed or huge steps): an encoder whose
@@ -214,6 +176,50 @@ def summarize_telemetry(telemetry: list[dict], modalities: Sequence[str], b_limi
         summary["final_grad_norm"], summary["dead_encoders"] = None, []
     summary["collapsed"] = bool(modalities) and len(summary["dead_encoders"]) == len(modalities)
     return summary
+
+
+def _b_summary(telemetry: list[dict], modalities: Sequence[str], b_limit: float, healthy: slice) -> dict:
+    """CGGM's coefficients B: their largest size, blow-ups past ``b_limit``, and (over the
+    ``healthy`` steps, before the first non-finite one) their sign, median and mean."""
+    b = {m: series(telemetry, f"B/{m}") for m in modalities}
+    if not any(np.isfinite(v).any() for v in b.values()):
+        return {"max_abs_B": None, "first_B_blowup_step": None, "B_blowup_steps": 0}
+    stacked = np.stack([b[m] for m in modalities], axis=1)  # [steps, M]
+    magnitude = np.abs(stacked)
+    blown = np.nonzero((np.where(np.isfinite(magnitude), magnitude, 0.0) > b_limit).any(axis=1))[0]
+    pre = stacked[healthy]
+    finite_abs = magnitude[np.isfinite(magnitude)]
+    return {
+        "max_abs_B": float(finite_abs.max()) if finite_abs.size else None,
+        "first_B_blowup_step": int(blown[0]) if len(blown) else None,
+        "B_blowup_steps": int(len(blown)),
+        "negative_B_step_fraction": float(np.mean((pre < 0).any(axis=1))) if len(pre) else None,
+        "unmodulated_step_fraction": float(np.mean((pre == 1.0).all(axis=1))) if len(pre) else None,
+        "B_median": {m: _nanstat(np.nanmedian, b[m][healthy]) for m in modalities},
+        "B_mean": {m: _nanstat(np.nanmean, b[m][healthy]) for m in modalities},
+    }
+
+
+def _phases(telemetry: list[dict], modalities: Sequence[str], healthy: slice) -> dict:
+    """Medians and means of the telemetry before and after the dominant ("easy", else first)
+    modality's utilization plateaus."""
+    lead = "easy" if "easy" in modalities else modalities[0]
+    eps = {m: series(telemetry, f"eps/{m}")[healthy] for m in modalities}
+    # Phases only when most of the run stayed finite: a plateau found in the few steps
+    # before a divergence says nothing.
+    plateau = plateau_step(eps[lead]) if len(eps[lead]) >= len(telemetry) / 2 else None
+    phases: dict = {"lead_modality": lead, "plateau_step": plateau}
+    if plateau is not None:
+        for phase, part in (("before", slice(0, plateau)), ("after", slice(plateau, None))):
+            entry: dict = {"steps": len(range(*part.indices(len(eps[lead]))))}
+            for key in ("eps", "d", "B", "grad_norm"):
+                values = {m: series(telemetry, f"{key}/{m}")[healthy][part] for m in modalities}
+                if all(np.isnan(v).all() for v in values.values()):
+                    continue
+                entry[f"{key}_median"] = {m: _nanstat(np.nanmedian, v) for m, v in values.items()}
+                entry[f"{key}_mean"] = {m: _nanstat(np.nanmean, v) for m, v in values.items()}
+            phases[phase] = entry
+    return phases
 
 
 def _nanstat(fn: Callable, values: np.ndarray) -> float | None:

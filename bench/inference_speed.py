@@ -158,7 +158,8 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
+    """The benchmark's options (those left None take their value from FULL or QUICK)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a short run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
@@ -196,6 +197,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="JSON output; the Markdown tables go beside it (.md)")
     parser.add_argument("--one", metavar="CONFIG:BACKEND", help=argparse.SUPPRESS)  # the memory child
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)  # the memory child's models and case
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = _parser()
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in {**FULL, **preset}.items():
@@ -205,6 +211,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.spec is None:
             parser.error("--one needs --spec")
         return args
+    _check(parser, args)
+    return args
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the options of a whole benchmark and turn them into values (lists, paths, rounds
+    per configuration); a wrong one is the parser's error."""
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.configs or set(args.configs) - set(CONFIGS) or len(set(args.configs)) != len(args.configs):
@@ -237,7 +250,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.large_spacing <= 0:
         parser.error("--warmup must be >= 0 and --large-spacing > 0")
-    return args
 
 
 # ------------------------------------------------------------------------ building
@@ -649,70 +661,92 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
     ]
     for name, config in payload["configs"].items():
-        e = config["spec"]
-        flops = config["conv_flops"]
-        matmul = _span([r["matmul_gflops"]["median"] for r in config["rounds"]])
-        counted = (f"{flops['per_window'] / 1e9:.2f} conv GFLOP per window (flop counter: "
-                   f"{flops['flop_counter_per_window'] / 1e9:.2f})" if flops else "conv GFLOP not counted (no torch network)")
-        lines += [
-            (f"**{name}**: {e['description']}, {e['spacing_mm'][0]:g} mm, {e['patch'][0]}^3 windows, overlap "
+        lines += [_config_line(name, config, s), ""]
+        lines += [*_speed_table(config), "", *_phase_table(config), "", *_parity_lines(config), ""]
+    lines.append(LEGEND)
+    return "\n".join(lines) + "\n"
+
+
+def _config_line(name: str, config: dict[str, Any], s: dict[str, Any]) -> str:
+    """What a configuration is: network, grid, windows, FLOPs, export, the matmul reference."""
+    e = config["spec"]
+    flops = config["conv_flops"]
+    matmul = _span([r["matmul_gflops"]["median"] for r in config["rounds"]])
+    counted = (f"{flops['per_window'] / 1e9:.2f} conv GFLOP per window (flop counter: "
+               f"{flops['flop_counter_per_window'] / 1e9:.2f})" if flops else "conv GFLOP not counted (no torch network)")
+    return (f"**{name}**: {e['description']}, {e['spacing_mm'][0]:g} mm, {e['patch'][0]}^3 windows, overlap "
             f"{e['overlap']:g}; {config['windows_per_case']} windows per case in {config['calls_per_case']} calls; "
             f"{counted}; ONNX export: {e['export']}; "
-            f"{len(config['rounds'])} rounds; matmul {s['matmul_size']}^2 float32: {_s(matmul, 0)} GFLOP/s"),
-            "",
-        ]
-        header = ["backend", "case s", "backend s", "rest s", "× MONAI chain (case)", "× torch (case)", "× torch (backend)",
-                  "conv GFLOP/s in backend", "% of matmul", "% of matmul (whole case)", "peak RSS MiB",
-                  "over imports MiB", "cold case s"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for backend, row in config["summary"].items():
-            memory = config["memory"].get(backend)
-            pct = {k: {**v, **{x: 100 * v[x] for x in ("median", "min", "max")}} if v else None
-                   for k, v in row.items() if k.startswith("fraction")}
-            lines.append("| " + " | ".join([
-                backend, _s(row["case_s"]), _s(row["backend_s"]), _s(row["outside_backend_s"]),
-                _s(row["ratio_case_vs_monai_chain"], unit="x"), _s(row["ratio_case_vs_torch"], unit="x"), _s(row["ratio_backend_vs_torch"], unit="x"),
-                _s(row["conv_gflops_backend"], 1), _s(pct["fraction_of_matmul_backend"], 0, "%"),
-                _s(pct["fraction_of_matmul_case"], 0, "%"),
-                f"{memory['peak_rss_mib']:.0f}" if memory else "—",
-                f"{memory['peak_over_imports_mib']:.0f}" if memory else "—",
-                f"{memory['cold_case_s']:.1f}" if memory else "—",
-            ]) + " |")
-        lines.append("")
-        phases = ["read", "preprocess + rest", "network", "blending + padding", "invert", "labels"]
-        header = ["backend", "case s", *(f"{p} s" for p in phases), "process CPU s"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for backend, row in config["summary"].items():
-            spans = {**row["phases_s"], "network": row["backend_s"]}
-            lines.append("| " + " | ".join([backend, _s(row["case_s"]), *(_s(spans[p]) for p in phases),
-                                            _s(row["cpu_s"])]) + " |")
-        lines.append("")
-        for backend, p in config["parity"].items():
-            labels = (f"label agreement {100 * p['label_agreement']:.4f}% of {p['voxels']} voxels "
-                      f"({p['voxels_differing']} differ), {100 * p['label_agreement_tumour']:.2f}% within the "
-                      f"{int(np.sum(list(p['tumour_voxels'].values())))} tumour calls ({config['baseline']} "
-                      f"{p['tumour_voxels']['reference']}, {backend} {p['tumour_voxels']['other']})"
-                      if p["labels_trained"] else "labels not compared (untrained network)")
-            lines.append(f"- parity {backend} vs {config['baseline']}: {labels}; max |Δ probability| "
-                         f"{p['max_abs_diff_probabilities']:.2e} (mean {p['mean_abs_diff_probabilities']:.1e})")
-        lines.append("")
-    lines.append(
-        "*case s*: wall time of `predict_case` (NIfTI reading, preprocessing, sliding window, inversion, labels), "
-        "median (min–max) over rounds; *backend s*: time inside the backend's calls; *rest s*: the difference, split in the second table (medians of each step over rounds: *read* the NIfTI files, "
-        "*network* the backend's calls, *blending + padding* the rest of MONAI's sliding window, *invert* the resampling "
-        "back to the input grid, *labels* thresholds and label map, *preprocess + rest* what remains: orientation, "
-        "spacing, crop, z-score; *process CPU s*: CPU time of all threads of the process: close to *case s*, the process got about one "
-        "core of the two). "
-        "Ratios: median over rounds of the ratio within the round; *× MONAI chain*: over `onnxruntime` (ONNX Runtime "
-        "with the MONAI chain, the path before the numpy chain; `onnxruntime-numpy` is the numpy chain, the default "
-        "for an .onnx file). The phases of the numpy chain: *sliding window* is windows.py, *invert* "
-        "Geometry.invert, *preprocess + rest* grid.preprocess. *conv GFLOP/s*: Conv3d + ConvTranspose3d FLOPs "
-        "(2 x multiply-adds, counted by forward hooks) x windows / backend s; *% of matmul*: that over the "
-        "torch.matmul throughput of the same round (*whole case*: FLOPs over case s). Memory: one cold case in a "
-        "fresh process per backend; *peak RSS*: VmHWM over model load + case; *over imports*: minus VmRSS after "
-        "the imports; *cold case s*: that first case's wall time."
-    )
-    return "\n".join(lines) + "\n"
+            f"{len(config['rounds'])} rounds; matmul {s['matmul_size']}^2 float32: {_s(matmul, 0)} GFLOP/s")
+
+
+def _table_head(header: Sequence[str]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
+def _speed_table(config: dict[str, Any]) -> list[str]:
+    """Per backend: times, ratios, throughput and memory."""
+    lines = _table_head(["backend", "case s", "backend s", "rest s", "× MONAI chain (case)", "× torch (case)",
+                         "× torch (backend)", "conv GFLOP/s in backend", "% of matmul", "% of matmul (whole case)",
+                         "peak RSS MiB", "over imports MiB", "cold case s"])
+    for backend, row in config["summary"].items():
+        memory = config["memory"].get(backend)
+        pct = {k: {**v, **{x: 100 * v[x] for x in ("median", "min", "max")}} if v else None
+               for k, v in row.items() if k.startswith("fraction")}
+        lines.append("| " + " | ".join([
+            backend, _s(row["case_s"]), _s(row["backend_s"]), _s(row["outside_backend_s"]),
+            _s(row["ratio_case_vs_monai_chain"], unit="x"), _s(row["ratio_case_vs_torch"], unit="x"), _s(row["ratio_backend_vs_torch"], unit="x"),
+            _s(row["conv_gflops_backend"], 1), _s(pct["fraction_of_matmul_backend"], 0, "%"),
+            _s(pct["fraction_of_matmul_case"], 0, "%"),
+            f"{memory['peak_rss_mib']:.0f}" if memory else "—",
+            f"{memory['peak_over_imports_mib']:.0f}" if memory else "—",
+            f"{memory['cold_case_s']:.1f}" if memory else "—",
+        ]) + " |")
+    return lines
+
+
+def _phase_table(config: dict[str, Any]) -> list[str]:
+    """Per backend: where a case's time goes."""
+    phases = ["read", "preprocess + rest", "network", "blending + padding", "invert", "labels"]
+    lines = _table_head(["backend", "case s", *(f"{p} s" for p in phases), "process CPU s"])
+    for backend, row in config["summary"].items():
+        spans = {**row["phases_s"], "network": row["backend_s"]}
+        lines.append("| " + " | ".join([backend, _s(row["case_s"]), *(_s(spans[p]) for p in phases),
+                                        _s(row["cpu_s"])]) + " |")
+    return lines
+
+
+def _parity_lines(config: dict[str, Any]) -> list[str]:
+    """One line per backend: how its labels and probabilities agree with the baseline's."""
+    lines = []
+    for backend, p in config["parity"].items():
+        labels = (f"label agreement {100 * p['label_agreement']:.4f}% of {p['voxels']} voxels "
+                  f"({p['voxels_differing']} differ), {100 * p['label_agreement_tumour']:.2f}% within the "
+                  f"{int(np.sum(list(p['tumour_voxels'].values())))} tumour calls ({config['baseline']} "
+                  f"{p['tumour_voxels']['reference']}, {backend} {p['tumour_voxels']['other']})"
+                  if p["labels_trained"] else "labels not compared (untrained network)")
+        lines.append(f"- parity {backend} vs {config['baseline']}: {labels}; max |Δ probability| "
+                     f"{p['max_abs_diff_probabilities']:.2e} (mean {p['mean_abs_diff_probabilities']:.1e})")
+    return lines
+
+
+#: the report's closing paragraph: what each column means
+LEGEND = (
+    "*case s*: wall time of `predict_case` (NIfTI reading, preprocessing, sliding window, inversion, labels), "
+    "median (min–max) over rounds; *backend s*: time inside the backend's calls; *rest s*: the difference, split in the second table (medians of each step over rounds: *read* the NIfTI files, "
+    "*network* the backend's calls, *blending + padding* the rest of MONAI's sliding window, *invert* the resampling "
+    "back to the input grid, *labels* thresholds and label map, *preprocess + rest* what remains: orientation, "
+    "spacing, crop, z-score; *process CPU s*: CPU time of all threads of the process: close to *case s*, the process got about one "
+    "core of the two). "
+    "Ratios: median over rounds of the ratio within the round; *× MONAI chain*: over `onnxruntime` (ONNX Runtime "
+    "with the MONAI chain, the path before the numpy chain; `onnxruntime-numpy` is the numpy chain, the default "
+    "for an .onnx file). The phases of the numpy chain: *sliding window* is windows.py, *invert* "
+    "Geometry.invert, *preprocess + rest* grid.preprocess. *conv GFLOP/s*: Conv3d + ConvTranspose3d FLOPs "
+    "(2 x multiply-adds, counted by forward hooks) x windows / backend s; *% of matmul*: that over the "
+    "torch.matmul throughput of the same round (*whole case*: FLOPs over case s). Memory: one cold case in a "
+    "fresh process per backend; *peak RSS*: VmHWM over model load + case; *over imports*: minus VmRSS after "
+    "the imports; *cold case s*: that first case's wall time."
+)
 
 
 # --------------------------------------------------------------------------- main

@@ -27,6 +27,7 @@ from multimodal_general.cli_support import (
     run_app,
 )
 from multimodal_general.cli_support import progress_bar as shared_progress_bar
+from multimodal_general.resume import check_resume
 
 app = make_app("Brain-tumour segmentation on BraTS MRI with CGGM-balanced training.")
 console = Console()
@@ -245,7 +246,7 @@ def train(
     `torchrun --nproc_per_node=N $(which brats-cggm) train ...`. Ctrl-C saves a checkpoint;
     `--resume` continues exactly where it stopped.
     """
-    from brats_cggm.training import Trainer, resolve_config, start, stop
+    from brats_cggm.training import Trainer, start, stop
     from brats_cggm.training.progress import EpochProgress
 
     overrides = {
@@ -256,18 +257,7 @@ def train(
         **balancer_settings(balancer_option, OWN_OPTIONS),
         **parse_settings(settings or []),
     }
-    if resume:
-        saved = resolve_config("cpu-small", out / "config.yaml")
-        # what this command line asks for: all of it with --preset/--config, else the run's with the options given
-        asked = (resolve_config(preset or "cpu-small", config, overrides) if preset or config
-                 else resolve_config("cpu-small", out / "config.yaml", overrides))
-        changed = {k: v for k, v in saved.differences(asked).items() if k != "optim.epochs"}
-        if changed:
-            got = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ConfigurationError(f"--resume continues the run as configured; only --epochs may change (got {got})")
-        resolved = resolve_config("cpu-small", out / "config.yaml", {"optim.epochs": epochs})
-    else:
-        resolved = resolve_config(preset or "cpu-small", config, overrides)
+    resolved = _resumed_config(out, preset, config, overrides, epochs) if resume else _new_config(preset, config, overrides)
     place = start(resolved.device)
     try:
         main_console = console if place.is_main else Console(quiet=True)
@@ -281,14 +271,38 @@ def train(
     finally:
         stop()
     if place.is_main:
-        best = summary["best_val_dice_mean"]
-        console.print(
-            f"[bold green]done[/]: best mean validation Dice {best:.3f} at epoch {summary['best_epoch']}; "
-            f"{out}/checkpoints/best.pt, plots in {out}/plots"
-        )
-        if "ranks_consistent" in summary:
-            state = "identical on" if summary["ranks_consistent"] else "[bold red]DIFFERENT[/] across"
-            console.print(f"network and balancer state {state} all {place.world_size} processes")
+        _report_training(summary, out, place.world_size)
+
+
+def _new_config(preset: str | None, config: Path | None, overrides: dict):
+    """A new run's configuration: the preset, then the configuration file, then the options."""
+    from brats_cggm.training import resolve_config
+
+    return resolve_config(preset or "cpu-small", config, overrides)
+
+
+def _resumed_config(out: Path, preset: str | None, config: Path | None, overrides: dict, epochs: int | None):
+    """A resumed run's configuration: the run's own, with ``--epochs`` when given; any other
+    setting that this command line asks to change is an error (:func:`check_resume`)."""
+    from brats_cggm.training import resolve_config
+
+    saved = resolve_config("cpu-small", out / "config.yaml")
+    # what this command line asks for: all of it with --preset/--config, else the run's with the options given
+    asked = (_new_config(preset, config, overrides) if preset or config
+             else resolve_config("cpu-small", out / "config.yaml", overrides))
+    check_resume(saved.differences(asked), "optim.epochs")
+    return resolve_config("cpu-small", out / "config.yaml", {"optim.epochs": epochs})
+
+
+def _report_training(summary: dict, out: Path, processes: int) -> None:
+    best = summary["best_val_dice_mean"]
+    console.print(
+        f"[bold green]done[/]: best mean validation Dice {best:.3f} at epoch {summary['best_epoch']}; "
+        f"{out}/checkpoints/best.pt, plots in {out}/plots"
+    )
+    if "ranks_consistent" in summary:
+        state = "identical on" if summary["ranks_consistent"] else "[bold red]DIFFERENT[/] across"
+        console.print(f"network and balancer state {state} all {processes} processes")
 
 
 @app.command()
@@ -489,19 +503,24 @@ def predict(
                 failures.append(str(error))
                 console.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
     if done:
-        table = Table(title=f"{len(done)} case(s) segmented into {out}")
-        for column in ("case", "WT ml", "TC ml", "ET ml", "sequences", "s"):
-            table.add_column(column, justify="left" if column in ("case", "sequences") else "right")
-        for row in done:
-            ml = row["volumes_ml"]
-            table.add_row(row["case_id"], f"{ml['WT']:.1f}", f"{ml['TC']:.1f}", f"{ml['ET']:.1f}",
-                          ", ".join(row["sequences_used"]), f"{row['seconds']:.1f}")
-        console.print(table)
+        console.print(_volume_table(done, out))
     if skipped:
         console.print(f"skipped {len(skipped)} case(s) already in {out} (--overwrite redoes them)")
     if failures:
         console.print(f"[bold red]{len(failures)} case(s) failed[/]")
         raise typer.Exit(1)
+
+
+def _volume_table(done: list[dict], out: Path) -> Table:
+    """One row per segmented case: its tumour volumes, the sequences used and the seconds taken."""
+    table = Table(title=f"{len(done)} case(s) segmented into {out}")
+    for column in ("case", "WT ml", "TC ml", "ET ml", "sequences", "s"):
+        table.add_column(column, justify="left" if column in ("case", "sequences") else "right")
+    for row in done:
+        ml = row["volumes_ml"]
+        table.add_row(row["case_id"], f"{ml['WT']:.1f}", f"{ml['TC']:.1f}", f"{ml['ET']:.1f}",
+                      ", ".join(row["sequences_used"]), f"{row['seconds']:.1f}")
+    return table
 
 
 def join_size_values(argv: list[str]) -> list[str]:

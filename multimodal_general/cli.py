@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Annotated, Any, NamedTuple
 
 import typer
 from rich.console import Console
@@ -20,10 +21,62 @@ from multimodal_general.cli_support import (
     run_app,
 )
 from multimodal_general.errors import ConfigurationError
+from multimodal_general.resume import check_resume
 
 app = make_app("Balanced multimodal learning (CGGM and baselines) for general tasks.")
 console = Console()
 TASK_HELP = "food101, mosi or iemocap"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options of a data task's model and its training that ``train`` and ``compare``
+    share (the defaults of both); the rest of a run's settings come from each command."""
+
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    d_model: int = 64
+    layers: int = 2
+    fusion_head: str = "auto"
+    fold: int = 1
+    max_steps: int = 0
+    bert: Path | None = None
+    vit: Path | None = None
+
+    def settings(self, task: str, data: Path, **more):
+        """The run's checked TrainSettings (paths absolute: a run resumes from anywhere)."""
+        from multimodal_general.training.runner import TrainSettings
+
+        paths = {name: str(path.resolve()) if path else "" for name, path in (("bert", self.bert), ("vit", self.vit))}
+        return TrainSettings(task=task, data=str(data.expanduser().resolve()),
+                             **{**asdict(self), **paths, **more}).check()
+
+
+class Shared(NamedTuple):
+    """An option that ``train`` and ``compare`` share, declared once: its type and help in
+    each (compare's help says the data tasks where only they use it)."""
+
+    train: Any
+    compare: Any
+
+
+def shared(kind: Any, help_text: str, compare_help: str | None = None) -> Shared:
+    """An option of type ``kind`` with ``help_text`` (in compare: ``compare_help``, when given)."""
+    return Shared(Annotated[kind, typer.Option(help=help_text)],
+                  Annotated[kind, typer.Option(help=compare_help or help_text)])
+
+
+BatchSize = shared(int, "batch size", "data tasks: batch size")
+Optimizer = shared(str, "adamw or sgd (momentum 0.9)", "data tasks: adamw or sgd")
+DModel = shared(int, "width of each modality's transformer encoder", "data tasks: encoder width")
+Layers = shared(int, "transformer layers per modality", "data tasks: transformer layers per modality")
+FusionHead = shared(str, "fused head: auto (linear for ogm_ge, else mlp), mlp or linear")
+Fold = shared(int, "IEMOCAP: cross-validation fold 1..10", "IEMOCAP fold")
+MaxSteps = shared(int, "cut every sequence to this many steps (0: keep all)",
+                  "data tasks: cut sequences to this many steps (0: keep all)")
+Bert = shared(Path, "Food-101: local BERT folder (features are extracted once, then cached)",
+              "Food-101: local BERT folder")
+Vit = shared(Path, "Food-101: local ViT folder")
 
 
 @app.command()
@@ -65,15 +118,15 @@ def compare(
     val_size: int = typer.Option(4000, help="synthetic tasks: validation samples (model selection)"),
     test_size: int = typer.Option(None, help="synthetic tasks: test samples (default: val-size)"),
     lr: float = typer.Option(None, help="learning rate (default: 0.05 SGD for synthetic tasks, 1e-3 AdamW for data tasks)"),
-    fusion_head: str = typer.Option("auto", help="fused head: auto (linear for ogm_ge, else mlp), mlp or linear"),
-    batch_size: int = typer.Option(32, help="data tasks: batch size"),
-    optimizer: str = typer.Option("adamw", help="data tasks: adamw or sgd"),
-    d_model: int = typer.Option(64, help="data tasks: encoder width"),
-    layers: int = typer.Option(2, help="data tasks: transformer layers per modality"),
-    fold: int = typer.Option(1, help="IEMOCAP fold"),
-    max_steps: int = typer.Option(0, help="data tasks: cut sequences to this many steps (0: keep all)"),
-    bert: Path = typer.Option(None, help="Food-101: local BERT folder"),
-    vit: Path = typer.Option(None, help="Food-101: local ViT folder"),
+    fusion_head: FusionHead.compare = ModelOptions.fusion_head,
+    batch_size: BatchSize.compare = ModelOptions.batch_size,
+    optimizer: Optimizer.compare = ModelOptions.optimizer,
+    d_model: DModel.compare = ModelOptions.d_model,
+    layers: Layers.compare = ModelOptions.layers,
+    fold: Fold.compare = ModelOptions.fold,
+    max_steps: MaxSteps.compare = ModelOptions.max_steps,
+    bert: Bert.compare = None,
+    vit: Vit.compare = None,
     threads: int = typer.Option(1, help="torch intra-op threads"),
     balancer_option: list[str] = typer.Option(
         None, "--balancer-option",
@@ -86,8 +139,8 @@ def compare(
     options = parse_balancer_options(balancer_option)
     check_balancer_options(options)
     if task in DATA_TASKS:
-        _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
-                         d_model, layers, fold, max_steps, bert, vit, threads, options)
+        model = ModelOptions(batch_size, optimizer, d_model, layers, fusion_head, fold, max_steps, bert, vit)
+        _compare_on_data(task, data, model, methods, seeds, epochs, out, lr, threads, options)
         return
     lr = 0.05 if lr is None else lr
     import torch
@@ -117,24 +170,19 @@ def compare(
     )
 
 
-def _compare_on_data(task, methods, seeds, epochs, out, data, lr, fusion_head, batch_size, optimizer,
-                     d_model, layers, fold, max_steps, bert, vit, threads, options) -> None:
+def _compare_on_data(task: str, data: Path | None, model: ModelOptions, methods: str, seeds: int, epochs: int,
+                     out: Path, lr: float | None, threads: int, options: dict) -> None:
     import torch
 
     from multimodal_general.experiments.imbalance_comparison import parse_methods
     from multimodal_general.experiments.task_comparison import compare_on_task
-    from multimodal_general.training.runner import TrainSettings
 
     if data is None:
         raise ConfigurationError(f"--task {task} needs --data")
     names = parse_methods(methods)
     torch.set_num_threads(max(1, threads))
-    settings = TrainSettings(
-        task=task, data=str(data.expanduser().resolve()), epochs=epochs, lr=1e-3 if lr is None else lr,
-        batch_size=batch_size, optimizer=optimizer, d_model=d_model, layers=layers, fusion_head=fusion_head,
-        fold=fold, max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "",
-        balancer=BalancerSpec(options=options),
-    ).check()
+    settings = model.settings(task, data, epochs=epochs, lr=1e-3 if lr is None else lr,
+                              balancer=BalancerSpec(options=options))
     loaded = _load(settings)
     with _bar() as bar:
         job = bar.add_task("starting", total=len(names) * seeds * epochs)
@@ -161,25 +209,6 @@ def _load(settings, what: str = "reading data"):
         return load_task(settings, progress=progress)
 
 
-#: train's parameters whose key in the run's settings (TrainSettings.to_dict) has another name
-FIELDS = {"balancer_option": "balancer_options", "cggm_preset": "preset"}
-
-
-def _changed_on_resume(ctx: typer.Context, settings, saved, seeds: int, saved_seeds: int) -> list[str]:
-    """``--NAME run's value -> this command's`` for each option given on the command line
-    whose value differs from the run's own."""
-    changed = []
-    for name in ctx.params:
-        source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
-        if getattr(source, "name", None) != "COMMANDLINE" or name in ("out", "resume", "epochs", "threads"):
-            continue
-        field = FIELDS.get(name, name)
-        old, new = (saved_seeds, seeds) if name == "seeds" else (saved.to_dict()[field], settings.to_dict()[field])
-        if old != new:
-            changed.append(f"--{name.replace('_', '-')} {old!r} -> {new!r}")
-    return changed
-
-
 @app.command()
 def train(
     ctx: typer.Context,
@@ -192,20 +221,20 @@ def train(
     epochs: int = typer.Option(None, help="epochs per seed [default: 20; with --resume: the run's, or more to extend it]"),
     seeds: int = typer.Option(1, help="train seeds 0..n-1 and report mean ± std"),
     lr: float = typer.Option(1e-3, help="learning rate (model and heads)"),
-    batch_size: int = typer.Option(32, help="batch size"),
-    optimizer: str = typer.Option("adamw", help="adamw or sgd (momentum 0.9)"),
+    batch_size: BatchSize.train = ModelOptions.batch_size,
+    optimizer: Optimizer.train = ModelOptions.optimizer,
     weight_decay: float = typer.Option(1e-4, help="weight decay"),
     rho: float = typer.Option(1.2, help="CGGM's rho (how strongly the modalities are rebalanced)"),
     lam: float = typer.Option(0.1, help="CGGM's lambda (weight of the direction loss)"),
-    d_model: int = typer.Option(64, help="width of each modality's transformer encoder"),
-    layers: int = typer.Option(2, help="transformer layers per modality"),
+    d_model: DModel.train = ModelOptions.d_model,
+    layers: Layers.train = ModelOptions.layers,
     heads: int = typer.Option(4, help="attention heads"),
     dropout: float = typer.Option(0.1, help="dropout"),
-    fusion_head: str = typer.Option("auto", help="fused head: auto (linear for ogm_ge, else mlp), mlp or linear"),
-    fold: int = typer.Option(1, help="IEMOCAP: cross-validation fold 1..10"),
-    max_steps: int = typer.Option(0, help="cut every sequence to this many steps (0: keep all)"),
-    bert: Path = typer.Option(None, help="Food-101: local BERT folder (features are extracted once, then cached)"),
-    vit: Path = typer.Option(None, help="Food-101: local ViT folder"),
+    fusion_head: FusionHead.train = ModelOptions.fusion_head,
+    fold: Fold.train = ModelOptions.fold,
+    max_steps: MaxSteps.train = ModelOptions.max_steps,
+    bert: Bert.train = None,
+    vit: Vit.train = None,
     device: str = typer.Option("cpu", help="auto (cuda when available), cpu or cuda"),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)"),
     resume: bool = typer.Option(False, help="continue the run in --out (finished seeds are kept)"),
@@ -217,9 +246,6 @@ def train(
 
     The command that started a run, with `--resume` appended, continues it; only `--epochs`
     may change."""
-    from multimodal_general.experiments.seeds import read_settings, train_run
-    from multimodal_general.training.runner import TrainSettings
-
     if threads:
         import torch
 
@@ -232,27 +258,57 @@ def train(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = renamed(cggm_preset, preset, "--cggm-preset", "--preset") or "stable"
     spec = BalancerSpec(balancer, preset, rho, lam, options=parse_balancer_options(balancer_option, OWN_OPTIONS))
-    settings = TrainSettings(
-        task=task, data=str(data.expanduser().resolve()), balancer=spec,
-        epochs=epochs or 20, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-        d_model=d_model, layers=layers, heads=heads, dropout=dropout, fusion_head=fusion_head, fold=fold,
-        max_steps=max_steps, bert=str(bert.resolve()) if bert else "", vit=str(vit.resolve()) if vit else "", device=device,
-    ).check()
+    model = ModelOptions(batch_size, optimizer, d_model, layers, fusion_head, fold, max_steps, bert, vit)
+    settings = model.settings(task, data, balancer=spec, epochs=epochs or 20, lr=lr, weight_decay=weight_decay,
+                              heads=heads, dropout=dropout, device=device)
     seed_list = list(range(seeds))
-    if resume:  # the run as configured; only --epochs may change
-        saved, seed_list = read_settings(out)
-        changed = _changed_on_resume(ctx, settings, saved, seeds, len(seed_list))
-        if changed:
-            raise ConfigurationError(f"{out}: --resume continues the run as configured; only --epochs may "
-                                     f"change (got {', '.join(changed)})")
-        settings = replace(saved, epochs=epochs or saved.epochs)
-        seeds = len(seed_list)
-    data_ = _load(settings)
-    console.print(f"{task}: " + ", ".join(f"{n} {len(s)}" for n, s in data_.splits.items())
-                  + f"; modalities {dict(data_.input_dims)}; run folder {out}")
-    batches = sum(1 for _ in range(0, len(data_.splits["train"]), settings.batch_size))
+    if resume:
+        settings, seed_list = _resumed(ctx, settings, out, epochs)
+    _train_seeds(settings, seed_list, out, resume)
+
+
+#: train's parameters whose key in the run's settings (TrainSettings.to_dict) has another name
+FIELDS = {"balancer_option": "balancer_options", "cggm_preset": "preset"}
+
+
+def _resumed(ctx: typer.Context, settings, out: Path, epochs: int | None):
+    """The settings and seeds of the run in ``out``, with ``--epochs`` when given; an option
+    given on the command line with another value than the run's is an error (:func:`check_resume`)."""
+    from multimodal_general.experiments.seeds import read_settings
+
+    saved, seeds = read_settings(out)
+    check_resume(_given_changes(ctx, settings, saved, len(seeds)), "--epochs", out)
+    return replace(saved, epochs=epochs or saved.epochs), seeds
+
+
+def _given_changes(ctx: typer.Context, settings, saved, saved_seeds: int) -> dict[str, tuple]:
+    """``{--NAME: (the run's value, this command's)}`` for each option given on the command
+    line whose value differs from the run's own."""
+    changed = {}
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
+        if getattr(source, "name", None) != "COMMANDLINE" or name in ("out", "resume", "threads"):
+            continue
+        field = FIELDS.get(name, name)
+        if name == "seeds":
+            old, new = saved_seeds, ctx.params[name]
+        else:
+            old, new = saved.to_dict()[field], settings.to_dict()[field]
+        if old != new:
+            changed[f"--{name.replace('_', '-')}"] = (old, new)
+    return changed
+
+
+def _train_seeds(settings, seeds: list[int], out: Path, resume: bool) -> None:
+    """Train (or continue) the run's seeds in ``out`` under a progress bar, then show its summary."""
+    from multimodal_general.experiments.seeds import train_run
+
+    data = _load(settings)
+    console.print(f"{settings.task}: " + ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())
+                  + f"; modalities {dict(data.input_dims)}; run folder {out}")
+    batches = sum(1 for _ in range(0, len(data.splits["train"]), settings.batch_size))
     with _bar() as bar:
-        job = bar.add_task("starting", total=seeds * settings.epochs * batches)
+        job = bar.add_task("starting", total=len(seeds) * settings.epochs * batches)
         current = {"seed": 0}
 
         def on_seed(seed):
@@ -266,9 +322,9 @@ def train(
             bar.update(job, completed=seeds_done(current["seed"]) + epoch * batches,
                        description=f"seed {current['seed']} epoch {epoch}/{settings.epochs}")
 
-        train_run(settings, data_, seed_list, out, resume=resume, on_seed=on_seed,
-                            on_epoch=on_epoch, on_batch=lambda: bar.advance(job))
-        bar.update(job, completed=seeds * settings.epochs * batches)
+        train_run(settings, data, seeds, out, resume=resume, on_seed=on_seed,
+                  on_epoch=on_epoch, on_batch=lambda: bar.advance(job))
+        bar.update(job, completed=len(seeds) * settings.epochs * batches)
     console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"wrote {out / 'summary.json'}; per seed: metrics, telemetry, checkpoints and plots in {out}/seed-<k>/")
 

@@ -30,6 +30,7 @@ from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.errors import BadInputFile, ConfigurationError
 from multimodal_general.balance import BalancerSpec
 from multimodal_general.io import atomic_write_text
+from multimodal_general.resume import differences
 
 #: the balancers that serve segmentation (docs/baselines.md, "Where each one runs today"): AGM
 #: through the network's modality mask, MSLR as per-encoder learning rates, G-Blending with the
@@ -190,9 +191,7 @@ class TrainConfig:
 
     def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """``{dotted name: (mine, other's)}`` for every setting the two do not share."""
-        mine, theirs = _flat(self.to_dict()), _flat(other.to_dict())
-        return {name: (mine.get(name), theirs.get(name))
-                for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)}
+        return differences(_flat(self.to_dict()), _flat(other.to_dict()))
 
 
 def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

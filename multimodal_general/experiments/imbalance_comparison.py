@@ -277,15 +277,8 @@ def compare(
     if task not in TASKS:
         raise ConfigurationError(f"unknown task {task!r}; choose from {list(TASKS)}")
     names = parse_methods(methods)
-    if seeds < 1 or epochs < 1 or train_size < batch_size or val_size < 1 or batch_size < 1:
-        raise ConfigurationError(
-            "need seeds >= 1, epochs >= 1, batch_size >= 1, train_size >= batch_size and val_size >= 1"
-        )
-    if fusion_head not in ("auto", *FUSION_HEADS):
-        raise ConfigurationError(f"unknown fusion head {fusion_head!r}; choose from {['auto', *FUSION_HEADS]}")
     test_size = val_size if test_size is None else test_size
-    if test_size < 1:
-        raise ConfigurationError("test_size must be >= 1")
+    _check_sizes(seeds, epochs, train_size, val_size, test_size, batch_size, fusion_head)
     out = Path(out)
     base = RunConfig(task=task, epochs=epochs, train_size=train_size, val_size=val_size,
                      batch_size=batch_size, lr=lr, fusion_head=fusion_head,
@@ -309,7 +302,27 @@ def compare(
         return _saved_run(path_of(name, seed), _settings(config_of(name, seed), test_size))
 
     done = sweep(names, seeds, run, epochs, progress, reuse)
-    task_spec = TASKS[task]
+    _write_tables(done, out, base, names, seeds, test_size, plot)
+    return done
+
+
+def _check_sizes(seeds: int, epochs: int, train_size: int, val_size: int, test_size: int, batch_size: int,
+                 fusion_head: str) -> None:
+    if seeds < 1 or epochs < 1 or train_size < batch_size or val_size < 1 or batch_size < 1:
+        raise ConfigurationError(
+            "need seeds >= 1, epochs >= 1, batch_size >= 1, train_size >= batch_size and val_size >= 1"
+        )
+    if fusion_head not in ("auto", *FUSION_HEADS):
+        raise ConfigurationError(f"unknown fusion head {fusion_head!r}; choose from {['auto', *FUSION_HEADS]}")
+    if test_size < 1:
+        raise ConfigurationError("test_size must be >= 1")
+
+
+def _write_tables(done: Sweep, out: Path, base: RunConfig, names: list[str], seeds: int, test_size: int,
+                  plot: bool) -> None:
+    """Summarize the sweep's runs into its rows (``done.rows``) and write results.md, .csv
+    and (with ``plot``) .png in ``out``."""
+    task_spec = TASKS[base.task]
     modalities = [s.name for s in task_spec.modalities]
     columns = _columns(modalities)
     done.rows = summarize(
@@ -319,10 +332,9 @@ def compare(
         wall_s_total=lambda name, runs: sum(r["wall_s"] for r in runs),
         fusion_head=lambda name, runs: fusion_head_of(replace(base, balancer=method_spec(name, base.balancer))),
     )
-    markdown = _header(task, names, seeds, base, test_size) + _markdown(done.rows, columns, task_spec.kind)
+    markdown = _header(base.task, names, seeds, base, test_size) + _markdown(done.rows, columns, task_spec.kind)
     write_results(out, markdown, done.rows,
-                  (lambda path: _plot(path, done.rows, modalities, task, task_spec.kind)) if plot else None)
-    return done
+                  (lambda path: _plot(path, done.rows, modalities, base.task, task_spec.kind)) if plot else None)
 
 
 def _saved_run(path: Path, settings: dict) -> dict | None:

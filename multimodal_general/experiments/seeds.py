@@ -22,6 +22,7 @@ from multimodal_general.datasets.metrics import LOWER_IS_BETTER, SELECTION, TASK
 from multimodal_general.datasets.task_data import TaskData
 from multimodal_general.errors import BadDataFile, ConfigurationError
 from multimodal_general.io import atomic_write_text, json_safe
+from multimodal_general.resume import check_resume, differences
 from multimodal_general.runs.series import mean_std, plus_minus
 from multimodal_general.training.runner import (
     TrainSettings,
@@ -69,8 +70,8 @@ def train_run(
         saved, saved_seeds = read_settings(run_dir)
         if not resume:
             raise ConfigurationError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if {**saved.to_dict(), "epochs": 0} != {**settings.to_dict(), "epochs": 0} or saved_seeds != list(seeds):
-            raise ConfigurationError(f"{config}: --resume continues the run as configured; only --epochs may change")
+        check_resume(differences({**saved.to_dict(), "seeds": saved_seeds}, {**settings.to_dict(), "seeds": list(seeds)}),
+                     "epochs", config)
     folder_existed = run_dir.exists()
     atomic_write_text(config, yaml.safe_dump({"settings": settings.to_dict(), "seeds": list(seeds),
                                               "data": data.summary()}, sort_keys=False))

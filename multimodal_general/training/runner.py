@@ -275,28 +275,12 @@ def train_seed(
     run_dir.mkdir(parents=True, exist_ok=True)
     logbook = Logbook(run_dir, resume_step=state["step"] if resume else None,
                       resume_epoch=state["epoch"] if resume else None)
-    forward, train = _forward(parts), data.splits["train"]
-    device = torch.device(settings.device)
     if state["epoch"] == 0:  # G-Blending's first measurement: the untrained network
         after_validation(parts.balancer, _validation(parts, data, None, 0), parts.optimizers[0], settings.lr)
     try:
         for epoch in range(state["epoch"], settings.epochs):
-            parts.model.train()
-            parts.balancer.train()
-            began, losses = time.perf_counter(), []
-            permutation = torch.randperm(len(train), generator=order)
-            for start in range(0, len(train), settings.batch_size):
-                index = permutation[start : start + settings.batch_size]
-                if len(index) < 2 and len(train) > 1:
-                    continue  # a batch of one breaks nothing but makes accuracies meaningless
-                batch, target = train.batch(index)
-                loss, telemetry = balanced_step(forward, parts.balancer, parts.optimizers, parts.criterion,
-                                                batch.to(device), target.to(device))
-                losses.append(float(loss))
-                logbook.step({"epoch": epoch + 1, "loss": losses[-1], **telemetry.as_dict(), "step": state["step"]})
-                state["step"] += 1
-                if on_batch is not None:
-                    on_batch()
+            began = time.perf_counter()
+            losses = _train_epoch(parts, data.splits["train"], order, settings, logbook, state, epoch + 1, on_batch)
             valid = score(parts, data, "valid")
             after_validation(parts.balancer, _validation(parts, data, valid, epoch + 1), parts.optimizers[0], settings.lr)
             value = valid["fused"].get(metric, math.nan)
@@ -315,11 +299,44 @@ def train_seed(
     finally:
         logbook.close()
     plot_run(run_dir, data.task)
+    result = _selected_result(parts, data, settings, seed, run_dir, state)
+    atomic_write_text(done, json.dumps(json_safe(result), indent=2) + "\n")
+    return result
+
+
+def _train_epoch(parts: Parts, train: SequenceSplit, order: torch.Generator, settings: TrainSettings,
+                 logbook: Logbook, state: dict, epoch: int, on_batch: Callable[[], None] | None) -> list[float]:
+    """One pass over ``train`` in batches drawn by ``order``, each a balanced step logged in
+    ``logbook`` (``state["step"]`` counts them); returns the batches' losses."""
+    parts.model.train()
+    parts.balancer.train()
+    forward, device, losses = _forward(parts), torch.device(settings.device), []
+    permutation = torch.randperm(len(train), generator=order)
+    for start in range(0, len(train), settings.batch_size):
+        index = permutation[start : start + settings.batch_size]
+        if len(index) < 2 and len(train) > 1:
+            continue  # a batch of one breaks nothing but makes accuracies meaningless
+        batch, target = train.batch(index)
+        loss, telemetry = balanced_step(forward, parts.balancer, parts.optimizers, parts.criterion,
+                                        batch.to(device), target.to(device))
+        losses.append(float(loss))
+        logbook.step({"epoch": epoch, "loss": losses[-1], **telemetry.as_dict(), "step": state["step"]})
+        state["step"] += 1
+        if on_batch is not None:
+            on_batch()
+    return losses
+
+
+def _selected_result(parts: Parts, data: TaskData, settings: TrainSettings, seed: int, run_dir: Path,
+                     state: dict) -> dict[str, Any]:
+    """The seed's ``test.json``: the validation-selected epoch (``best.pt``, loaded into
+    ``parts``) scored on valid and test; no scores when no epoch had a finite metric."""
+    metric, larger = SELECTION[data.task]
     diverged = state["best_epoch"] is None  # no epoch had a finite validation metric: nothing to select
     if not diverged:
         _load_weights(run_dir / "checkpoints" / "best.pt", parts)
     empty = {"fused": {}, "heads": {}}
-    result = {
+    return {
         "task": data.task, "seed": seed, "method": settings.balancer.method,
         "selected_by": f"valid {metric} ({'max' if larger else 'min'})", "selected_epoch": state["best_epoch"],
         "diverged": diverged,
@@ -328,8 +345,6 @@ def train_seed(
         "train_seconds": sum(row.get("seconds", 0.0) for row in read_metrics(run_dir)),
         "steps": state["step"],
     }
-    atomic_write_text(done, json.dumps(json_safe(result), indent=2) + "\n")
-    return result
 
 
 def _validation(parts: Parts, data: TaskData, valid: dict | None, epoch: int) -> Validation:
