@@ -54,29 +54,30 @@ class ModelOptions:
 
 class Shared(NamedTuple):
     """An option that ``train`` and ``compare`` share, declared once: its type and help in
-    each (compare's help says the data tasks where only they use it)."""
+    each (compare's help says which tasks use it)."""
 
     train: Any
     compare: Any
 
 
-def shared(kind: Any, help_text: str, compare_help: str | None = None) -> Shared:
-    """An option of type ``kind`` with ``help_text`` (in compare: ``compare_help``, when given)."""
-    return Shared(Annotated[kind, typer.Option(help=help_text)],
-                  Annotated[kind, typer.Option(help=compare_help or help_text)])
+def shared(kind: Any, help_text: str, used_by: str | None = "data tasks") -> Shared:
+    """An option of type ``kind``; its help is ``help_text``, prefixed with the tasks that use
+    it (``used_by``; None: every task) where they are not all the command's tasks (train's
+    tasks are the data tasks; compare's also the synthetic ones)."""
+    scoped = help_text if used_by is None else f"{used_by}: {help_text}"
+    return Shared(Annotated[kind, typer.Option(help=help_text if used_by in (None, "data tasks") else scoped)],
+                  Annotated[kind, typer.Option(help=scoped)])
 
 
-BatchSize = shared(int, "batch size", "data tasks: batch size")
-Optimizer = shared(str, "adamw or sgd (momentum 0.9)", "data tasks: adamw or sgd")
-DModel = shared(int, "width of each modality's transformer encoder", "data tasks: encoder width")
-Layers = shared(int, "transformer layers per modality", "data tasks: transformer layers per modality")
-FusionHead = shared(str, "fused head: auto (linear for ogm_ge, else mlp), mlp or linear")
-Fold = shared(int, "IEMOCAP: cross-validation fold 1..10", "IEMOCAP fold")
-MaxSteps = shared(int, "cut every sequence to this many steps (0: keep all)",
-                  "data tasks: cut sequences to this many steps (0: keep all)")
-Bert = shared(Path, "Food-101: local BERT folder (features are extracted once, then cached)",
-              "Food-101: local BERT folder")
-Vit = shared(Path, "Food-101: local ViT folder")
+BatchSize = shared(int, "batch size")
+Optimizer = shared(str, "adamw or sgd (momentum 0.9)")
+DModel = shared(int, "width of each modality's transformer encoder")
+Layers = shared(int, "transformer layers per modality")
+FusionHead = shared(str, "fused head: auto (linear for ogm_ge, else mlp), mlp or linear", None)
+Fold = shared(int, "cross-validation fold 1..10", "IEMOCAP")
+MaxSteps = shared(int, "cut every sequence to this many steps (0: keep all)")
+Bert = shared(Path, "local BERT folder (features are extracted once, then cached)", "Food-101")
+Vit = shared(Path, "local ViT folder", "Food-101")
 
 
 @app.command()
