@@ -57,7 +57,7 @@ from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig, val_transforms
 from brats_cggm.errors import ConfigurationError
 from brats_cggm.metrics import REGIONS
-from brats_cggm.training import PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
+from brats_cggm.training import TRAINING_PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
 from brats_cggm.training import trainer as trainer_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -116,7 +116,7 @@ def test_preset_then_file_then_overrides(tmp_path):
     }))
     config = resolve_config("cpu-small", file, {"optim.epochs": 9, "optim.lr": None,
                                                 "network.overrides": {"head_channels": 2}})
-    preset = PRESETS["cpu-small"]
+    preset = TRAINING_PRESETS["cpu-small"]
     assert preset["optim"]["lr"] != 0.05 and preset["optim"]["epochs"] not in (7, 9)
     assert config.optim.lr == 0.05  # the file over the preset; a None override is skipped
     assert config.optim.epochs == 9  # the override over the file

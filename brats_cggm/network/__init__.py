@@ -17,10 +17,10 @@ from brats_cggm.network.decoder import FusedDecoder
 from brats_cggm.network.early_fusion import EarlyFusionUNet
 from brats_cggm.network.fusion import MaskedMeanFusion
 from brats_cggm.network.multi_branch_unet import MultiBranchUNet
-from brats_cggm.network.presets import PRESETS, NetworkPreset, build_network
+from brats_cggm.network.presets import NETWORK_PRESETS, NetworkPreset, build_network
 
 __all__ = [
-    "PRESETS",
+    "NETWORK_PRESETS",
     "AuxiliaryHead",
     "BranchEncoder",
     "EarlyFusionUNet",

@@ -152,7 +152,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name."""
-        from brats_cggm.network import PRESETS as NETWORKS
+        from brats_cggm.network import NETWORK_PRESETS
         from brats_cggm.network.fusion import FUSIONS
 
         self.preprocessing  # noqa: B018 - PreprocessConfig validates itself
@@ -163,7 +163,7 @@ class TrainConfig:
             "optim.amp": (o.amp, ("auto", "on", "off")),
             "data.cache": (d.cache, CACHE_MODES),
             "device": (self.device, ("auto", "cpu", "cuda")),
-            "network.preset": (self.network.preset, tuple(NETWORKS)),
+            "network.preset": (self.network.preset, tuple(NETWORK_PRESETS)),
             "network.fusion": (self.network.fusion, FUSIONS),
             "balancer.name": (self.balancer.name, SEGMENTATION_BALANCERS),
         }
@@ -215,7 +215,7 @@ def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 #: The starting points of ``--preset``; a configuration file and options change them.
-PRESETS: dict[str, dict[str, Any]] = {
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on a 2-core CPU: phantoms (or BraTS) resampled to 3 mm, 48^3 patches that
     # hold most of a brain at that spacing, the narrow network. AdamW: in this budget
     # (~200 steps) SGD (lr 0.01-0.05, momentum 0.9-0.99) still predicted no tumour at all
@@ -260,9 +260,11 @@ def resolve_config(
 ) -> TrainConfig:
     """Preset, then the YAML ``file``, then ``overrides`` (dotted names such as
     ``{"optim.epochs": 5, "balancer.name": "none"}``; None values are skipped)."""
-    if preset not in PRESETS:
-        raise ConfigurationError(f"unknown training preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    values = copy.deepcopy(PRESETS[preset])
+    if preset not in TRAINING_PRESETS:
+        raise ConfigurationError(
+            f"unknown training preset '{preset}'; choose one of {', '.join(TRAINING_PRESETS)}"
+        )
+    values = copy.deepcopy(TRAINING_PRESETS[preset])
     source = "configuration"
     if file is not None:
         values = merge(values, read_yaml(file))
