@@ -51,10 +51,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "agm": {"balancer.name": "agm"},
     "mslr": {"balancer.name": "mslr"},
     "gblending": {"balancer.name": "gblending"},
-    "modality_dropout": {"balancer.name": "none", "network.modality_dropout": 0.25},
+    "modality_dropout": {"balancer.name": "none", "network.sequence_dropout": 0.25},
     # one 4-channel U-Net at the widths of the multi-branch network (see early_fusion_overrides)
     "early_fusion": {"balancer.name": "none", "network.preset": "early_fusion"},
-    "early_fusion_dropout": {"balancer.name": "none", "network.preset": "early_fusion", "network.modality_dropout": 0.25},
+    "early_fusion_dropout": {"balancer.name": "none", "network.preset": "early_fusion", "network.sequence_dropout": 0.25},
 }
 
 

@@ -878,7 +878,7 @@ def test_init_from_a_different_network_is_refused_before_anything_is_written(str
 def test_the_cpu_real_preset_is_the_real_data_recipe():
     config = resolve_config("cpu-real")
     assert config.preprocessing.spacing == (2.0, 2.0, 2.0) and config.preprocessing.patch_size == (64, 64, 64)
-    assert config.network.fusion == "hemis" and config.network.modality_dropout > 0  # any subset works
+    assert config.network.fusion == "hemis" and config.network.sequence_dropout > 0  # any subset works
     assert config.preprocessing.bias_field > 0 and config.optim.optimizer == "adamw"
     from brats_cggm.training.components import network_from_config
 

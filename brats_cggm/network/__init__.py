@@ -1,6 +1,6 @@
 """Segmentation networks: the multi-branch 3-D U-Net, its CGGM heads, an early-fusion baseline.
 
->>> net = build_network("small", modality_dropout=0.25)
+>>> net = build_network("small", sequence_dropout=0.25)
 >>> logits, features = net.forward_with_features(image, modality_mask)   # [N, 3, D, H, W]
 >>> heads = make_auxiliary_heads(net)
 >>> balancer = CGGM(balancer_modalities(net, heads), fused_last_layer=net.output_conv,

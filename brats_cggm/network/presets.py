@@ -49,7 +49,7 @@ NETWORK_PRESETS: dict[str, NetworkPreset] = {
 
 def build_network(preset: str = "default", **overrides: Any) -> nn.Module:
     """The network of a preset, with constructor arguments overridden by ``overrides``
-    (e.g. ``modality_dropout=0.25``, ``channels=(8, 16, 32, 64)``)."""
+    (e.g. ``sequence_dropout=0.25``, ``channels=(8, 16, 32, 64)``)."""
     try:
         chosen = NETWORK_PRESETS[preset]
     except KeyError:

@@ -98,7 +98,7 @@ def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> lis
 
 
 def network_from_config(network: NetworkConfig) -> nn.Module:
-    options = {"modality_dropout": network.modality_dropout, **network.overrides}
+    options = {"sequence_dropout": network.sequence_dropout, **network.overrides}
     preset = NETWORK_PRESETS.get(network.preset)
     if preset is not None and issubclass(preset.network, MultiBranchUNet):  # early fusion has no branches to fuse
         options["fusion"] = network.fusion
