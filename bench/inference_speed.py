@@ -264,7 +264,7 @@ def hand_card(preset: str, spacing: float, patch: int, divisor: int) -> dict[str
         "label_scheme": "brats2021",
         "preprocessing": PreprocessConfig(spacing=(spacing,) * 3, patch_size=(patch,) * 3).to_dict(),
         "inference": {"patch_size": [patch] * 3, "overlap": OVERLAP, "divisor": divisor},
-        "network": {"preset": preset, "modality_dropout": 0.0, "overrides": {}},
+        "network": {"preset": preset, "sequence_dropout": 0.0, "overrides": {}},
     }
 
 

@@ -129,7 +129,7 @@ def source_folds(case_ids: Sequence[str], folds: int) -> dict:
 
 def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int | None) -> dict:
     settings = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
-                "network.modality_dropout": 0.0}
+                "network.sequence_dropout": 0.0}
     if row.init:
         settings["init"] = str(pretrain(out, row.init))
     return {**settings, **({"optim.epochs": epochs} if epochs else {})}

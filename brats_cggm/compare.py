@@ -51,10 +51,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "agm": {"balancer.name": "agm"},
     "mslr": {"balancer.name": "mslr"},
     "gblending": {"balancer.name": "gblending"},
-    "modality_dropout": {"balancer.name": "none", "network.modality_dropout": 0.25},
+    "modality_dropout": {"balancer.name": "none", "network.sequence_dropout": 0.25},
     # one 4-channel U-Net at the widths of the multi-branch network (see early_fusion_overrides)
     "early_fusion": {"balancer.name": "none", "network.preset": "early_fusion"},
-    "early_fusion_dropout": {"balancer.name": "none", "network.preset": "early_fusion", "network.modality_dropout": 0.25},
+    "early_fusion_dropout": {"balancer.name": "none", "network.preset": "early_fusion", "network.sequence_dropout": 0.25},
 }
 
 
@@ -80,11 +80,11 @@ def method_overrides(method: str, shared: dict[str, Any], preset: str) -> dict[s
 
 def early_fusion_overrides(preset: str, shared: dict[str, Any]) -> dict[str, Any]:
     """The early-fusion U-Net at the widths of the multi-branch network the others train."""
-    from brats_cggm.network import PRESETS as NETWORKS
+    from brats_cggm.network import NETWORK_PRESETS
     from brats_cggm.training import resolve_config
 
     network = resolve_config(preset, None, shared).network
-    options = {**NETWORKS[network.preset].options, **network.overrides}
+    options = {**NETWORK_PRESETS[network.preset].options, **network.overrides}
     # MONAI's UNet strides every level but the first; the multi-branch stem's stride is its first
     return {"channels": list(options["channels"]), "strides": list(options["strides"])[1:],
             "num_res_units": options["num_res_units"]}

@@ -88,7 +88,7 @@ def _train_and_export_tiny(folder: Path) -> None:
 
     with torch_threads(1):
         write_phantoms(folder / "train", 6, size=32, layout="brats2021", seed=0)
-        config = tiny_config(folder / "train", network__modality_dropout=0.25, optim__epochs=2)
+        config = tiny_config(folder / "train", network__sequence_dropout=0.25, optim__epochs=2)
         Trainer(config, folder / "run", CPU, report=lambda line: None).fit()
         card = export_run(folder / "run", folder / "models" / "tiny.onnx", parity_cases=1)
     # the card export_run returned, as it returned it (test_export compares it with the files)
@@ -97,7 +97,7 @@ def _train_and_export_tiny(folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> SimpleNamespace:
-    """One tiny BraTS run (training_cases.TINY on 6 phantoms of 32^3, modality dropout 0.25,
+    """One tiny BraTS run (training_cases.TINY on 6 phantoms of 32^3, sequence dropout 0.25,
     2 epochs) and its ONNX export with one parity patch, shared by tests/test_export.py and
     tests/test_predict.py (the export is what costs: ~8 s). Read-only: a test writes its
     own files in its own folder."""

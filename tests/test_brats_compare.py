@@ -132,5 +132,5 @@ def test_early_fusion_with_sequence_dropout_is_a_method_of_its_own():
     from brats_cggm.compare import method_overrides
 
     overrides = method_overrides("early_fusion_dropout", {"network.fusion": "hemis"}, "cpu-real")
-    assert overrides["network.preset"] == "early_fusion" and overrides["network.modality_dropout"] == 0.25
+    assert overrides["network.preset"] == "early_fusion" and overrides["network.sequence_dropout"] == 0.25
     assert overrides["network.fusion"] == "mean"  # one U-Net over stacked sequences has no branches to fuse

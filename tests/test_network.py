@@ -1,4 +1,4 @@
-"""The segmentation networks: shapes, masks, modality dropout, CGGM heads, presets."""
+"""The segmentation networks: shapes, masks, sequence dropout, CGGM heads, presets."""
 
 import itertools
 import json
@@ -20,7 +20,7 @@ from brats_cggm.network import (
     build_network,
     make_auxiliary_heads,
 )
-from brats_cggm.network.masking import modality_dropout
+from brats_cggm.network.masking import sequence_dropout
 from multimodal_general.balance import CGGM
 from multimodal_general.balance.base import detached
 
@@ -74,8 +74,8 @@ def test_a_bad_mask_shape_is_a_configuration_error(mask):
 def test_bad_constructor_arguments_are_configuration_errors():
     with pytest.raises(ConfigurationError, match="one entry per level"):
         MultiBranchUNet(channels=(4, 8), strides=(2, 2, 2))
-    with pytest.raises(ConfigurationError, match="modality_dropout"):
-        MultiBranchUNet(**TINY, modality_dropout=1.0)
+    with pytest.raises(ConfigurationError, match="sequence_dropout"):
+        MultiBranchUNet(**TINY, sequence_dropout=1.0)
     with pytest.raises(ConfigurationError, match="unknown network preset 'large'"):
         build_network("large")
     with pytest.raises(ConfigurationError, match="preset 'small'.*widths"):
@@ -126,20 +126,20 @@ def test_masked_branch_gets_no_gradient_from_its_masked_samples():
     assert any(p.grad is not None and p.grad.any() for p in net.encoder("flair").parameters())
 
 
-# -------------------------------------------------------------- modality dropout
-def test_modality_dropout_never_switches_off_every_available_branch():
+# -------------------------------------------------------------- sequence dropout
+def test_sequence_dropout_never_switches_off_every_available_branch():
     torch.manual_seed(0)
     available = torch.rand(2000, 4) > 0.3
     available[:5] = False  # samples without any sequence stay without
-    keep = modality_dropout(available, p=0.95)
+    keep = sequence_dropout(available, p=0.95)
     assert not (keep & ~available).any()
     assert keep[available.any(dim=1)].any(dim=1).all()
     assert not keep[:5].any()
     assert 0 < keep.sum() < available.sum()
 
 
-def test_modality_dropout_acts_in_training_only_and_keeps_branch_features_real():
-    net = tiny(modality_dropout=0.5)
+def test_sequence_dropout_acts_in_training_only_and_keeps_branch_features_real():
+    net = tiny(sequence_dropout=0.5)
     reference = tiny()  # same seed: same weights, no dropout
     x = image(4)
     net.eval(), reference.eval()

@@ -2,8 +2,8 @@
 input's grid kept in every output, missing sequences, contribution maps, and
 ``brats-cggm predict`` on folders and files.
 
-One tiny run (modality dropout 0.25, 2 epochs) is trained and exported once for the
-session (conftest's ``tiny_export``, shared with tests/test_export.py); a copy of its ONNX file whose card says ``modality_dropout: 0`` stands for a model
+One tiny run (sequence dropout 0.25, 2 epochs) is trained and exported once for the
+session (conftest's ``tiny_export``, shared with tests/test_export.py); a copy of its ONNX file whose card says ``sequence_dropout: 0`` stands for a model
 trained without dropout (only the metadata changes, so the graph digest still matches).
 Most CLI calls run in this process (``inference_cases.cli``); one runs the console script.
 """
@@ -62,7 +62,7 @@ def models(tmp_path_factory, tiny_export):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("predict")
     nodrop = copy_model(tiny_export.onnx, root / "models" / "nodrop.onnx",
-                        edit_card=lambda card: card["network"].update(modality_dropout=0.0))
+                        edit_card=lambda card: card["network"].update(sequence_dropout=0.0))
     return SimpleNamespace(root=root, train=tiny_export.train, run=tiny_export.run, onnx=tiny_export.onnx,
                            nodrop=nodrop)
 

@@ -49,7 +49,7 @@ def test_the_default_model_is_the_shipped_one_and_says_what_it_is(segmenter):
     assert "BraTS 2018" in card["description"] and "NOT for clinical use" in card["description"]
     assert card["network"]["preset"] == "early_fusion" and card["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
     assert "not for clinical use" in card["intended_use"]
-    assert segmenter.allows_missing  # trained with modality dropout
+    assert segmenter.allows_missing  # trained with sequence dropout (its card's old name: modality_dropout)
     assert card["parity"]["max_abs_diff_probabilities"] <= card["parity"]["tolerance"]
     assert DEFAULT_MODEL.stat().st_size < 8 * 2**20  # small enough to ship
 

@@ -57,7 +57,7 @@ from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig, val_transforms
 from brats_cggm.errors import ConfigurationError
 from brats_cggm.metrics import REGIONS
-from brats_cggm.training import PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
+from brats_cggm.training import TRAINING_PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
 from brats_cggm.training import trainer as trainer_module
 from multimodal_general.balance import BalancerSpec
 
@@ -117,7 +117,7 @@ def test_preset_then_file_then_overrides(tmp_path):
     }))
     config = resolve_config("cpu-small", file, {"optim.epochs": 9, "optim.lr": None,
                                                 "network.overrides": {"head_channels": 2}})
-    preset = PRESETS["cpu-small"]
+    preset = TRAINING_PRESETS["cpu-small"]
     assert preset["optim"]["lr"] != 0.05 and preset["optim"]["epochs"] not in (7, 9)
     assert config.optim.lr == 0.05  # the file over the preset; a None override is skipped
     assert config.optim.epochs == 9  # the override over the file
@@ -903,7 +903,7 @@ def test_init_from_a_different_network_is_refused_before_anything_is_written(str
 def test_the_cpu_real_preset_is_the_real_data_recipe():
     config = resolve_config("cpu-real")
     assert config.preprocessing.spacing == (2.0, 2.0, 2.0) and config.preprocessing.patch_size == (64, 64, 64)
-    assert config.network.fusion == "hemis" and config.network.modality_dropout > 0  # any subset works
+    assert config.network.fusion == "hemis" and config.network.sequence_dropout > 0  # any subset works
     assert config.preprocessing.bias_field > 0 and config.optim.optimizer == "adamw"
     from brats_cggm.training.components import network_from_config
 

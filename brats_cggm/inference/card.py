@@ -56,7 +56,7 @@ def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any
         "preprocessing": pre.to_dict(),
         "inference": {"patch_size": list(pre.patch_size), "overlap": config.validation.overlap,
                       "divisor": run.divisor, "blending": DEFAULT_BLENDING[0], "sigma_scale": DEFAULT_BLENDING[1]},
-        "network": {"preset": config.network.preset, "modality_dropout": config.network.modality_dropout,
+        "network": {"preset": config.network.preset, "sequence_dropout": config.network.sequence_dropout,
                     "overrides": config.network.overrides,
                     **({"fusion": run.fusion} if run.fusion is not None else {})},
         "training": {"balancer": config.balancer.name,
@@ -131,6 +131,13 @@ def blending(card: dict[str, Any]) -> tuple[str, float]:
     fraction of the window size."""
     inference = card.get("inference") or {}
     return str(inference.get("blending", DEFAULT_BLENDING[0])), float(inference.get("sigma_scale", DEFAULT_BLENDING[1]))
+
+
+def sequence_dropout(card: dict[str, Any]) -> float:
+    """The probability with which training switched each sequence off (``network.sequence_dropout``;
+    a card written before that setting was renamed calls it ``modality_dropout``)."""
+    network = card.get("network") or {}
+    return float(network.get("sequence_dropout", network.get("modality_dropout", 0.0)))
 
 
 def read_onnx(path: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:

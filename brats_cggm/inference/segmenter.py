@@ -45,7 +45,7 @@ from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.validation import load_sequences
 from brats_cggm.errors import ConfigurationError, IncompatibleModel, InconsistentCase
 from brats_cggm.inference.backends import Backend, OnnxBackend, model_kind
-from brats_cggm.inference.card import blending, model_card, read_onnx
+from brats_cggm.inference.card import blending, model_card, read_onnx, sequence_dropout
 from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan, region_shares
 from brats_cggm.inference.grid import EmptyImage, preprocess
 from brats_cggm.inference.windows import sliding_window, window_count
@@ -181,8 +181,8 @@ class Segmenter:
 
     @property
     def allows_missing(self) -> bool:
-        """Whether a sequence may be missing (the model was trained with modality dropout)."""
-        return float(self.card.get("network", {}).get("modality_dropout", 0.0)) > 0
+        """Whether a sequence may be missing (the model was trained with sequence dropout)."""
+        return sequence_dropout(self.card) > 0
 
     def predict_case(self, case: Case, **options: Any) -> Prediction:
         """Predict a case found on disk (every layout; ``None`` images are missing sequences)."""

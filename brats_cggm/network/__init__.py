@@ -1,6 +1,6 @@
 """Segmentation networks: the multi-branch 3-D U-Net, its CGGM heads, an early-fusion baseline.
 
->>> net = build_network("small", modality_dropout=0.25)
+>>> net = build_network("small", sequence_dropout=0.25)
 >>> logits, features = net.forward_with_features(image, modality_mask)   # [N, 3, D, H, W]
 >>> heads = make_auxiliary_heads(net)
 >>> balancer = CGGM(balancer_modalities(net, heads), fused_last_layer=net.output_conv,
@@ -17,10 +17,10 @@ from brats_cggm.network.decoder import FusedDecoder
 from brats_cggm.network.early_fusion import EarlyFusionUNet
 from brats_cggm.network.fusion import MaskedMeanFusion
 from brats_cggm.network.multi_branch_unet import MultiBranchUNet
-from brats_cggm.network.presets import PRESETS, NetworkPreset, build_network
+from brats_cggm.network.presets import NETWORK_PRESETS, NetworkPreset, build_network
 
 __all__ = [
-    "PRESETS",
+    "NETWORK_PRESETS",
     "AuxiliaryHead",
     "BranchEncoder",
     "EarlyFusionUNet",

@@ -62,7 +62,7 @@ class MaskedMeanFusion(nn.Module):
 
     ``sum_i keep_i * f_i / max(sum_i keep_i, 1)``; the mean keeps its scale whatever the
     number of branches (which is what lets the network run with a sequence missing, once
-    trained with modality dropout).
+    trained with sequence dropout).
     """
 
     def forward(self, features: Sequence[Tensor], keep: Tensor) -> Tensor:

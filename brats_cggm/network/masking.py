@@ -1,4 +1,4 @@
-"""Checks of the network input and the per-sample modality mask, and modality dropout.
+"""Checks of the network input and the per-sample modality mask, and sequence dropout.
 
 A modality mask is ``[N, M]`` (one row per sample, one column per modality in the
 network's order): true / non-zero switches a branch on, false / zero switches it off.
@@ -45,7 +45,7 @@ def resolve_mask(modality_mask: Tensor | None, image: Tensor) -> Tensor:
     return modality_mask.to(device=image.device) != 0
 
 
-def modality_dropout(available: Tensor, p: float) -> Tensor:
+def sequence_dropout(available: Tensor, p: float) -> Tensor:
     """Switch off each available branch with probability ``p``, but never all of a sample's:
     a sample that would lose every branch keeps one available branch chosen at random."""
     keep = available & (torch.rand(available.shape, device=available.device) >= p)

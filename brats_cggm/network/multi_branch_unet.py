@@ -16,7 +16,7 @@ from brats_cggm.network.fusion import make_fusion
 from brats_cggm.network.masking import (
     as_voxel_mask,
     check_image,
-    modality_dropout,
+    sequence_dropout,
     resolve_mask,
 )
 
@@ -31,7 +31,7 @@ class MultiBranchUNet(nn.Module):
     (:attr:`output_conv`) gives one logit per region (TC, WT, ET; apply a sigmoid).
 
     A branch switched off by ``modality_mask`` gets a zero input and is left out of
-    every fusion: its input cannot change the output. With ``modality_dropout > 0`` the
+    every fusion: its input cannot change the output. With ``sequence_dropout > 0`` the
     network switches branches off at random in training (never all branches of a
     sample), so that it learns to segment with a sequence missing. A sample with every
     branch switched off gets the prediction of an all-zero fused pyramid.
@@ -46,7 +46,7 @@ class MultiBranchUNet(nn.Module):
             deepest grid needs more than one voxel (instance norm).
         num_res_units: convolutions per residual unit of the branch levels below the stem.
         head_channels: features on the input grid that the output convolution reads.
-        modality_dropout: probability of switching a branch off per sample in training.
+        sequence_dropout: probability of switching a branch off per sample in training.
         fusion: ``mean``, ``hemis`` or ``attention`` (one module per level).
         act, norm: MONAI activation and normalization names (with options).
 
@@ -63,7 +63,7 @@ class MultiBranchUNet(nn.Module):
         *,
         num_res_units: int = 2,
         head_channels: int = 16,
-        modality_dropout: float = 0.0,
+        sequence_dropout: float = 0.0,
         fusion: str = "mean",
         act: tuple | str = LEAKY_RELU,
         norm: tuple | str = "instance",
@@ -78,12 +78,12 @@ class MultiBranchUNet(nn.Module):
             )
         if min(channels) < 1 or min(strides) < 1 or head_channels < 1:
             raise ConfigurationError("channels, strides and head_channels must be positive")
-        if not 0.0 <= modality_dropout < 1.0:
-            raise ConfigurationError(f"modality_dropout must be in [0, 1); got {modality_dropout}")
+        if not 0.0 <= sequence_dropout < 1.0:
+            raise ConfigurationError(f"sequence_dropout must be in [0, 1); got {sequence_dropout}")
         self.modalities = tuple(modalities)
         self.out_channels, self.head_channels = out_channels, head_channels
         self.channels, self.strides = tuple(channels), tuple(strides)
-        self.modality_dropout = float(modality_dropout)
+        self.sequence_dropout = float(sequence_dropout)
         self.fusion_name = fusion
         self.act, self.norm = act, norm
         self.branches = nn.ModuleDict(
@@ -115,7 +115,7 @@ class MultiBranchUNet(nn.Module):
     ) -> tuple[Tensor, dict[str, list[Tensor]]]:
         """Logits and, per sequence, its branch's feature pyramid (a list of
         ``[N, channels[i], ...]`` from the stem's grid down; with its graph; what the CGGM
-        heads read, detached). Modality dropout removes a branch from the fusion only: its
+        heads read, detached). Sequence dropout removes a branch from the fusion only: its
         features are still those of its real input."""
         logits, branch_features = self.forward_with_pyramids(image, modality_mask)
         return logits, self.features_by_name(branch_features)
@@ -128,8 +128,8 @@ class MultiBranchUNet(nn.Module):
         available = resolve_mask(modality_mask, image)
         branch_features = self.encode(image, available)
         keep = available
-        if self.training and self.modality_dropout > 0:
-            keep = modality_dropout(available, self.modality_dropout)
+        if self.training and self.sequence_dropout > 0:
+            keep = sequence_dropout(available, self.sequence_dropout)
         return self.decode(branch_features, keep), branch_features
 
     def features_by_name(self, branch_features: Sequence[Sequence[Tensor]]) -> dict[str, list[Tensor]]:

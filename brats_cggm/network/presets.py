@@ -22,7 +22,7 @@ class NetworkPreset:
     summary: str = field(default="", compare=False)
 
 
-PRESETS: dict[str, NetworkPreset] = {
+NETWORK_PRESETS: dict[str, NetworkPreset] = {
     preset.name: preset
     for preset in (
         NetworkPreset(
@@ -49,12 +49,12 @@ PRESETS: dict[str, NetworkPreset] = {
 
 def build_network(preset: str = "default", **overrides: Any) -> nn.Module:
     """The network of a preset, with constructor arguments overridden by ``overrides``
-    (e.g. ``modality_dropout=0.25``, ``channels=(8, 16, 32, 64)``)."""
+    (e.g. ``sequence_dropout=0.25``, ``channels=(8, 16, 32, 64)``)."""
     try:
-        chosen = PRESETS[preset]
+        chosen = NETWORK_PRESETS[preset]
     except KeyError:
         raise ConfigurationError(
-            f"unknown network preset '{preset}'; choose one of {sorted(PRESETS)}"
+            f"unknown network preset '{preset}'; choose one of {sorted(NETWORK_PRESETS)}"
         ) from None
     try:
         return chosen.network(**{**chosen.options, **overrides})

@@ -21,7 +21,7 @@ from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from brats_cggm.errors import ConfigurationError
-from brats_cggm.network import PRESETS as NETWORKS
+from brats_cggm.network import NETWORK_PRESETS
 from brats_cggm.network import (
     MultiBranchUNet,
     balancer_modalities,
@@ -98,8 +98,8 @@ def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> lis
 
 
 def network_from_config(network: NetworkConfig) -> nn.Module:
-    options = {"modality_dropout": network.modality_dropout, **network.overrides}
-    preset = NETWORKS.get(network.preset)
+    options = {"sequence_dropout": network.sequence_dropout, **network.overrides}
+    preset = NETWORK_PRESETS.get(network.preset)
     if preset is not None and issubclass(preset.network, MultiBranchUNet):  # early fusion has no branches to fuse
         options["fusion"] = network.fusion
     return build_network(network.preset, **options)

@@ -5,14 +5,15 @@ from the preset (``cpu-small`` or ``gpu``)::
 
     data:       {dir: data/phantoms, val_fraction: 0.2, cache: memory}
     preprocess: {spacing: [3, 3, 3], patch_size: [48, 48, 48], num_samples: 2}
-    network:    {preset: small, modality_dropout: 0.0}
+    network:    {preset: small, sequence_dropout: 0.0}
     optim:      {optimizer: sgd, lr: 0.01, momentum: 0.99, schedule: poly, epochs: 30}
     balancer:   {name: cggm, preset: stable, rho: 1.0, lam: 0.1, metric: soft_dice}
     validation: {every: 2, overlap: 0.5}
     seed: 0
 
 The resolved configuration is saved in the run folder as ``config.yaml``; ``brats-cggm
-train --config RUN/config.yaml`` repeats a run.
+train --config RUN/config.yaml`` repeats a run. A setting renamed since (:data:`RENAMED_SETTINGS`)
+is still read under its old name, from a file, ``--set`` or a checkpoint.
 """
 
 from __future__ import annotations
@@ -34,18 +35,24 @@ from multimodal_general.resume import differences
 
 #: the balancers that serve segmentation (docs/baselines.md, "Where each one runs today"): AGM
 #: through the network's modality mask, MSLR as per-encoder learning rates, G-Blending with the
-#: heads' losses measured at validation; modality dropout is a network setting
+#: heads' losses measured at validation; modality dropout is the network's sequence dropout
 SEGMENTATION_BALANCERS = ("none", "cggm", "mmpareto", "agm", "mslr", "gblending")
 #: balancer options the trainer sets itself
 RESERVED_OPTIONS = {"criterion", "fused_last_layer", "unimodal_output", "task_kind", "applied_by_optimizer",
                     "applied_by_model", "accumulation_steps", "process_group"}
 #: balancers that cannot serve the segmentation network, and why
 REFUSED_BALANCERS = {
-    "modality_dropout": "modality dropout is a network setting here: --set network.modality_dropout=0.25",
+    "modality_dropout": "modality dropout is a network setting here: --set network.sequence_dropout=0.25",
     "ogm_ge": "ogm_ge scores each modality by its slice of a fused linear classifier over concatenated "
               "features; the segmentation network fuses by a masked mean and ends in a convolution, so it "
               "has no such slice (use agm: mono-modal responses through the modality mask)",
 }
+
+
+#: settings renamed since runs were saved, ``(section, old name): new name``: configurations
+#: (a run's config.yaml, a checkpoint's, ``--set``) that use the old name still load
+#: (``modality_dropout`` is also the name of a balancer, which this setting is not)
+RENAMED_SETTINGS = {("network", "modality_dropout"): "sequence_dropout"}
 
 
 @dataclass
@@ -69,7 +76,8 @@ class DataConfig:
 class NetworkConfig:
     #: ``default``, ``small`` (multi-branch) or ``early_fusion`` (baseline)
     preset: str = "small"
-    modality_dropout: float = 0.0
+    #: probability of switching each sequence off per sample in training (so that any subset works)
+    sequence_dropout: float = 0.0
     #: how the branches are fused at every level (multi-branch presets): mean, hemis or attention
     fusion: str = "mean"
     #: constructor arguments that replace the preset's (e.g. ``channels: [8, 16, 32, 64]``)
@@ -138,7 +146,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> TrainConfig:
-        config = _build(cls(), values, source)
+        config = _build(cls(), current_names(values), source)
         config.preprocess = _typed_section(PreprocessConfig(), config.preprocess, f"{source}: preprocess")
         config.check()
         config.preprocess = config.preprocessing.to_dict()  # every setting, written out
@@ -146,7 +154,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name."""
-        from brats_cggm.network import PRESETS as NETWORKS
+        from brats_cggm.network import NETWORK_PRESETS
         from brats_cggm.network.fusion import FUSIONS
 
         self.preprocessing  # noqa: B018 - PreprocessConfig validates itself
@@ -157,7 +165,7 @@ class TrainConfig:
             "optim.amp": (o.amp, ("auto", "on", "off")),
             "data.cache": (d.cache, CACHE_MODES),
             "device": (self.device, ("auto", "cpu", "cuda")),
-            "network.preset": (self.network.preset, tuple(NETWORKS)),
+            "network.preset": (self.network.preset, tuple(NETWORK_PRESETS)),
             "network.fusion": (self.network.fusion, FUSIONS),
             "balancer.name": (self.balancer.name, SEGMENTATION_BALANCERS),
         }
@@ -206,7 +214,7 @@ def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 #: The starting points of ``--preset``; a configuration file and options change them.
-PRESETS: dict[str, dict[str, Any]] = {
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on a 2-core CPU: phantoms (or BraTS) resampled to 3 mm, 48^3 patches that
     # hold most of a brain at that spacing, the narrow network. AdamW: in this budget
     # (~200 steps) SGD (lr 0.01-0.05, momentum 0.9-0.99) still predicted no tumour at all
@@ -227,7 +235,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-real": {
         "preprocess": {"spacing": [2.0, 2.0, 2.0], "patch_size": [64, 64, 64], "num_samples": 2,
                        "intensity_scale": 0.2, "intensity_shift": 0.2, "bias_field": 0.2},
-        "network": {"preset": "small", "fusion": "hemis", "modality_dropout": 0.25},
+        "network": {"preset": "small", "fusion": "hemis", "sequence_dropout": 0.25},
         "optim": {"optimizer": "adamw", "lr": 0.001, "weight_decay": 1e-4, "epochs": 150, "head_lr": 0.01},
         "balancer": {"name": "none"},
         "validation": {"every": 10, "sw_batch_size": 2},
@@ -251,16 +259,18 @@ def resolve_config(
 ) -> TrainConfig:
     """Preset, then the YAML ``file``, then ``overrides`` (dotted names such as
     ``{"optim.epochs": 5, "balancer.name": "none"}``; None values are skipped)."""
-    if preset not in PRESETS:
-        raise ConfigurationError(f"unknown training preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    values = copy.deepcopy(PRESETS[preset])
+    if preset not in TRAINING_PRESETS:
+        raise ConfigurationError(
+            f"unknown training preset '{preset}'; choose one of {', '.join(TRAINING_PRESETS)}"
+        )
+    values = copy.deepcopy(TRAINING_PRESETS[preset])
     source = "configuration"
     if file is not None:
-        values = merge(values, read_yaml(file))
+        values = merge(values, current_names(read_yaml(file)))
         source = str(file)
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            values = merge(values, _nest(dotted.split("."), value))
+            values = merge(values, current_names(_nest(dotted.split("."), value)))
     return TrainConfig.from_dict(values, source)
 
 
@@ -280,6 +290,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise BadInputFile(path, "a configuration file must hold a mapping of sections")
+    return values
+
+
+def current_names(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (sections of settings) with each of :data:`RENAMED_SETTINGS` under its new name."""
+    values = dict(values)
+    for (section, old), new in RENAMED_SETTINGS.items():
+        settings = values.get(section)
+        if isinstance(settings, Mapping) and old in settings:
+            values[section] = {new if name == old else name: value for name, value in settings.items()}
     return values
 
 

@@ -293,17 +293,22 @@ class Trainer:
         for name, module in self.parts.modules().items():
             module.load_state_dict(payload["modules"][name])
         self.parts.optimizer.load_state_dict(payload["optimizer"])
-        self.parts.scheduler.load_state_dict(payload["scheduler"])
-        # optim.epochs may have changed (the schedule's length): the next step's rate comes
-        # from the new schedule, not from the old one's end (equal when nothing changed)
-        scheduler = self.parts.scheduler
-        for group, base, factor in zip(self.parts.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in self.parts.optimizer.param_groups]
+        self._restore_schedule(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         self.state = checkpoint.Progress(**payload["progress"])
         restore_legacy_measurement(self.parts.balancer, self.state.extra)
         checkpoint.set_rng_state(payload["rng"][self.place.rank])
+
+    def _restore_schedule(self, saved: dict[str, Any]) -> None:
+        """The scheduler's saved state, at the rates of this run's schedule: optim.epochs may
+        have changed (the schedule's length), and the next step's rate comes from the new
+        schedule, not from the old one's end (equal when nothing changed). The rates go into
+        the optimizer and into the state loaded, so that ``get_last_lr()`` reports them."""
+        factors = self.parts.scheduler.lr_lambdas  # functions: not part of the saved state
+        rates = [base * factor(saved["last_epoch"]) for base, factor in zip(saved["base_lrs"], factors)]
+        for group, rate in zip(self.parts.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.parts.scheduler.load_state_dict({**saved, "_last_lr": rates})
 
     # ------------------------------------------------------------------ output
     def _epoch_row(self, epoch: int, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import torch
 
-from multimodal_general.datasets.synthetic import (
+from multimodal_general.datasets.latent_evidence import (
     embed_in_sequences,
     imbalanced_strengths,
     latent_evidence,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multimodal_general.datasets.synthetic import (
+from multimodal_general.datasets.latent_evidence import (
     embed_in_sequences,
     imbalanced_strengths,
     latent_evidence,

@@ -401,9 +401,6 @@ def _restore(path: Path, parts: Parts, order: torch.Generator, settings: TrainSe
 
 
 # ---------------------------------------------------------------------------- plots
-HEAD_METRIC_LABEL = {"acc": "accuracy", "mae": "MAE"}
-
-
 def plot_run(run_dir: Path, task: str) -> list[Path]:
     """``loss.png``, ``balance.png`` (heads' training-batch metric, ``B``, cosines) and
     ``validation.png`` (the field's metrics per epoch) in ``run_dir/plots``."""

@@ -1,6 +1,6 @@
 """A small synthetic Food-101 in the official layout, with controllable class evidence.
 
-Its words and images carry the evidence of :mod:`multimodal_general.datasets.synthetic`.
+Its words and images carry the evidence of :mod:`multimodal_general.datasets.latent_evidence`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from multimodal_general.datasets.food101.records import MODALITIES
-from multimodal_general.datasets.synthetic import imbalanced_strengths, latent_evidence
+from multimodal_general.datasets.latent_evidence import imbalanced_strengths, latent_evidence
 from multimodal_general.errors import ConfigurationError, OutputError
 from multimodal_general.io import atomic_folder, atomic_write_text
 
