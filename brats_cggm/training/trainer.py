@@ -303,12 +303,13 @@ class Trainer:
         """The scheduler's saved state, at the rates of this run's schedule: optim.epochs may
         have changed (the schedule's length), and the next step's rate comes from the new
         schedule, not from the old one's end (equal when nothing changed). The rates go into
-        the optimizer and into the state loaded, so that ``get_last_lr()`` reports them."""
+        the optimizer (what the step uses and the run log reports); the scheduler's own record
+        of its last rates is its saved state's until its next step."""
         factors = self.parts.scheduler.lr_lambdas  # functions: not part of the saved state
         rates = [base * factor(saved["last_epoch"]) for base, factor in zip(saved["base_lrs"], factors)]
         for group, rate in zip(self.parts.optimizer.param_groups, rates):
             group["lr"] = rate
-        self.parts.scheduler.load_state_dict({**saved, "_last_lr": rates})
+        self.parts.scheduler.load_state_dict(saved)
 
     # ------------------------------------------------------------------ output
     def _epoch_row(self, epoch: int, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
