@@ -206,8 +206,8 @@ def infer(out: Path, sizes: Sizes, backend: str, rounds: int, labels: dict[str, 
     labels[backend] = prediction.labels
     median_ms = statistics.median(seconds) * 1000
     result = {
-        "backend": backend, "runs_on": where, "chain": getattr(segmenter, "chain", "monai"), "case_shape": list(prediction.shape), "windows_per_batch": segmenter.sw_batch_size,
-        "patch_size": list(segmenter.patch_size), "overlap": segmenter.overlap, "warmup_s": round(warmup, 3),
+        "backend": backend, "runs_on": where, "chain": getattr(segmenter, "chain", "monai"), "case_shape": list(prediction.shape), "windows_per_batch": segmenter.windowing.sw_batch_size,
+        "patch_size": list(segmenter.windowing.patch_size), "overlap": segmenter.windowing.overlap, "warmup_s": round(warmup, 3),
         "round_s": [round(s, 4) for s in seconds], "median_ms": round(median_ms, 1),
         "vs_anchor": round(median_ms / statistics.mean(ANCHOR["ms"]), 2),
         "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda and backend == "torch" else None,

@@ -96,6 +96,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig
 from brats_cggm.export import InferenceGraph, _to_onnx, export_run
-from brats_cggm.inference import monai_chain
+from brats_cggm.inference import monai_chain, numpy_chain
 from brats_cggm.inference import segmenter as segmenter_module
 from brats_cggm.inference.backends import OnnxBackend, TorchBackend
 from brats_cggm.inference.card import CARD_FORMAT, model_card, read_onnx
@@ -366,7 +367,7 @@ def make_segmenter(entry: dict[str, Any], backend: str, threads: int, sw_batch_s
             options = segmenter.backend.session.get_session_options()
             options.add_session_config_entry("session.intra_op.allow_spinning", "1")
             segmenter.backend.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    segmenter.sw_batch_size = sw_batch_size
+    segmenter.windowing = replace(segmenter.windowing, sw_batch_size=sw_batch_size)
     return segmenter
 
 
@@ -392,7 +393,7 @@ class TimedBackend:
 #: (where, function) -> phase: the steps of both chains
 PHASES = {(segmenter_module, "load_sequences"): "read", (segmenter_module, "labels_from_regions"): "labels",
           (monai_chain, "sliding_window_inference"): "sliding window", (monai_chain, "invert_prediction"): "invert",
-          (segmenter_module, "sliding_window"): "sliding window", (Geometry, "invert"): "invert"}
+          (numpy_chain, "sliding_window"): "sliding window", (Geometry, "invert"): "invert"}
 
 
 @contextmanager

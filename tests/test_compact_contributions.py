@@ -12,7 +12,7 @@ import pytest
 
 from brats_cggm.inference.compact import LEVELS, box_affine, shared_box, slope
 from brats_cggm.inference.outputs import write_prediction
-from brats_cggm.inference.segmenter import Prediction
+from brats_cggm.inference.prediction import Prediction
 
 SHAPE = (30, 26, 20)
 #: LPS-stored (BraTS 2018), flipped (BraTS-MET-00110-000) and oblique grids, non-zero origins

@@ -654,7 +654,7 @@ def test_tta_leaves_a_mirror_symmetric_model_unchanged(segmenter):
 def test_the_window_count_is_monais(shape):
     from monai.inferers import sliding_window_inference
 
-    from brats_cggm.inference.segmenter import window_count
+    from brats_cggm.inference.windows import window_count
 
     seen = []
     sliding_window_inference(torch.zeros(1, 1, *shape), (16, 16, 16), 3,

@@ -29,7 +29,8 @@ from brats_cggm.errors import BadInputFile, InconsistentCase, UserError
 from brats_cggm.inference.contributions import coalition_plan
 from brats_cggm.inference.inputs import case_from_files, sequence_from_name
 from brats_cggm.inference.outputs import write_prediction
-from brats_cggm.inference.segmenter import Prediction, Segmenter
+from brats_cggm.inference.prediction import Prediction
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm_app.views import CaseViews
 
 DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}

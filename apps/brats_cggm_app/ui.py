@@ -22,7 +22,8 @@ import pandas as pd
 
 from brats_cggm import MODALITIES
 from brats_cggm.errors import UserError
-from brats_cggm.inference.segmenter import Prediction, Segmenter
+from brats_cggm.inference.prediction import Prediction
+from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm_app.service import (
     DISPLAY_NAMES,
     Outcome,

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS, SCHEMES
 from brats_cggm.errors import ConfigurationError, IncompatibleModel
+from brats_cggm.inference.windows import Windowing
 from multimodal_general.runs.provenance import git_revision, versions
 
 if TYPE_CHECKING:
@@ -138,6 +139,13 @@ def sequence_dropout(card: dict[str, Any]) -> float:
     a card written before that setting was renamed calls it ``modality_dropout``)."""
     network = card.get("network") or {}
     return float(network.get("sequence_dropout", network.get("modality_dropout", 0.0)))
+
+
+def windowing(card: dict[str, Any], sw_batch_size: int = 2) -> Windowing:
+    """The card's sliding window, ``sw_batch_size`` windows per call of the network."""
+    mode, sigma_scale = blending(card)
+    return Windowing(tuple(int(v) for v in card["inference"]["patch_size"]), float(card["inference"]["overlap"]),
+                     sw_batch_size, mode, sigma_scale)
 
 
 def read_onnx(path: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from brats_cggm.inference.compact import compact_nifti, shared_box
-from brats_cggm.inference.segmenter import Prediction
+from brats_cggm.inference.prediction import Prediction
 from multimodal_general.io import atomic_write, atomic_write_text
 
 

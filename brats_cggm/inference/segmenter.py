@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -39,16 +37,17 @@ import nibabel as nib
 import numpy as np
 
 from brats_cggm import MODALITIES, models
-from brats_cggm.data.labels import REGIONS, SCHEMES, labels_from_regions, to_brats2021
+from brats_cggm.data.labels import labels_from_regions
 from brats_cggm.data.layouts import Case
 from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.validation import load_sequences
 from brats_cggm.errors import ConfigurationError, IncompatibleModel, InconsistentCase
 from brats_cggm.inference.backends import Backend, OnnxBackend, model_kind
-from brats_cggm.inference.card import blending, model_card, read_onnx, sequence_dropout
-from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan, region_shares
-from brats_cggm.inference.grid import EmptyImage, preprocess
-from brats_cggm.inference.windows import sliding_window, window_count
+from brats_cggm.inference.card import model_card, read_onnx, sequence_dropout, windowing
+from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan
+from brats_cggm.inference.grid import EmptyImage
+from brats_cggm.inference.numpy_chain import numpy_maps
+from brats_cggm.inference.prediction import Prediction
 
 CHAINS = ("numpy", "monai")
 
@@ -63,79 +62,6 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.tanh(half, out=half) * half.dtype.type(0.5) + half.dtype.type(0.5)
 
 
-@dataclass
-class Prediction:
-    """One case's result, on the grid of its input (``shape``, ``affine``)."""
-
-    case_id: str
-    #: label map in ``label_scheme`` numbering, uint8
-    labels: np.ndarray
-    label_scheme: str
-    #: ``[3, *shape]`` float32 probabilities of TC, WT, ET
-    probabilities: np.ndarray
-    affine: np.ndarray
-    #: the header of the input file the outputs copy (None for arrays)
-    header: nib.Nifti1Header | None
-    sequences_used: tuple[str, ...]
-    tta: bool = False
-    #: sequence -> ``[3, *shape]`` float32 contribution to TC, WT, ET (see contributions.py)
-    contributions: dict[str, np.ndarray] = field(default_factory=dict)
-    contribution_method: str | None = None
-    seconds: float = 0.0
-    inputs: dict[str, str | None] = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.labels.shape)
-
-    @cached_property
-    def regions(self) -> np.ndarray:
-        """``[3, *shape]`` bool masks of TC, WT, ET, nested as in the label map (computed
-        once: volumes, shares and the summary all read it)."""
-        brats2021 = self.labels if self.label_scheme == "brats2021" else to_brats2021(self.labels, self.label_scheme)
-        return np.stack([np.isin(brats2021, (1, 4)), brats2021 > 0, brats2021 == 4])
-
-    @property
-    def voxel_ml(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
-
-    def volumes_ml(self) -> dict[str, float]:
-        """Volume of each region (TC, WT, ET) and of each label, in millilitres."""
-        volumes = {region: float(mask.sum()) * self.voxel_ml for region, mask in zip(REGIONS, self.regions)}
-        for value, name in SCHEMES[self.label_scheme].labels.items():
-            volumes[f"label {value} {name}"] = float((self.labels == value).sum()) * self.voxel_ml
-        return volumes
-
-    def shares(self) -> dict[str, dict[str, float]]:
-        """Each sequence's share of TC, WT and ET (empty without contribution maps)."""
-        return region_shares(self.contributions, self.regions) if self.contributions else {}
-
-    def summary(self) -> dict[str, Any]:
-        """What the case's JSON holds (everything but the voxel maps)."""
-        regions = self.regions
-        return {
-            "case_id": self.case_id,
-            "label_scheme": self.label_scheme,
-            "labels": {str(v): n for v, n in SCHEMES[self.label_scheme].labels.items()},
-            "shape": list(self.shape),
-            "voxel_size_mm": [round(float(v), 6) for v in np.linalg.norm(self.affine[:3, :3], axis=0)],
-            "volumes_ml": {k: round(v, 4) for k, v in self.volumes_ml().items()},
-            "sequences_used": list(self.sequences_used),
-            "sequences_missing": [m for m in MODALITIES if m not in self.sequences_used],
-            "inputs": self.inputs,
-            "tta": self.tta,
-            "contributions": None if not self.contributions else {
-                "method": self.contribution_method, "shares": self.shares(),
-                "mean_in_region": {
-                    region: {seq: float(m[r][regions[r]].mean()) if regions[r].any() else 0.0
-                             for seq, m in self.contributions.items()}
-                    for r, region in enumerate(REGIONS)
-                },
-            },
-            "seconds": round(self.seconds, 3),
-        }
-
-
 class Segmenter:
     """A model and its card; ``predict_*`` run the whole chain for one case."""
 
@@ -147,11 +73,8 @@ class Segmenter:
         #: the run's TrainConfig when loaded from a run folder (None for an ONNX file)
         self.train_config = train_config
         self.preprocessing = PreprocessConfig.from_dict(card["preprocessing"])
-        self.patch_size = tuple(int(v) for v in card["inference"]["patch_size"])
-        self.overlap = float(card["inference"]["overlap"])
+        self.windowing = windowing(card, sw_batch_size)
         self.threshold = float(card["outputs"].get("threshold", 0.5))
-        self.blend_mode, self.sigma_scale = blending(card)
-        self.sw_batch_size = sw_batch_size
 
     @classmethod
     def load(cls, model: str | Path | None = None, provider: str = "cpu", device: str = "cpu",
@@ -228,19 +151,13 @@ class Segmenter:
                 "dropout: it needs all four sequences"
             )
         plan = coalition_plan(present, contributions)
-        predictor = self._window_predictor(plan, tta)
+        chain_maps = numpy_maps
         if self.chain == "monai":
-            from brats_cggm.inference.monai_chain import monai_maps
-
-            maps = monai_maps(self, arrays, affine, predictor, progress)
-        else:
-            try:
-                image, geometry = preprocess(arrays, MODALITIES, affine, self.preprocessing)
-            except EmptyImage as error:
-                raise InconsistentCase(case_id, f"{error}: nothing to segment") from None
-            blended = sliding_window(image, self.patch_size, self.overlap, predictor, self.sw_batch_size,
-                                     self.sigma_scale, self.blend_mode, progress)
-            maps = geometry.invert(blended)
+            from brats_cggm.inference.monai_chain import monai_maps as chain_maps
+        try:
+            maps = chain_maps(arrays, affine, self.preprocessing, self.windowing, self._window_predictor(plan, tta), progress)
+        except EmptyImage as error:
+            raise InconsistentCase(case_id, f"{error}: nothing to segment") from None
         probabilities = np.clip(maps[:3], 0.0, 1.0)
         labels = labels_from_regions(probabilities > self.threshold, label_scheme)
         return Prediction(
@@ -279,4 +196,4 @@ class Segmenter:
         return predict
 
 
-__all__ = ["CHAINS", "OUTPUT_SCHEMES", "Prediction", "Segmenter", "window_count"]
+__all__ = ["CHAINS", "OUTPUT_SCHEMES", "Segmenter"]

@@ -16,12 +16,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
 
 #: the Gaussian of MONAI's ``compute_importance_map`` (sigma = 0.125 x the window size)
 SIGMA_SCALE = 0.125
+
+
+@dataclass(frozen=True)
+class Windowing:
+    """How both chains cut a case into windows and blend them back (the model card's
+    ``inference`` settings, see :func:`~brats_cggm.inference.card.windowing`)."""
+
+    patch_size: tuple[int, ...]
+    overlap: float
+    #: windows per call of the network
+    sw_batch_size: int = 2
+    #: ``gaussian``, or ``constant`` for equal weights
+    blend_mode: str = "gaussian"
+    sigma_scale: float = SIGMA_SCALE
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
@@ -46,13 +61,11 @@ def window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> 
     return math.prod(len(window_starts(max(int(s), int(r)), int(r), overlap)) for s, r in zip(shape, patch))
 
 
-def sliding_window(image: np.ndarray, patch: Sequence[int], overlap: float,
-                   predict: Callable[[np.ndarray], np.ndarray], batch: int = 2,
-                   sigma_scale: float = SIGMA_SCALE, mode: str = "gaussian",
+def sliding_window(image: np.ndarray, windowing: Windowing, predict: Callable[[np.ndarray], np.ndarray],
                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """``predict`` (``[B, C, *patch] -> [B, K, *patch]``, float32) over ``image`` ``[C, *grid]``,
-    blended (``mode``: ``gaussian``, or ``constant`` for equal weights): float32 ``[K, *grid]``."""
-    patch = tuple(int(p) for p in patch)
+    blended as ``windowing`` says: float32 ``[K, *grid]``."""
+    patch, overlap, batch = tuple(int(p) for p in windowing.patch_size), windowing.overlap, windowing.sw_batch_size
     grid = image.shape[1:]
     short = [max(p - s, 0) for s, p in zip(grid, patch)]
     if any(short):
@@ -60,7 +73,8 @@ def sliding_window(image: np.ndarray, patch: Sequence[int], overlap: float,
     padded = image.shape[1:]
     windows = [tuple(slice(s, s + p) for s, p in zip(starts, patch))
                for starts in product(*(window_starts(n, p, overlap) for n, p in zip(padded, patch)))]
-    weight = gaussian_importance(patch, sigma_scale) if mode == "gaussian" else np.ones(patch, dtype=np.float32)
+    weight = (gaussian_importance(patch, windowing.sigma_scale) if windowing.blend_mode == "gaussian"
+              else np.ones(patch, dtype=np.float32))
     total = np.zeros(padded, dtype=np.float32)
     for window in windows:
         total[window] += weight
