@@ -12,6 +12,7 @@ import pytest
 import torch
 from training_cases import error_line, run_cli
 
+from brats_cggm import models
 from brats_cggm.errors import ConfigurationError
 from brats_cggm.export import (
     PARITY_TOLERANCE,
@@ -23,7 +24,7 @@ from brats_cggm.inference.card import ONNX_FIELDS
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.training.trained import load_run
 
-SHIPPED_CARD = Path(__file__).resolve().parents[1] / "models" / "brats_cggm_real.card.json"
+SHIPPED_CARD = models.default().card_path
 
 
 @pytest.fixture(scope="module")
