@@ -324,10 +324,15 @@ def compare(
     balancer_option: BalancerOption = None,
     subsets: Annotated[bool, typer.Option(
         help="also score the test cases with each of the 15 non-empty subsets of the sequences")] = False,
+    checkpoint: Annotated[str, typer.Option(
+        help="best: each run selected on its validation cases; last: a fixed budget, no selection")] = "best",
+    reference: Annotated[str | None, typer.Option(
+        help="the method every other is compared to case by case (default: the first)")] = None,
 ) -> None:
-    """Train every method x seed with the same budget, select each run on its validation cases,
-    score it on held-out cases, and write one table (runs already done are reused)."""
-    from brats_cggm.compare import aggregate, parse_methods
+    """Train every method x seed with the same budget, select each run on its validation cases
+    (or not: --checkpoint last), score it on held-out cases, compare each method to a reference
+    case by case, and write one table (runs already done are reused)."""
+    from brats_cggm.compare import CHECKPOINTS, aggregate, parse_methods
     from brats_cggm.compare import compare as run_comparison
     from brats_cggm.metrics import REGIONS
     from brats_cggm.training.progress import EpochProgress
@@ -335,9 +340,10 @@ def compare(
     shared = {**balancer_settings(balancer_option), **parse_settings(settings or []),
               **({"optim.epochs": epochs} if epochs is not None else {})}
     runs = run_comparison(data, methods, seeds, out, test_data=test_data, preset=preset, settings=shared,
-                          report=console.print, progress=EpochProgress(console), subsets=subsets)
+                          report=console.print, progress=EpochProgress(console), subsets=subsets,
+                          checkpoint=checkpoint, reference=reference)
     rows = aggregate(runs, parse_methods(methods))
-    table = Table(title="test Dice (mean ± std over seeds), each run selected on its validation cases")
+    table = Table(title=f"test Dice (mean ± std over seeds), each run's checkpoint {CHECKPOINTS[checkpoint]}")
     for column in ("method", "seeds", *REGIONS, "mean", "min/run"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
@@ -345,8 +351,8 @@ def compare(
         table.add_row(row["method"], str(row["runs"]), *(f"{m:.3f} ± {s:.3f}" for m, s in dice),
                       f"{row['train_s'][0] / 60:.1f}")
     console.print(table)
-    console.print(f"[bold green]done[/]: {out}/results.md (with the heads and validation Dice), results.csv, "
-                  "results.json, results.png")
+    console.print(f"[bold green]done[/]: {out}/results.md (with the heads, validation Dice and the paired per-case "
+                  "differences to the reference), results.csv, results.json, results.png; per run: scores/")
 
 
 @app.command()

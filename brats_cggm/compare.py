@@ -8,7 +8,8 @@ cases, scored once on test cases it never saw.
 * **Same budget.** One configuration (``--preset``, ``--epochs``, ``--set``) for every run; a
   method changes only what makes it that method (:data:`METHODS`); the seed changes
   initialisation, patches and augmentation, never the train/validation split.
-* **Selection** on the run's validation cases (best mean Dice, ``checkpoints/best.pt``).
+* **Selection** on the run's validation cases (best mean Dice, ``checkpoints/best.pt``), or
+  none with ``--checkpoint last``: a fixed budget, the last epoch's checkpoint is scored.
 * **Test**: every case of ``--test-data`` (``brats-cggm evaluate --split all``), or, without
   it, the cases of ``--data`` that the split leaves out of training and validation
   (``--split test``).
@@ -16,13 +17,19 @@ cases, scored once on test cases it never saw.
   (``summary.json``) and its evaluation are reused, an unfinished one continues from
   ``last.pt``. ``OUT/settings.yaml`` pins the shared settings: a rerun with others is refused.
 * **Report.** ``OUT/results.md|csv|json`` and ``results.png``: test Dice per region and its
-  mean (mean ± std over seeds), the validation mean Dice of the selected epochs, each
+  mean (mean ± std over seeds), the validation mean Dice of the scored epochs, each
   sequence's auxiliary head alone on the validation cases at the end, and time per step and
   per run.
+* **Paired.** Every method but the reference (``--reference``, default: the first) compared
+  to it case by case: per metric of the per-case rows (Dice and HD95 per region, ...), the
+  mean difference with its bootstrap 95 % interval (:mod:`multimodal_general.experiments.paired`),
+  a case's value first averaged over seeds. Each run's row with its per-case rows is kept in
+  ``OUT/scores/<method>-seed<k>.json`` (small: commit it beside the table).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -38,7 +45,8 @@ from brats_cggm.training.cases import select_cases
 from brats_cggm.training.config import DataConfig
 from multimodal_general.balance import CGGM_METHODS, BalancerSpec
 from multimodal_general.experiments import harness
-from multimodal_general.experiments.harness import Column, Sweep, summarize, sweep, write_results
+from multimodal_general.experiments.harness import Column, Sweep, markdown_table, summarize, sweep, write_results
+from multimodal_general.experiments.paired import RESAMPLES, case_means, interval_cell, paired_difference
 from multimodal_general.io import atomic_write, atomic_write_text, json_safe, pin_settings
 from multimodal_general.runs.provenance import provenance
 from multimodal_general.runs.series import mean_std, plus_minus
@@ -102,22 +110,29 @@ def compare(
     report: Callable[[str], None] = print,
     progress=None,
     subsets: bool = False,
+    checkpoint: str = "best",
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train (or reuse) and evaluate every method x seed; write and return the per-run rows.
-    With ``subsets`` the test cases are also scored with each of the 15 non-empty subsets of
-    the sequences (``brats-cggm evaluate --subsets``)."""
+    """Train (or reuse) and evaluate every method x seed; write and return the per-run rows
+    (each with its per-case rows, also in ``OUT/scores/<method>-seed<k>.json``). With ``subsets``
+    the test cases are also scored with each of the 15 non-empty subsets of the sequences
+    (``brats-cggm evaluate --subsets``). ``checkpoint``: ``best`` (selected on validation) or
+    ``last`` (a fixed budget: no selection). ``reference``: the method every other is compared
+    to, case by case (default: the first)."""
     from brats_cggm.training import Trainer, resolve_config, start, stop
 
     names = parse_methods(methods)
     if seeds < 1:
         raise ConfigurationError("--seeds must be at least 1")
+    reference = _check_reference(names, reference, checkpoint)
     out = Path(out)
     shared = {**(settings or {}), "data.dir": str(Path(data).resolve())}
     test_source = str(Path(test_data).resolve()) if test_data is not None else None
     for method in names:  # every configuration and both data folders are checked before anything is written
         resolve_config(preset, None, method_overrides(method, shared, preset))
     _check_cases(resolve_config(preset, None, shared).data, test_data)
-    pin_settings(out / "settings.yaml", {"preset": preset, "settings": shared, "test_data": test_source})
+    pin_settings(out / "settings.yaml", {"preset": preset, "settings": shared, "test_data": test_source,
+                                         **({"checkpoint": checkpoint} if checkpoint != "best" else {})})
     place = start(resolve_config(preset, None, shared).device)
 
     def run(method: str, seed: int, tick) -> dict:
@@ -127,22 +142,54 @@ def compare(
             report(f"{'continuing' if resume else 'training'} {method}, seed {seed} ({run_dir})")
             config = resolve_config(preset, None, {**method_overrides(method, shared, preset), "seed": seed})
             Trainer(config, run_dir, place, resume=resume, report=report, progress=progress).fit()
-        return score_run(run_dir, method, seed, test_data, place.device.type, report, subsets)
+        scored = score_run(run_dir, method, seed, test_data, place.device.type, report, subsets, checkpoint)
+        write_scores(out / "scores" / f"{method}-seed{seed}.json", scored)
+        return scored
 
     try:
         done = sweep(names, seeds, run)
     finally:
         stop()
     runs = sorted((r for name in names for r in done.results[name]), key=lambda r: (r["seed"], names.index(r["method"])))
-    rows = aggregate(runs, names)
     command = (f"brats-cggm compare --data {data} {f'--test-data {test_data} ' if test_data else ''}--preset {preset} "
                f"--methods {','.join(names)} --seeds {seeds} --out {out}"
+               + (f" --checkpoint {checkpoint}" if checkpoint != "best" else "")
+               + (f" --reference {reference}" if reference != names[0] else "")
                + "".join(f" --set {k}={json.dumps(v)}" for k, v in (settings or {}).items()))
-    write_results(out, markdown(rows, command, test_data), rows, lambda path: plot(path, rows))
-    atomic_write_text(out / "results.json", json.dumps(
-        json_safe({"command": command, "provenance": provenance("torch", "monai"), "methods": rows, "runs": runs}),
-        indent=1, default=str) + "\n")
+    write_comparison(out, runs, names, reference, command, test_data, checkpoint)
     return runs
+
+
+#: how a run's checkpoint is chosen: selected on validation, or the last one of a fixed budget
+CHECKPOINTS = {"best": "selected on its validation cases (best mean Dice)",
+               "last": "the last epoch of the fixed budget (no selection)"}
+
+
+def _check_reference(names: Sequence[str], reference: str | None, checkpoint: str) -> str:
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigurationError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}; got {checkpoint!r}")
+    if reference is not None and reference not in names:
+        raise ConfigurationError(f"--reference {reference!r} is not one of the methods ({', '.join(names)})")
+    return reference or names[0]
+
+
+def write_comparison(out: Path, runs: list[dict], names: Sequence[str], reference: str, command: str,
+                     test_data: Path | None, checkpoint: str) -> None:
+    """``results.md|csv|json|png``: per method the mean ± std over seeds, and (each method but
+    the reference) the paired per-case difference to ``reference``."""
+    rows = aggregate(runs, names)
+    paired = paired_rows(runs, names, reference)
+    text = markdown(rows, command, test_data, checkpoint) + "\n" + paired_markdown(paired, reference)
+    write_results(out, text, [{**row, **flat_paired(paired.get(row["method"], {}))} for row in rows],
+                  lambda path: plot(path, rows))
+    atomic_write_text(out / "results.json", json.dumps(
+        json_safe({"command": command, "provenance": provenance("torch", "monai"), "methods": rows,
+                   "reference": reference, "paired": paired, "runs": runs}), indent=1, default=str) + "\n")
+
+
+def write_scores(path: Path, run: dict) -> None:
+    """A run's row with its per-case rows: a small file to keep (commit) beside the table."""
+    atomic_write_text(path, json.dumps(json_safe(run), indent=1) + "\n")
 
 
 def _check_cases(data: DataConfig, test_data: Path | None) -> None:
@@ -165,33 +212,47 @@ def _check_cases(data: DataConfig, test_data: Path | None) -> None:
 
 
 def score_run(run_dir: Path, method: str, seed: int, test_data: Path | None, device: str,
-            report: Callable[[str], None], subsets: bool = False) -> dict:
-    """One run's row: its selected epoch's validation Dice, the heads at the end, the test Dice
-    (with ``subsets``: also the 15-subset average per region and the worst subset)."""
+              report: Callable[[str], None], subsets: bool = False, checkpoint: str = "best") -> dict:
+    """One run's row: the scored epoch's validation Dice, the heads at the end, the test Dice
+    (with ``subsets``: also the 15-subset average per region and the worst subset) and, in
+    ``cases``, every per-case row of the test cases (``case_id`` and each metric)."""
     from brats_cggm.evaluation import evaluate
 
     split = "all" if test_data is not None else "test"
     evaluated = run_dir / "evaluation" / split / "summary.json"
-    if not evaluated.exists() or (subsets and "subsets" not in json.loads(evaluated.read_text())):
-        report(f"evaluating {run_dir.name} on {split} cases")
-        evaluate(run_dir, test_data, split, "best", device, subsets=subsets)
+    if not evaluated.exists() or _stale(json.loads(evaluated.read_text()), subsets, checkpoint):
+        report(f"evaluating {run_dir.name} ({checkpoint}.pt) on {split} cases")
+        evaluate(run_dir, test_data, split, checkpoint, device, subsets=subsets)
     test = json.loads(evaluated.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    best = next(r for r in rows if r["epoch"] == summary["best_epoch"])
+    validated = [r for r in rows if "val_dice/mean" in r]
+    scored = (next(r for r in rows if r["epoch"] == summary["best_epoch"]) if checkpoint == "best" else validated[-1])
     test_dice = {r: test["metrics"][f"dice/{r}"]["mean"] for r in REGIONS}
     return {
-        "method": method, "seed": seed, "best_epoch": summary["best_epoch"], "test_cases": test["cases"],
+        "method": method, "seed": seed, "best_epoch": summary["best_epoch"], "checkpoint": checkpoint,
+        "test_cases": test["cases"], "cases": read_cases(evaluated.with_name("cases.csv")),
         **{f"test_dice/{r}": value for r, value in test_dice.items()},
         "test_dice/mean": statistics.fmean(test_dice.values()),
         **{f"test_hd95/{r}": test["metrics"][f"hd95/{r}"]["mean"] for r in REGIONS},
-        **{f"val_dice/{r}": best[f"val_dice/{r}"] for r in REGIONS},
-        "val_dice/mean": statistics.fmean(best[f"val_dice/{r}"] for r in REGIONS),
+        **{f"val_dice/{r}": scored[f"val_dice/{r}"] for r in REGIONS},
+        "val_dice/mean": statistics.fmean(scored[f"val_dice/{r}"] for r in REGIONS),
         **{f"head/{s}": rows[-1].get(f"val_head_dice/{s}") for s in MODALITIES},
         "step_s": statistics.median(r["step_s"] for r in rows),
         "train_s": sum(r["time_s"] for r in rows),
         **subset_columns(test.get("subsets")),
     }
+
+
+def _stale(test: dict, subsets: bool, checkpoint: str) -> bool:
+    """An evaluation made from another checkpoint, or without the subsets asked for."""
+    return Path(test["checkpoint"]).stem != checkpoint or (subsets and "subsets" not in test)
+
+
+def read_cases(path: Path) -> list[dict[str, Any]]:
+    """The per-case rows of an evaluation's ``cases.csv``: ``case_id`` and every metric as a number."""
+    with path.open(newline="") as handle:
+        return [{k: v if k == "case_id" else float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 #: the 15-subset columns of a run scored with ``subsets``
@@ -222,14 +283,64 @@ def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict], command: str, test_data: Path | None) -> str:
+def paired_rows(runs: Sequence[dict], names: Sequence[str], reference: str,
+                method_of: Callable[[dict], str] = lambda run: run["method"]) -> dict[str, dict[str, dict]]:
+    """``{method: {metric: paired difference}}`` of every method but ``reference``: per metric of
+    the per-case rows (Dice and HD95 per region, and whatever else evaluation writes), the
+    difference to the reference on the cases both were scored on, each case's value first
+    averaged over the method's runs (seeds); HD95-like metrics (lower is better) count a
+    decrease as an improvement."""
+    def per_case(name: str) -> dict[str, dict[str, float]]:
+        mine = [run["cases"] for run in runs if method_of(run) == name and run.get("cases")]
+        metrics = list(dict.fromkeys(k for cases in mine for row in cases for k in row if k != "case_id"))
+        return {m: case_means([{row["case_id"]: row.get(m) for row in cases} for cases in mine]) for m in metrics}
+
+    base = per_case(reference)
+    table = {}
+    for name in names:
+        own = per_case(name)
+        if name != reference and own:
+            table[name] = {m: paired_difference(values, base.get(m, {}), higher_is_better="hd95" not in m)
+                           for m, values in own.items()}
+    return table
+
+
+def flat_paired(paired: dict[str, dict]) -> dict[str, Any]:
+    """One method's paired differences as CSV columns ``vs_ref/<metric>_<mean|low|high|n|improved|worsened>``."""
+    return {f"vs_ref/{metric}_{key}": value for metric, difference in paired.items() for key, value in difference.items()}
+
+
+def paired_markdown(paired: dict[str, dict[str, dict]], reference: str,
+                    label: Callable[[str], str] = lambda name: name) -> str:
+    """The paired table: per method and metric the mean difference to ``reference`` [95 %
+    bootstrap interval], and the cases it improved / worsened."""
+    if not paired:
+        return f"No method to compare with the reference ({label(reference)}) case by case.\n"
+    metrics = list(dict.fromkeys(m for table in paired.values() for m in table))
+    lines = [(f"Paired against {label(reference)}, case by case: mean difference over the cases both were "
+              f"scored on [percentile bootstrap 95 % interval, {RESAMPLES:,} resamples of the cases, fixed seed]; "
+              "a case's value is first averaged over its seeds; +n/-m = cases improved / worsened (for HD95 a "
+              "decrease is an improvement). Over a few cases these intervals are wide: an interval that "
+              "holds 0 does not tell the two apart."), ""]
+    rows = [[label(name), str(max(d["n"] for d in table.values())), *(_paired_cell(table.get(m)) for m in metrics)]
+            for name, table in paired.items()]
+    return "\n".join(lines) + "\n" + markdown_table(["method", "cases", *metrics], rows)
+
+
+def _paired_cell(difference: dict | None) -> str:
+    if not difference or not difference["n"]:
+        return "—"
+    return f"{interval_cell(difference)} (+{difference['improved']}/-{difference['worsened']})"
+
+
+def markdown(rows: list[dict], command: str, test_data: Path | None, checkpoint: str = "best") -> str:
     test = f"every case of {test_data}" if test_data is not None else "the cases the split leaves out (--split test)"
     with_subsets = bool(rows) and all(k in row for row in rows for k in SUBSET_KEYS)
     subset_header = " | 15-subset TC | 15-subset WT | 15-subset ET | worst subset mean" if with_subsets else ""
     lines = [
-        (f"Each run is selected on its validation cases (best mean Dice) and scored once on {test}, "
+        (f"Each run's checkpoint is {CHECKPOINTS[checkpoint]}; it is scored once on {test}, "
          "which no run saw or selected on: test Dice mean ± std over seeds; val mean = validation mean "
-         "Dice of the selected epoch; head = each sequence's auxiliary head alone (validation Dice, mean "
+         "Dice of the scored epoch; head = each sequence's auxiliary head alone (validation Dice, mean "
          "of regions) at the end; step s = median seconds per optimizer step; run min = training minutes."
          + (" 15-subset = test Dice averaged over the 15 non-empty subsets of the sequences; worst subset "
             "mean = the mean Dice of the regions of the worst of them." if with_subsets else "")),

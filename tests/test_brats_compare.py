@@ -75,6 +75,44 @@ def test_the_report_holds_one_row_per_method_with_mean_and_spread(comparison):
     assert len(payload["runs"]) == 6 and [m["method"] for m in payload["methods"]] == ["none", "agm", "early_fusion"]
 
 
+def test_every_run_keeps_its_per_case_rows_and_each_method_is_paired_with_the_first(comparison):
+    from multimodal_general.experiments.paired import case_means, paired_difference
+
+    _, out, runs = comparison
+    for run in runs:
+        kept = json.loads((out / "scores" / f"{run['method']}-seed{run['seed']}.json").read_text())
+        assert [c["case_id"] for c in kept["cases"]] == [c["case_id"] for c in run["cases"]] and len(kept["cases"]) == 3
+        assert {"dice/WT", "hd95/ET"} <= set(kept["cases"][0])
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["reference"] == "none" and sorted(payload["paired"]) == ["agm", "early_fusion"]
+
+    def wt(method):  # a case's WT Dice averaged over the seeds first
+        return case_means([{c["case_id"]: c["dice/WT"] for c in r["cases"]} for r in runs if r["method"] == method])
+
+    expected = paired_difference(wt("agm"), wt("none"))
+    assert payload["paired"]["agm"]["dice/WT"] == pytest.approx(expected)
+    assert payload["paired"]["agm"]["hd95/TC"]["n"] == 3
+    report = (out / "results.md").read_text()
+    assert "Paired against none" in report and "| agm | 3 |" in report and "intervals are wide" in report
+    rows = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["agm"]["vs_ref/dice/WT_mean"]) == pytest.approx(expected["mean"], abs=1e-6)
+    assert rows["none"]["vs_ref/dice/WT_mean"] == ""  # the reference itself
+
+
+def test_the_reference_is_an_option_and_must_be_a_compared_method(comparison, monkeypatch):
+    root, out, runs = comparison
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    compare(root / "data", "none,agm,early_fusion", 2, out, test_data=root / "test", settings=SHARED, report=quiet,
+            reference="agm")
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["reference"] == "agm" and sorted(payload["paired"]) == ["early_fusion", "none"]
+    assert "--reference agm" in payload["command"]
+    with pytest.raises(ConfigurationError, match="--reference 'cggm'"):
+        compare(root / "data", "none", 1, out, test_data=root / "test", settings=SHARED, report=quiet,
+                reference="cggm")
+    compare(root / "data", "none,agm,early_fusion", 2, out, test_data=root / "test", settings=SHARED, report=quiet)
+
+
 def test_a_rerun_reuses_finished_runs_and_refuses_other_settings(comparison, monkeypatch):
     root, out, runs = comparison
 
@@ -134,3 +172,23 @@ def test_early_fusion_with_sequence_dropout_is_a_method_of_its_own():
     overrides = method_overrides("early_fusion_dropout", {"network.fusion": "hemis"}, "cpu-real")
     assert overrides["network.preset"] == "early_fusion" and overrides["network.sequence_dropout"] == 0.25
     assert overrides["network.fusion"] == "mean"  # one U-Net over stacked sequences has no branches to fuse
+
+
+def test_a_fixed_budget_scores_the_last_checkpoint_and_is_pinned(comparison):
+    from brats_cggm.compare import score_run
+
+    root, out, _ = comparison
+    run_dir = out / "runs" / "none-seed1"
+    last = score_run(run_dir, "none", 1, root / "test", "cpu", quiet, checkpoint="last")
+    summary = json.loads((run_dir / "evaluation" / "all" / "summary.json").read_text())
+    assert summary["checkpoint"].endswith("last.pt") and last["checkpoint"] == "last"
+    assert len(last["cases"]) == 3
+    best = score_run(run_dir, "none", 1, root / "test", "cpu", quiet)  # evaluated again, from best.pt
+    assert best["checkpoint"] == "best"
+    assert json.loads((run_dir / "evaluation" / "all" / "summary.json").read_text())["checkpoint"].endswith("best.pt")
+    with pytest.raises(ConfigurationError, match="other settings"):  # a folder holds one protocol
+        compare(root / "data", "none", 1, out, test_data=root / "test", settings=SHARED, report=quiet,
+                checkpoint="last")
+    with pytest.raises(ConfigurationError, match="--checkpoint"):
+        compare(root / "data", "none", 1, out, test_data=root / "test", settings=SHARED, report=quiet,
+                checkpoint="first")
