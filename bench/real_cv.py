@@ -1,29 +1,40 @@
-"""Real BraTS cases: cross-validation by source, same budget for every row, one table.
+"""Real BraTS cases: cross-validation by source, a fixed budget for every row, per-case rows,
+each row compared to a reference row case by case, one table.
 
-The labelled cases of ``--data`` (e.g. the BraTS 2018 cases of ``../shared/data/real``) are
-split into ``--folds`` folds **by source** (the institution in the case id,
-``Brats18_<source>_...``; no source is split across folds), so a test fold holds scanners no
-training case came from. Per fold, the other folds' cases train (one of them, the first by
-name, validates: epoch selection), and the fold's cases are the test cases, scored once:
+The protocol (docs/real_data.md, "Protocol"):
 
-* full-sequence Dice WT/TC/ET on each case's own 1 mm grid;
-* the 15 non-empty subsets of the four sequences (the others switched off through the
-  modality mask; early fusion gets zero channels): their average per region, and the worst
-  subset (``brats-cggm evaluate --subsets``);
-* each sequence's auxiliary head alone (validation Dice at the end) and seconds per step.
+* **Cases.** Every labelled case with all four sequences under ``--data`` (several folders,
+  or a parent such as ``../shared/data/real``: 13 today, the twelve of BraTS 2018 and
+  BraTS2021_00006); cases missing a sequence (``partial/``) or a label are left out. They are
+  linked into ``OUT/cases``, one data folder for every run.
+* **Folds by source.** ``--folds`` folds (the institution in the case id,
+  ``Brats18_<source>_...``; another id is its own source; no source in two folds), so a test
+  fold holds scanners no training case came from. Per fold, the other folds' cases train, but
+  the first of them by name, which is only watched (validation curves).
+* **Fixed budget, no selection.** Every run trains for the preset's epochs (``--epochs``) and
+  its last checkpoint is scored, once, on the fold's test cases: full-sequence Dice and HD95
+  per region per case on each case's own 1 mm grid (and whatever else evaluation scores per
+  case), the 15 non-empty subsets of the sequences (their average per region and the worst
+  subset), each sequence's auxiliary head (validation Dice at the end), seconds per step.
+* **Paired.** Each row against ``--reference`` (default: the shipped recipe): per metric the
+  mean per-case difference with its bootstrap 95 % interval, a case's value first averaged over
+  the ``--seeds`` (``brats_cggm.compare.paired_rows``). Over 13 cases these intervals are wide.
 
 Every run is an ordinary ``brats-cggm compare`` run folder at the ``cpu-real`` preset
-(``OUT/<group>/fold<k>/runs/<method>-seed0``): finished runs are reused and unfinished ones
-continue, so the table can be filled across sessions (``--rows`` picks rows). The table
-(mean ± std over the folds that are done) goes to ``--results`` as real_cv.md|csv|json|png.
+(``OUT/<group>/fold<k>/runs/<method>-seed<s>``): finished runs are reused and unfinished ones
+continue, so the table fills up across sessions (``--rows`` picks rows). Each finished run's
+row with its per-case rows is kept in ``RESULTS/real_cv_runs/<row>-fold<k>-seed<s>.json`` (commit
+it: the table can be rebuilt from these files alone with ``--table-only``). The table goes to
+``--results`` as real_cv.md|csv|json|png.
 
 Phantom pre-training: ``phantom-calibrated`` scores, on each test fold, a network trained on
 phantoms only (30 calibrated phantoms, ``cpu-real`` for 60 epochs, trained once per network
 into ``OUT/phantom-pretrain-<network>``); the ``-init`` rows start each fold's real training
 from those weights (``--init``), with the same real-data budget as every other row.
 
-    python bench/real_cv.py --data ../shared/data/real/brats2018 --out runs/real_cv
-    python bench/real_cv.py --data ../shared/data/real/brats2018 --rows ef,hemis-none --table-only
+    python bench/real_cv.py --data ../shared/data/real --out runs/real_cv_paired
+    python bench/real_cv.py --data ../shared/data/real --rows ef-dropout-init,ef --seeds 2
+    python bench/real_cv.py --data ../shared/data/real --table-only
 """
 
 from __future__ import annotations
@@ -38,8 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brats_cggm import MODALITIES
-from brats_cggm.data.layouts import discover
+from brats_cggm.data.layouts import LAYOUTS, Case, discover
 from brats_cggm.data.splits import save_split
+from brats_cggm.errors import InconsistentCase
+from multimodal_general.cli_support import parse_settings
 from multimodal_general.io import atomic_write_text
 
 
@@ -83,6 +96,11 @@ ROWS: dict[str, Row] = {
     "phantom-calibrated": Row("calibrated phantoms only, 4 branches, cpu-real recipe (no real training)",
                               PRETRAINED, init="hemis"),
 }
+#: the rows of the protocol now; the shipped recipe is the reference of the paired columns
+DEFAULT_ROWS = ("ef-dropout-init", "ef", "ef-dropout")
+REFERENCE = "ef-dropout-init"
+#: a fixed budget: every run's last checkpoint is scored (no selection on a single validation case)
+CHECKPOINT = "last"
 #: the phantom pre-training: ``brats-cggm phantom`` and ``train`` options, and per network its own
 PHANTOMS = ("--cases", "30", "--size", "96", "--seed", "0")
 PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validation.every=20")
@@ -127,12 +145,50 @@ def source_folds(case_ids: Sequence[str], folds: int) -> dict:
     return {"seed": 0, "scheme": f"{folds} folds by source", "folds": split}
 
 
-def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int | None) -> dict:
-    settings = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
-                "network.sequence_dropout": 0.0}
+def labelled_cases(folders: Sequence[Path]) -> list[Case]:
+    """Every labelled case with all four sequences under ``folders`` (each a data folder or a
+    parent of several, e.g. ``shared/data/real``), by case id: a case that lacks a sequence
+    (``partial/``) or a label (images only) is left out; a case id found twice is an error."""
+    found: dict[str, Case] = {}
+    for folder in folders:
+        for layout in (name for name, spec in LAYOUTS.items() if spec.suffixes):
+            try:
+                cases = discover(folder, layout).cases
+            except InconsistentCase:  # no case of this layout there
+                continue
+            for case in (c for c in cases if c.label is not None):
+                if case.case_id in found:
+                    raise SystemExit(f"error: case {case.case_id} is both in {found[case.case_id].label.parent} "
+                                     f"and in {case.label.parent}")
+                found[case.case_id] = case
+    if not found:
+        raise SystemExit(f"error: no labelled case with all four sequences in {', '.join(map(str, folders))}")
+    layouts = sorted({c.layout for c in found.values()})
+    if len(layouts) > 1:
+        raise SystemExit(f"error: labelled cases of several layouts ({', '.join(layouts)}) cannot train together")
+    return [found[case_id] for case_id in sorted(found)]
+
+
+def link_cases(cases: Sequence[Case], folder: Path) -> Path:
+    """``folder/<case id>/<file>``: a link to each file of ``cases``, so that cases from several
+    folders are one data folder for training and evaluation (links already there are kept)."""
+    for case in cases:
+        for file in case.files:
+            link = folder / case.case_id / file.name
+            if not link.is_symlink():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(file.resolve())
+    return folder
+
+
+def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int | None,
+                  settings: dict | None = None) -> dict:
+    """A row's settings on one fold: ``settings`` (``--set``), then the fold's split and the row's network."""
+    own = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
+           "network.sequence_dropout": 0.0}
     if row.init:
-        settings["init"] = str(pretrain(out, row.init))
-    return {**settings, **({"optim.epochs": epochs} if epochs else {})}
+        own["init"] = str(pretrain(out, row.init))
+    return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}
 
 
 def pretrain(out: Path, network: str) -> Path:
@@ -150,11 +206,25 @@ def pretrain(out: Path, network: str) -> Path:
     return run
 
 
-def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None) -> None:
+def prepare(folders: Sequence[Path], out: Path, folds: int) -> tuple[Path, list[str]]:
+    """OUT/cases (every labelled full case of ``folders``, linked) and OUT/split.json (its folds
+    by source); the case ids. A rerun whose cases or folds changed is refused: its runs would not
+    be comparable."""
+    cases = labelled_cases(folders)
+    split = source_folds([c.case_id for c in cases], folds)
+    split_file = out / "split.json"
+    if split_file.exists() and json.loads(split_file.read_text())["folds"] != split["folds"]:
+        raise SystemExit(f"error: {split_file}: made for other cases or folds; use another --out")
+    save_split(split, split_file)
+    return link_cases(cases, out / "cases"), [c.case_id for c in cases]
+
+
+def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None, seeds: int = 1,
+             settings: dict | None = None) -> None:
+    """Train (or reuse) every row x fold x seed at a fixed budget, and score it on its test fold."""
     from brats_cggm.compare import compare
 
-    labelled = [c.case_id for c in discover(data).cases if c.label is not None]
-    split_file = save_split(source_folds(labelled, folds), out / "split.json")
+    split_file = out / "split.json"
     for key in rows:  # row by row over the folds: each finished row is complete
         row = ROWS[key]
         for fold in range(folds):
@@ -162,8 +232,9 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
                 model = pretrain(out, row.init) if row.method == PRETRAINED else Path(row.method)
                 score_model(model, data, split_file, fold, out / key / f"fold{fold}.json")
                 continue
-            compare(data, [row.method], 1, out / row.group / f"fold{fold}", preset=PRESET,
-                    settings=fold_settings(split_file, fold, row, out, epochs), subsets=True)
+            compare(data, [row.method], seeds, out / row.group / f"fold{fold}", preset=PRESET,
+                    settings=fold_settings(split_file, fold, row, out, epochs, settings), subsets=True,
+                    checkpoint=CHECKPOINT)
 
 
 def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path) -> None:
@@ -181,34 +252,40 @@ def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path)
         return
     test = set(json.loads(split_file.read_text())["folds"][fold]["test"])
     cases = [c for c in discover(data).cases if c.case_id in test]
-    _, summary, _ = evaluate_cases(Segmenter.load(model), cases, out.with_suffix(""), {"model": str(model)},
-                                   subsets=True)
+    scored, summary, _ = evaluate_cases(Segmenter.load(model), cases, out.with_suffix(""), {"model": str(model)},
+                                        subsets=True)
     dice = {r: summary["metrics"][f"dice/{r}"]["mean"] for r in REGIONS}
     nan = math.nan
-    row = {"method": str(model), "seed": 0, "best_epoch": 0, "test_cases": len(cases),
+    row = {"method": str(model), "seed": 0, "best_epoch": 0, "test_cases": len(cases), "cases": scored,
            **{f"test_dice/{r}": v for r, v in dice.items()}, "test_dice/mean": statistics.fmean(dice.values()),
            "val_dice/mean": nan, **{f"head/{m}": nan for m in MODALITIES},
            "step_s": nan, "train_s": nan, **subset_columns(summary["subsets"])}
     atomic_write_text(out, json.dumps(row, indent=1) + "\n")
 
 
-def collect(out: Path, rows: Sequence[str], folds: int) -> list[dict]:
-    """The scored run of every row x fold that has finished, labelled with its row key."""
-    from brats_cggm.compare import score_run
+def collect(out: Path, rows: Sequence[str], folds: int, kept: Path, seeds: int = 1) -> list[dict]:
+    """The scored run of every row x fold x seed that has finished, labelled with its row key and
+    fold, each also kept (with its per-case rows) as ``kept/<row>-fold<k>-seed<s>.json``, the small
+    file to commit; a run whose folder is gone (another machine) is read back from that file."""
+    from brats_cggm.compare import score_run, write_scores
 
     runs = []
-    for key in rows:
-        row = ROWS[key]
-        for fold in range(folds):
-            if row.fusion is None:
-                scored = out / key / f"fold{fold}.json"
-                if scored.exists():
-                    runs.append({**json.loads(scored.read_text()), "method": key, "fold": fold})
-                continue
-            run_dir = out / row.group / f"fold{fold}" / "runs" / f"{row.method}-seed0"
-            if (run_dir / "summary.json").exists():
-                runs.append({**score_run(run_dir, row.method, 0, None, "cpu", print, subsets=True),
-                             **telemetry_means(run_dir), "method": key, "fold": fold})
+    for key, fold, seed in ((k, f, s) for k in rows for f in range(folds) for s in range(seeds)):
+        row, kept_file = ROWS[key], kept / f"{key}-fold{fold}-seed{seed}.json"
+        run_dir = out / row.group / f"fold{fold}" / "runs" / f"{row.method}-seed{seed}"
+        scored_model = out / key / f"fold{fold}.json"
+        if row.fusion is None and seed == 0 and scored_model.exists():
+            run = json.loads(scored_model.read_text())
+        elif row.fusion is not None and (run_dir / "summary.json").exists():
+            run = {**score_run(run_dir, row.method, seed, None, "cpu", print, True, CHECKPOINT),
+                   **telemetry_means(run_dir)}
+        elif kept_file.exists():
+            runs.append(json.loads(kept_file.read_text()))
+            continue
+        else:
+            continue
+        runs.append({**run, "method": key, "fold": fold})
+        write_scores(kept_file, runs[-1])
     return runs
 
 
@@ -250,27 +327,24 @@ def telemetry_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
-def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str) -> str:
-    """real_cv.md|csv|json|png: per row, mean ± std over the folds done."""
-    from brats_cggm.compare import SUBSET_KEYS, aggregate, plot
-    from multimodal_general.experiments.harness import results_csv
-    from multimodal_general.io import atomic_write_text, json_safe
-    from multimodal_general.runs.provenance import provenance
+def table_markdown(table: list[dict], runs: list[dict], folds: int, cases: Sequence[str], command: str,
+                   paired: dict, reference: str) -> str:
+    """The table's Markdown: the protocol, mean ± std per row, the paired differences to the reference."""
+    from brats_cggm.compare import SUBSET_KEYS, paired_markdown
     from multimodal_general.runs.series import plus_minus
 
-    done = [r for r in rows if any(run["method"] == r for run in runs)]
-    table = aggregate(runs, done)
     regions = ("WT", "TC", "ET")
     lines = [
-        (f"Cross-validation on real BraTS 2018 cases, {folds} folds by source (no institution in two folds), "
-         "`cpu-real` preset for every row (2 mm, 64^3 patches, 150 epochs, AdamW 1e-3); each run selected on one "
-         "validation case and scored once on its test fold, on each case's 1 mm grid. Mean ± std over folds "
-         "(`folds` = folds done). 15-subset = Dice averaged over the 15 non-empty subsets of the sequences "
-         "(the others switched off; early fusion gets zero channels); worst = mean Dice of the regions of "
-         "the worst subset; head = each sequence's auxiliary head alone (validation, mean of regions); "
-         "s/step = median seconds per optimizer step (2 patches, with the heads)."),
+        (f"Cross-validation on every labelled case with all four sequences given ({len(cases)}: "
+         f"{', '.join(cases)}), {folds} folds by source (no institution in two folds), `cpu-real` preset for every "
+         "row (2 mm, 64^3 patches, AdamW 1e-3). **Fixed budget, no checkpoint selection**: each run's last "
+         "checkpoint is scored (its one validation case is only watched), once, on its test fold, on each case's "
+         "1 mm grid. Mean ± std over runs (`runs` = folds x seeds done). 15-subset = Dice averaged over the 15 "
+         "non-empty subsets of the sequences (the others switched off; early fusion gets zero channels); worst = "
+         "mean Dice of the regions of the worst subset; head = each sequence's auxiliary head alone (validation, "
+         "mean of regions); s/step = median seconds per optimizer step (2 patches, with the heads)."),
         "", f"Command: `{command}`", "",
-        ("| configuration | folds | WT | TC | ET | 15-subset WT | 15-subset TC | 15-subset ET | worst subset "
+        ("| configuration | runs | WT | TC | ET | 15-subset WT | 15-subset TC | 15-subset ET | worst subset "
          "| head FLAIR | head T1 | head T1ce | head T2 | s/step |"),
         "|---" * 14 + "|",
     ]
@@ -281,15 +355,35 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
         cells.append(f"{row['step_s'][0]:.2f}")
         lines.append(f"| {ROWS[row['method']].label} | {row['runs']} | " + " | ".join(cells) + " |")
     worst = sorted({f"{ROWS[r['method']].label}, fold {r['fold']}: {r['worst_subset']}" for r in runs})
-    lines += ["", "Worst subset of each run: " + "; ".join(worst) + "."] + telemetry_lines(runs)
-    markdown = "\n".join(lines) + "\n"
+    lines += ["", "Worst subset of each run: " + "; ".join(worst) + ".", "",
+              (f"Intervals over {len(cases)} cases are wide: they are what these cases can tell, not narrowed by "
+               "choice; a second seed for rows that decide something (`--seeds 2`)."), "",
+              paired_markdown(paired, reference, lambda key: ROWS[key].label).rstrip()]
+    return "\n".join(lines + telemetry_lines(runs)) + "\n"
+
+
+def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str,
+                reference: str, cases: Sequence[str]) -> str:
+    """real_cv.md|csv|json|png: per row, mean ± std over the runs done and the paired per-case
+    difference to the ``reference`` row."""
+    from brats_cggm.compare import aggregate, flat_paired, paired_rows, plot
+    from multimodal_general.experiments.harness import results_csv
+    from multimodal_general.io import json_safe
+    from multimodal_general.runs.provenance import provenance
+
+    done = [r for r in rows if any(run["method"] == r for run in runs)]
+    table = aggregate(runs, done)
+    paired = paired_rows(runs, done, reference)
+    markdown = table_markdown(table, runs, folds, cases, command, paired, reference)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "real_cv.md", markdown)
-    atomic_write_text(results / "real_cv.csv", results_csv(table))
+    atomic_write_text(results / "real_cv.csv", results_csv([{**r, **flat_paired(paired.get(r["method"], {}))}
+                                                            for r in table]))
     atomic_write_text(results / "real_cv.json", json.dumps(
-        json_safe({"command": command, "provenance": provenance("torch", "monai"), "rows": table, "runs": runs}),
+        json_safe({"command": command, "provenance": provenance("torch", "monai"), "checkpoint": CHECKPOINT,
+                   "cases": list(cases), "reference": reference, "rows": table, "paired": paired, "runs": runs}),
         indent=1, default=str) + "\n")
-    plot(results / "real_cv.png", table, unit="folds")
+    plot(results / "real_cv.png", table, unit="runs")
     return markdown
 
 
@@ -315,20 +409,26 @@ def card_summary(out: Path, key: str, folds: int, command: str) -> dict:
                for name in tables[0]["subsets"]["subsets"]}
     average = {r: over_folds([v[r] for v in subsets.values()]) for r in REGIONS}
     worst = min(subsets, key=lambda name: sum(subsets[name].values()))
-    return {"what": f"the recipe ({row.label}), cross-validated by source on real BraTS 2018 cases: "
-                    "Dice on the test folds' cases (never trained on or selected on), mean over folds",
+    return {"what": f"the recipe ({row.label}), cross-validated by source on real BraTS cases: Dice on the "
+                    "test folds' cases (never trained on or selected on; last checkpoint of a fixed budget), "
+                    "mean over folds",
             "command": command, "folds": len(tables), "test_cases": sum(t["cases"] for t in tables),
             "dice": full, "subsets": subsets, "subset_average": average, "worst_subset": {"subset": worst, **subsets[worst]}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder of labelled BraTS cases")
-    parser.add_argument("--out", type=Path, default=Path("runs/real_cv"))
+    parser.add_argument("--data", type=Path, nargs="+", required=True,
+                        help="folders of BraTS cases, or a parent of several (every labelled full case is used)")
+    parser.add_argument("--out", type=Path, default=Path("runs/real_cv_paired"))
     parser.add_argument("--results", type=Path, default=Path("bench/results"))
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--reference", default=REFERENCE, help="the row every other is compared to, case by case")
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per row and fold (0, 1, ...)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the preset's)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for every run, e.g. --set validation.every=50 (repeatable)")
     parser.add_argument("--table-only", action="store_true", help="write the table from the runs that are done")
     parser.add_argument("--card", metavar="ROW", help="also write RESULTS/real_cv_card.json, the row's figures for a "
                         "model card (brats-cggm export --evaluation)")
@@ -337,17 +437,21 @@ def main() -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+    if args.reference not in rows:
+        parser.error(f"--reference {args.reference} is not one of the rows ({', '.join(rows)})")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if not args.data.is_dir():
-        raise SystemExit(f"error: {args.data}: no such folder of labelled BraTS cases")
+    missing = [str(d) for d in args.data if not d.is_dir()]
+    if missing:
+        raise SystemExit(f"error: {missing[0]}: no such folder of BraTS cases")
+    data, cases = prepare(args.data, args.out, args.folds)
     if not args.table_only:
-        run_rows(args.data, args.out, rows, args.folds, args.epochs)
-    command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --folds {args.folds}"
-               + (f" --epochs {args.epochs}" if args.epochs else ""))
-    print(write_table(collect(args.out, rows, args.folds), rows, args.folds, args.results, command))
+        run_rows(data, args.out, rows, args.folds, args.epochs, args.seeds, parse_settings(args.settings))
+    command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
+               f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
+               + "".join(f" --set {item}" for item in args.settings))
+    runs = collect(args.out, rows, args.folds, args.results / "real_cv_runs", args.seeds)
+    print(write_table(runs, rows, args.folds, args.results, command, args.reference, cases))
     if args.card:
-        from multimodal_general.io import atomic_write_text
-
         card = card_summary(args.out, args.card, args.folds, command)
         atomic_write_text(args.results / "real_cv_card.json", json.dumps(card, indent=1) + "\n")
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -55,3 +56,78 @@ def test_every_row_is_a_method_that_exists_and_rows_share_runs_only_when_identic
         if row.fusion is None:  # a scored model: a shipped model or a phantom pre-training
             assert (row.method in {m.name for m in models.available()}
                     or (row.method == real_cv.PRETRAINED and row.init in real_cv.PRETRAIN)), row.method
+
+
+def phantom_folders(root):
+    """A parent of three data folders: two labelled cases, two cases with images only (BraTS 2023
+    names) and, in partial/, a case with two sequences."""
+    from brats_cggm.data.phantom import write_phantoms
+
+    write_phantoms(root / "labelled", 2, size=16, seed=0)
+    write_phantoms(root / "images_only", 2, size=16, layout="brats2023", seed=1)
+    for seg in (root / "images_only").rglob("*-seg.nii.gz"):
+        seg.unlink()
+    write_phantoms(root / "scratch", 3, size=16, seed=2)
+    (root / "scratch" / "BraTS2021_00002").rename(root / "partial")
+    for name in ("t1", "t2"):
+        (root / "partial" / f"BraTS2021_00002_{name}.nii.gz").unlink()
+    for case in ("BraTS2021_00000", "BraTS2021_00001"):
+        for file in (root / "scratch" / case).iterdir():
+            file.unlink()
+        (root / "scratch" / case).rmdir()
+    (root / "scratch").rmdir()
+
+
+def test_every_labelled_full_case_is_found_under_a_parent_and_linked_into_one_folder(tmp_path):
+    from brats_cggm.data.layouts import discover
+
+    phantom_folders(tmp_path / "real")
+    cases = real_cv.labelled_cases([tmp_path / "real"])
+    assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_00001"]  # not partial/ nor images only
+    linked = real_cv.link_cases(cases, tmp_path / "cases")
+    found = discover(linked)
+    assert [c.case_id for c in found.cases] == ["BraTS2021_00000", "BraTS2021_00001"] and not found.problems
+    assert all(c.label is not None for c in found.cases)
+    with pytest.raises(SystemExit, match="both in"):
+        real_cv.labelled_cases([tmp_path / "real", tmp_path / "real" / "labelled"])
+    with pytest.raises(SystemExit, match="no labelled case"):
+        real_cv.labelled_cases([tmp_path / "real" / "partial"])
+
+
+def test_the_default_rows_are_the_protocol_s_and_the_reference_is_the_shipped_recipe():
+    assert real_cv.REFERENCE in real_cv.DEFAULT_ROWS and set(real_cv.DEFAULT_ROWS) <= set(real_cv.ROWS)
+    assert {real_cv.ROWS[k].method for k in real_cv.DEFAULT_ROWS} == {"early_fusion", "early_fusion_dropout"}
+    assert real_cv.ROWS[real_cv.REFERENCE].init == "early_fusion" and real_cv.CHECKPOINT == "last"
+
+
+def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path, monkeypatch):
+    from training_cases import TINY, torch_threads
+
+    from brats_cggm.data.phantom import write_phantoms
+    from brats_cggm.training import Trainer
+
+    write_phantoms(tmp_path / "data", 4, size=24, seed=0)
+    out, results, rows = tmp_path / "out", tmp_path / "results", ["ef", "ef-dropout"]
+    settings = {k: v for k, v in TINY.items() if k != "data.val_fraction"}
+    with torch_threads(1):
+        data, cases = real_cv.prepare([tmp_path / "data"], out, 2)
+        real_cv.run_rows(data, out, rows, 2, 1, settings=settings)
+        runs = real_cv.collect(out, rows, 2, results / "real_cv_runs")
+        markdown = real_cv.write_table(runs, rows, 2, results, "cmd", "ef", cases)
+        monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
+        real_cv.run_rows(data, out, rows, 2, 1, settings=settings)
+    assert sorted(p.name for p in (results / "real_cv_runs").iterdir()) == sorted([
+        f"{row}-fold{k}-seed0.json" for row in rows for k in (0, 1)])
+    kept = json.loads((results / "real_cv_runs" / "ef-fold0-seed0.json").read_text())
+    assert kept["checkpoint"] == "last" and len(kept["cases"]) == 2 and "hd95/WT" in kept["cases"][0]
+    tested = sorted(c["case_id"] for r in runs if r["method"] == "ef" for c in r["cases"])
+    assert tested == sorted(cases)  # every case tested once
+    payload = json.loads((results / "real_cv.json").read_text())
+    assert payload["reference"] == "ef" and payload["paired"]["ef-dropout"]["dice/WT"]["n"] == 4
+    assert "Paired against early fusion (4-channel U-Net)" in markdown and "Intervals over 4 cases are wide" in markdown
+    assert "Fixed budget, no checkpoint selection" in markdown
+    assert "vs_ref/dice/ET_mean" in (results / "real_cv.csv").read_text()
+    import shutil
+
+    shutil.rmtree(out)  # another machine: the table again from the kept files alone
+    assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))
