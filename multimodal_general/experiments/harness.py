@@ -18,6 +18,10 @@ report (:class:`Column`); the harness does the rest, the same way for every task
   only, :func:`~multimodal_general.runs.series.mean_std`), written as ``results.md``,
   ``results.csv`` (``<column>_mean`` / ``<column>_std``) and the adapter's ``results.png``.
 
+* **Paired.** An adapter that keeps per-case (per-item) values compares each method with a
+  reference case by case: :func:`~multimodal_general.experiments.paired.paired_difference`
+  (mean difference, bootstrap 95 % interval), as ``brats_cggm.compare`` does.
+
 The adapters: :mod:`~multimodal_general.experiments.imbalance_comparison` (the synthetic
 imbalance task), :mod:`~multimodal_general.experiments.task_comparison` (Food-101, CMU-MOSI,
 IEMOCAP), ``brats_cggm.compare`` (BraTS) and ``bench/imbalance.py`` (CGGM's telemetry).
