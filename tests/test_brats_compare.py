@@ -192,3 +192,17 @@ def test_a_fixed_budget_scores_the_last_checkpoint_and_is_pinned(comparison):
     with pytest.raises(ConfigurationError, match="--checkpoint"):
         compare(root / "data", "none", 1, out, test_data=root / "test", settings=SHARED, report=quiet,
                 checkpoint="first")
+
+
+def test_the_command_line_refuses_an_unknown_checkpoint_or_reference_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                                capsys):
+    for option, value, message in (("--checkpoint", "first", "error: --checkpoint must be one of best, last"),
+                                   ("--reference", "agm", "error: --reference 'agm' is not one of the methods")):
+        monkeypatch.setattr(sys, "argv", ["brats-cggm", "compare", "--data", str(tmp_path), "--out",
+                                          str(tmp_path / "out"), "--methods", "none,cggm", option, value])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message)
+        assert not (tmp_path / "out").exists()
