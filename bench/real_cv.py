@@ -25,7 +25,7 @@ Every run is an ordinary ``brats-cggm compare`` run folder at the ``cpu-real`` p
 continue, so the table fills up across sessions (``--rows`` picks rows). Each finished run's
 row with its per-case rows is kept in ``RESULTS/real_cv_runs/<row>-fold<k>-seed<s>.json`` (commit
 it: the table can be rebuilt from these files alone with ``--table-only``). The table goes to
-``--results`` as real_cv.md|csv|json|png.
+``--results`` as real_cv.md|csv|json|png and real_cv_paired.png (the paired differences).
 
 Phantom pre-training: ``phantom-calibrated`` scores, on each test fold, a network trained on
 phantoms only (30 calibrated phantoms, ``cpu-real`` for 60 epochs, trained once per network
@@ -366,7 +366,7 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
                 reference: str, cases: Sequence[str]) -> str:
     """real_cv.md|csv|json|png: per row, mean ± std over the runs done and the paired per-case
     difference to the ``reference`` row."""
-    from brats_cggm.compare import aggregate, flat_paired, paired_rows, plot
+    from brats_cggm.compare import aggregate, flat_paired, paired_rows, plot, plot_paired
     from multimodal_general.experiments.harness import results_csv
     from multimodal_general.io import json_safe
     from multimodal_general.runs.provenance import provenance
@@ -384,6 +384,8 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
                    "cases": list(cases), "reference": reference, "rows": table, "paired": paired, "runs": runs}),
         indent=1, default=str) + "\n")
     plot(results / "real_cv.png", table, unit="runs")
+    if paired:
+        plot_paired(results / "real_cv_paired.png", paired, reference, lambda key: ROWS[key].label)
     return markdown
 
 

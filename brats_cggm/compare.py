@@ -182,6 +182,8 @@ def write_comparison(out: Path, runs: list[dict], names: Sequence[str], referenc
     text = markdown(rows, command, test_data, checkpoint) + "\n" + paired_markdown(paired, reference)
     write_results(out, text, [{**row, **flat_paired(paired.get(row["method"], {}))} for row in rows],
                   lambda path: plot(path, rows))
+    if paired:
+        plot_paired(out / "paired.png", paired, reference)
     atomic_write_text(out / "results.json", json.dumps(
         json_safe({"command": command, "provenance": provenance("torch", "monai"), "methods": rows,
                    "reference": reference, "paired": paired, "runs": runs}), indent=1, default=str) + "\n")
@@ -250,9 +252,10 @@ def _stale(test: dict, subsets: bool, checkpoint: str) -> bool:
 
 
 def read_cases(path: Path) -> list[dict[str, Any]]:
-    """The per-case rows of an evaluation's ``cases.csv``: ``case_id`` and every metric as a number."""
+    """The per-case rows of an evaluation's ``cases.csv``: ``case_id`` and every metric as a number
+    (NaN where a cell is empty)."""
     with path.open(newline="") as handle:
-        return [{k: v if k == "case_id" else float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: v if k == "case_id" else float(v or "nan") for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 #: the 15-subset columns of a run scored with ``subsets``
@@ -283,15 +286,14 @@ def aggregate(runs: list[dict], names: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_rows(runs: Sequence[dict], names: Sequence[str], reference: str,
-                method_of: Callable[[dict], str] = lambda run: run["method"]) -> dict[str, dict[str, dict]]:
+def paired_rows(runs: Sequence[dict], names: Sequence[str], reference: str) -> dict[str, dict[str, dict]]:
     """``{method: {metric: paired difference}}`` of every method but ``reference``: per metric of
     the per-case rows (Dice and HD95 per region, and whatever else evaluation writes), the
     difference to the reference on the cases both were scored on, each case's value first
     averaged over the method's runs (seeds); HD95-like metrics (lower is better) count a
     decrease as an improvement."""
     def per_case(name: str) -> dict[str, dict[str, float]]:
-        mine = [run["cases"] for run in runs if method_of(run) == name and run.get("cases")]
+        mine = [run["cases"] for run in runs if run["method"] == name and run.get("cases")]
         metrics = list(dict.fromkeys(k for cases in mine for row in cases for k in row if k != "case_id"))
         return {m: case_means([{row["case_id"]: row.get(m) for row in cases} for cases in mine]) for m in metrics}
 
@@ -378,4 +380,29 @@ def plot(path: Path, rows: list[dict], unit: str = "seeds") -> None:
     ax.set_title("Selected on validation, scored on held-out cases", fontsize=10)
     ax.legend(ncols=4, fontsize=9, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+
+
+def plot_paired(path: Path, paired: dict[str, dict[str, dict]], reference: str,
+                label: Callable[[str], str] = lambda name: name) -> None:
+    """The paired differences to ``reference``: per method, the mean per-case difference of Dice
+    (left) and HD95 (right) per region with its bootstrap 95 % interval, around a line at 0."""
+    from matplotlib.figure import Figure
+
+    names = list(paired)
+    fig = Figure(figsize=(max(8.0, 2.6 * len(names) + 3), 4.2), layout="constrained")
+    colors = {"TC": "tab:red", "WT": "tab:green", "ET": "tab:blue"}
+    for ax, (metric, unit) in zip(fig.subplots(1, 2), (("dice", "Dice"), ("hd95", "HD95, mm (lower is better)"))):
+        for i, region in enumerate(REGIONS):
+            shown = [(j, d) for j, name in enumerate(names) for d in [paired[name].get(f"{metric}/{region}")]
+                     if d and d["n"]]
+            ax.errorbar([j + 0.2 * (i - 1) for j, _ in shown], [d["mean"] for _, d in shown],
+                        yerr=[[d["mean"] - d["low"] for _, d in shown], [d["high"] - d["mean"] for _, d in shown]],
+                        fmt="o", capsize=3, color=colors[region], label=region)
+        ax.axhline(0.0, color="0.4", linewidth=0.8)
+        ax.set_xticks(range(len(names)), [label(name) for name in names], fontsize=8, rotation=15, ha="right")
+        ax.set_ylabel(f"{unit}: difference to the reference")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Per-case paired difference to {label(reference)} (mean, bootstrap 95 % interval)", fontsize=10)
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))

@@ -97,6 +97,7 @@ def test_every_run_keeps_its_per_case_rows_and_each_method_is_paired_with_the_fi
     rows = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
     assert float(rows["agm"]["vs_ref/dice/WT_mean"]) == pytest.approx(expected["mean"], abs=1e-6)
     assert rows["none"]["vs_ref/dice/WT_mean"] == ""  # the reference itself
+    assert (out / "paired.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_reference_is_an_option_and_must_be_a_compared_method(comparison, monkeypatch):

@@ -127,6 +127,7 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     assert "Paired against early fusion (4-channel U-Net)" in markdown and "Intervals over 4 cases are wide" in markdown
     assert "Fixed budget, no checkpoint selection" in markdown
     assert "vs_ref/dice/ET_mean" in (results / "real_cv.csv").read_text()
+    assert (results / "real_cv_paired.png").read_bytes().startswith(b"\x89PNG")
     import shutil
 
     shutil.rmtree(out)  # another machine: the table again from the kept files alone
