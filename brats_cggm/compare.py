@@ -392,7 +392,7 @@ def plot_paired(path: Path, paired: dict[str, dict[str, dict]], reference: str,
     names = list(paired)
     fig = Figure(figsize=(max(8.0, 2.6 * len(names) + 3), 4.2), layout="constrained")
     colors = {"TC": "tab:red", "WT": "tab:green", "ET": "tab:blue"}
-    for ax, (metric, unit) in zip(fig.subplots(1, 2), (("dice", "Dice"), ("hd95", "HD95, mm (lower is better)"))):
+    for ax, (metric, unit) in zip(fig.subplots(1, 2), (("dice", "Dice"), ("hd95", "HD95 (mm, lower is better)"))):
         for i, region in enumerate(REGIONS):
             shown = [(j, d) for j, name in enumerate(names) for d in [paired[name].get(f"{metric}/{region}")]
                      if d and d["n"]]
@@ -401,7 +401,9 @@ def plot_paired(path: Path, paired: dict[str, dict[str, dict]], reference: str,
                         fmt="o", capsize=3, color=colors[region], label=region)
         ax.axhline(0.0, color="0.4", linewidth=0.8)
         ax.set_xticks(range(len(names)), [label(name) for name in names], fontsize=8, rotation=15, ha="right")
-        ax.set_ylabel(f"{unit}: difference to the reference")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_title(unit, fontsize=10)
+        ax.set_ylabel("difference to the reference")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Per-case paired difference to {label(reference)} (mean, bootstrap 95 % interval)", fontsize=10)
