@@ -3,6 +3,7 @@
 import importlib.util
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -128,7 +129,5 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     assert "Fixed budget, no checkpoint selection" in markdown
     assert "vs_ref/dice/ET_mean" in (results / "real_cv.csv").read_text()
     assert (results / "real_cv_paired.png").read_bytes().startswith(b"\x89PNG")
-    import shutil
-
     shutil.rmtree(out)  # another machine: the table again from the kept files alone
     assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))
