@@ -1,4 +1,4 @@
-"""bench/real_cv.py's pieces that decide what is compared: folds by source and the rows."""
+"""bench/real_cv.py: folds by source, the rows, the cases it finds, and a tiny protocol run on phantoms."""
 
 import importlib.util
 import itertools
