@@ -29,22 +29,14 @@ def region_metrics(
     ``prediction`` and ``reference`` are 0/1 (or bool) region masks ``[3, D, H, W]`` in
     the order of :data:`REGIONS`; ``spacing`` is the voxel size in mm along D, H, W.
     """
-    if prediction.shape != reference.shape or prediction.shape[0] != len(REGIONS) or prediction.dim() != 4:
-        raise ValueError(
-            f"region masks must both be [3, D, H, W]; got {tuple(prediction.shape)} and {tuple(reference.shape)}"
-        )
+    check_region_masks(prediction, reference)
     pred = prediction.detach().bool()[None].cpu()
     ref = reference.detach().bool()[None].cpu()
     pred_any, ref_any = pred.flatten(2).any(-1)[0], ref.flatten(2).any(-1)[0]
     dice = compute_dice(pred.float(), ref.float(), include_background=True, ignore_empty=False)[0]
     row = {f"dice/{r}": float(d) for r, d in zip(REGIONS, dice)}
     if hd95:
-        with warnings.catch_warnings():  # MONAI warns about every empty region, handled below
-            warnings.simplefilter("ignore")
-            distances = compute_hausdorff_distance(
-                pred.float(), ref.float(), include_background=True, percentile=95,
-                spacing=[float(s) for s in spacing],
-            )[0]
+        distances = surface_hd95(pred[0], ref[0], spacing)
         for index, region in enumerate(REGIONS):
             if not (pred_any[index] and ref_any[index]):
                 value = 0.0 if pred_any[index] == ref_any[index] else HD95_MISSED
@@ -52,6 +44,26 @@ def region_metrics(
                 value = float(distances[index])
             row[f"hd95/{region}"] = value
     return row
+
+
+def check_region_masks(prediction: Tensor, reference: Tensor) -> None:
+    """Refuses masks that are not both ``[3, D, H, W]`` of one shape."""
+    if prediction.shape != reference.shape or prediction.shape[0] != len(REGIONS) or prediction.dim() != 4:
+        raise ValueError(
+            f"region masks must both be [3, D, H, W]; got {tuple(prediction.shape)} and {tuple(reference.shape)}"
+        )
+
+
+def surface_hd95(prediction: Tensor, reference: Tensor, spacing: Sequence[float]) -> Tensor:
+    """MONAI's 95th-percentile Hausdorff distance (mm) of each channel of 0/1 masks
+    ``[C, D, H, W]``: the larger of the two directed 95th percentiles of the distances between
+    the masks' edge voxels. Undefined (NaN or infinity) where a channel is empty in either."""
+    with warnings.catch_warnings():  # MONAI warns about every empty mask; callers handle them
+        warnings.simplefilter("ignore")
+        return compute_hausdorff_distance(
+            prediction[None].float(), reference[None].float(), include_background=True, percentile=95,
+            spacing=[float(s) for s in spacing],
+        )[0]
 
 
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
