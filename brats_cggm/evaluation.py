@@ -3,9 +3,10 @@
 Each case goes through the segmenter (the model's preprocessing, sliding-window inference,
 back to the grid of its files), the same code as ``brats-cggm predict``; the regions are
 then compared with the case's own label file at its own voxel size, as the BraTS
-challenge scores them. Writes ``cases.csv`` (one row per case) and ``summary.json`` (mean,
-std, median per metric) to ``RUN/evaluation/<split>`` for a run, to a folder of your
-choice for a model file.
+challenge scores them: Dice and HD95 of each region (``dice/TC``, ``hd95/TC``, ...), then
+their BraTS 2023 lesion-wise forms (``lesion_dice/TC``, ``lesion_hd95/TC``, ...). Writes
+``cases.csv`` (one row per case) and ``summary.json`` (mean, std, median per metric) to
+``RUN/evaluation/<split>`` for a run, to a folder of your choice for a model file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from brats_cggm.data.validation import load_sequences, validate_case
 from brats_cggm.errors import BadInputFile, ConfigurationError, InconsistentCase
 from brats_cggm.inference.backends import check_device
 from brats_cggm.inference.segmenter import Segmenter
+from brats_cggm.lesion_metrics import lesion_metrics
 from brats_cggm.metrics import REGIONS, region_metrics, summarize
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write_text
@@ -92,9 +94,9 @@ def reference_regions(case: Case) -> tuple[torch.Tensor, list[float]]:
 
 
 def score_case(segmenter: Segmenter, case: Case, subsets: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One case on its original grid: Dice and HD95 per region with the sequences it has and,
-    with ``subsets``, the Dice of each of the 15 non-empty subsets of its four sequences (the
-    others left out as a missing sequence is: switched off through the modality mask; early
+    """One case on its original grid: Dice and HD95 per region, classic and lesion-wise
+    (:mod:`brats_cggm.lesion_metrics`), with the sequences it has and, with ``subsets``, the
+    Dice of each of the 15 non-empty subsets of its four sequences (the others left out as a missing sequence is: switched off through the modality mask; early
     fusion gets a zero channel). The files are read once and the full set predicted once."""
     validate_case(case)
     volumes = load_sequences(case)
@@ -109,7 +111,8 @@ def score_case(segmenter: Segmenter, case: Case, subsets: bool = False) -> tuple
         return torch.as_tensor(prediction.regions)
 
     full = regions(tuple(volumes), any_subset=False)  # refuses a missing sequence the model cannot take
-    row = {"case_id": case.case_id, **region_metrics(full, reference, spacing, hd95=True)}
+    row = {"case_id": case.case_id, **region_metrics(full, reference, spacing, hd95=True),
+           **lesion_metrics(full, reference, spacing)}
     full_dice = {k: v for k, v in row.items() if k.startswith("dice/")}
     per_subset = [
         {"case_id": case.case_id, "subset": subset_name(subset),

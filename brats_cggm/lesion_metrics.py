@@ -50,9 +50,17 @@ class Components(NamedTuple):
     boxes: list[tuple[slice, ...]]
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> Components:
-        ids, _ = ndimage.label(mask, _CONNECTED)
-        return cls(ids, ndimage.find_objects(ids))
+    def of(cls, mask: np.ndarray, dilations: int = 0) -> Components:
+        """The components of ``mask`` dilated ``dilations`` times, found in its bounding box
+        grown by the dilations (a whole-image search costs more than the rest)."""
+        ids = np.zeros(mask.shape, np.int32)
+        if not mask.any():
+            return cls(ids, [])
+        box = _grown([_bounding_box(mask)], dilations, mask.shape)
+        inside = ndimage.binary_dilation(mask[box], _STEP, dilations) if dilations else mask[box]
+        ids[box], _ = ndimage.label(inside, _CONNECTED)
+        return cls(ids, [tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(found, box))
+                         for found in ndimage.find_objects(ids[box])])
 
 
 def lesion_metrics(prediction: Tensor, reference: Tensor, spacing: Sequence[float]) -> dict[str, float]:
@@ -69,30 +77,21 @@ def lesion_metrics(prediction: Tensor, reference: Tensor, spacing: Sequence[floa
 
 def region_lesion_scores(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
     """Lesion-wise ``(Dice, HD95)`` of one region's boolean masks ``[D, H, W]``."""
-    lesions, found = _dilated_lesions(reference), Components.of(prediction)
+    # each component of the dilated reference is the dilation of the lesion it holds
+    lesions, found = Components.of(reference, DILATION), Components.of(prediction)
     overlap = (lesions.ids > 0) & (found.ids > 0)
-    pairs = np.unique(np.stack([lesions.ids[overlap], found.ids[overlap]]), axis=1)
+    matches = np.zeros((len(lesions.boxes) + 1, len(found.boxes) + 1), bool)  # [lesion, component]
+    matches[lesions.ids[overlap], found.ids[overlap]] = True
     volumes = np.bincount(lesions.ids[reference], minlength=len(lesions.boxes) + 1) * float(np.prod(spacing))
     kept = [k for k in range(1, len(lesions.boxes) + 1) if volumes[k] > MIN_LESION_MM3]
-    false_positives = len(found.boxes) - len(np.unique(pairs[1]))
-    scores = [_lesion_scores(k, pairs[1][pairs[0] == k], lesions, reference, found, spacing) for k in kept]
+    false_positives = len(found.boxes) - np.count_nonzero(matches[:, 1:].any(0))
+    scores = [_lesion_scores(k, np.flatnonzero(matches[k]), lesions, reference, found, spacing) for k in kept]
     count = len(kept) + false_positives
     if count == 0:
         return 1.0, 0.0
     dice = sum(d for d, _ in scores) / count
     hd95 = (sum(h for _, h in scores) + false_positives * HD95_UNMATCHED) / count
     return float(dice), float(hd95)
-
-
-def _dilated_lesions(reference: np.ndarray) -> Components:
-    """The components of the dilated reference (each one is its lesion's dilation), found in
-    the reference's bounding box grown by the dilation."""
-    ids = np.zeros(reference.shape, np.int32)
-    if not reference.any():
-        return Components(ids, [])
-    box = _grown(ndimage.find_objects(reference.astype(np.int8)), DILATION, reference.shape)
-    ids[box], _ = ndimage.label(ndimage.binary_dilation(reference[box], _STEP, DILATION), _CONNECTED)
-    return Components(ids, ndimage.find_objects(ids))
 
 
 def _lesion_scores(
@@ -108,6 +107,15 @@ def _lesion_scores(
     dice = 2.0 * np.count_nonzero(truth & guess) / (np.count_nonzero(truth) + np.count_nonzero(guess))
     hd95 = surface_hd95(torch.from_numpy(guess)[None], torch.from_numpy(truth)[None], spacing)[0]
     return dice, float(hd95)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every voxel of a non-empty ``mask``."""
+    box = []
+    for axis in range(mask.ndim):
+        used = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(used[0]), int(used[-1]) + 1))
+    return tuple(box)
 
 
 def _grown(boxes: Sequence[tuple[slice, ...]], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
