@@ -96,8 +96,9 @@ def reference_regions(case: Case) -> tuple[torch.Tensor, list[float]]:
 def score_case(segmenter: Segmenter, case: Case, subsets: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One case on its original grid: Dice and HD95 per region, classic and lesion-wise
     (:mod:`brats_cggm.lesion_metrics`), with the sequences it has and, with ``subsets``, the
-    Dice of each of the 15 non-empty subsets of its four sequences (the others left out as a missing sequence is: switched off through the modality mask; early
-    fusion gets a zero channel). The files are read once and the full set predicted once."""
+    Dice of each of the 15 non-empty subsets of its four sequences (the others left out as a
+    missing sequence is: switched off through the modality mask; early fusion gets a zero
+    channel). The files are read once and the full set predicted once."""
     validate_case(case)
     volumes = load_sequences(case)
     if subsets and len(volumes) < len(MODALITIES):

@@ -75,7 +75,9 @@ def lesion_metrics(prediction: Tensor, reference: Tensor, spacing: Sequence[floa
     }
 
 
-def region_lesion_scores(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+def region_lesion_scores(
+    prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]
+) -> tuple[float, float]:
     """Lesion-wise ``(Dice, HD95)`` of one region's boolean masks ``[D, H, W]``."""
     # each component of the dilated reference is the dilation of the lesion it holds
     lesions, found = Components.of(reference, DILATION), Components.of(prediction)
@@ -121,6 +123,7 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 def _grown(boxes: Sequence[tuple[slice, ...]], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
     """The box around ``boxes``, grown by ``margin`` voxels and clipped to ``shape``."""
     return tuple(
-        slice(max(min(b[axis].start for b in boxes) - margin, 0), min(max(b[axis].stop for b in boxes) + margin, size))
+        slice(max(min(b[axis].start for b in boxes) - margin, 0),
+              min(max(b[axis].stop for b in boxes) + margin, size))
         for axis, size in enumerate(shape)
     )
