@@ -5,6 +5,7 @@ where ../shared/data/real exists)."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -18,7 +19,7 @@ from brats_cggm import models
 from brats_cggm.data.layouts import Case, discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.inference.segmenter import Segmenter
-from brats_cggm.metrics import region_metrics
+from brats_cggm.metrics import REGIONS, region_metrics
 
 DEFAULT_MODEL = models.default().path
 
@@ -75,6 +76,10 @@ def test_evaluate_scores_the_shipped_model_by_default(segmenter, cases, tmp_path
     assert summary["model"] == str(DEFAULT_MODEL) and summary["cases"] == len(cases)
     expected = np.mean([wt_dice(segmenter.predict_case(case), case) for case in cases])
     assert summary["metrics"]["dice/WT"]["mean"] == pytest.approx(expected, abs=1e-6)
+    with open(tmp_path / "scores" / "cases.csv") as handle:  # the classic columns first, then the lesion-wise
+        assert next(csv.reader(handle)) == ["case_id", *(
+            f"{metric}/{region}" for metric in ("dice", "hd95", "lesion_dice", "lesion_hd95") for region in REGIONS)]
+    assert "lesion-wise Dice" in result.stdout and "HD95 374 mm" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("args, words", [
