@@ -15,9 +15,10 @@ Conventions, those of the BraTS 2023 glioma evaluation (dilation 3, threshold 50
   what they matched (which is no false positive).
 - A case's value is the mean over its kept lesions and its false positives; with neither
   (both masks empty, or only left-out lesions unmatched), Dice 1 and HD95 0.
-- HD95 is :func:`brats_cggm.metrics.surface_hd95` (MONAI's, the classic metric's). The
-  challenge's code uses DeepMind's surface distances instead (both directions pooled,
-  weighted by surface area), which can differ by a fraction of a millimetre.
+- HD95 is :func:`brats_cggm.metrics.surface_hd95` (MONAI's, the classic metric's: the
+  larger of the two directed 95th percentiles). The challenge's 2023 code takes the same
+  maximum over DeepMind's surface elements weighted by area, which can differ by a fraction
+  of a millimetre; panoptica (the later ``brats-evaluation`` package) pools both directions.
 """
 
 from __future__ import annotations
