@@ -6,7 +6,8 @@ Conventions, those of the BraTS 2023 glioma evaluation (dilation 3, threshold 50
 
 - Components are 26-connected. The reference's *lesions* are the components of the
   reference dilated :data:`DILATION` times (by the 18-neighbour cross), each restricted to
-  the reference voxels: reference components closer than the dilation are one lesion.
+  the reference voxels: reference components whose dilations touch (up to 6 voxels
+  apart) are one lesion.
 - A predicted component *matches* a lesion when it overlaps the lesion's dilation. A lesion
   scores the Dice and HD95 between itself and the union of its matched components; a
   lesion with none (a false negative) scores Dice 0 and HD95 :data:`HD95_UNMATCHED`, and so

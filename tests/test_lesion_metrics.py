@@ -67,12 +67,17 @@ def test_a_shifted_prediction_scores_its_overlap():
     assert dice == pytest.approx(2 / 3) and hd95 == pytest.approx(2.0)
 
 
-def test_reference_components_within_the_dilation_are_one_lesion():
-    """A small missed component 2 voxels from a perfectly predicted big one is part of its
-    lesion: it lowers that lesion's Dice instead of being ignored."""
-    reference = cubes(BIG, ((12, 4, 4), 3))
+@pytest.mark.parametrize("gap", [2, 6])
+def test_reference_components_whose_dilations_touch_are_one_lesion(gap):
+    """A small missed component up to 6 voxels from a perfectly predicted big one is part of
+    its lesion: it lowers that lesion's Dice instead of being ignored."""
+    reference = cubes(BIG, ((10 + gap, 4, 4), 3))
     dice, _ = region_lesion_scores(cubes(BIG), reference, ISO)
     assert dice == pytest.approx(2 * 216 / (216 + 216 + 27))
+
+
+def test_a_reference_component_further_away_is_a_lesion_of_its_own():
+    assert region_lesion_scores(cubes(BIG), cubes(BIG, ((17, 4, 4), 3)), ISO) == (1.0, 0.0)  # 7 voxels: ignored
 
 
 def test_empty_reference_and_prediction_is_perfect():
