@@ -403,16 +403,18 @@ def evaluate(
 
 def _metrics_table(metrics: dict, title: str) -> Table:
     """Mean ± std over cases of each region's Dice and HD95, classic and lesion-wise."""
+    from brats_cggm.lesion_metrics import DILATION, HD95_UNMATCHED, MIN_LESION_MM3
     from brats_cggm.metrics import REGIONS
 
-    out = Table(title=title, caption="lesion-wise: BraTS 2023's (reference lesions dilated 3 voxels to match, "
-                "lesions of 50 mm³ or less ignored, each unmatched lesion or predicted component scores Dice 0 "
-                "and HD95 374 mm)")
+    out = Table(title=f"{title}, mean ± std over cases", caption=(
+        f"lesion-wise: BraTS 2023's (reference lesions dilated {DILATION} voxels to match, lesions of "
+        f"{MIN_LESION_MM3:g} mm³ or less ignored, each unmatched lesion or predicted component scores Dice 0 "
+        f"and HD95 {HD95_UNMATCHED:g} mm)"))
     columns = (("dice", "Dice", 3), ("hd95", "HD95 mm", 1), ("lesion_dice", "lesion-wise Dice", 3),
                ("lesion_hd95", "lesion-wise HD95 mm", 1))  # key, header, decimals
     out.add_column("region")
     for _, header, _ in columns:
-        out.add_column(f"{header} (mean ± std)", justify="right")
+        out.add_column(header, justify="right")
     for region in REGIONS:
         cells = ((metrics[f"{key}/{region}"], decimals) for key, _, decimals in columns)
         out.add_row(region, *(f"{m['mean']:.{d}f} ± {m['std']:.{d}f}" for m, d in cells))
