@@ -4,7 +4,8 @@ of TC, WT and ET, computed with MONAI, with the challenge's conventions for empt
 A region absent from both the reference and the prediction is a perfect result (Dice 1,
 HD95 0); a region present in only one of them scores Dice 0 and HD95 :data:`HD95_MISSED`
 (the diagonal of the 240 x 240 x 155 mm BraTS field of view, the value the challenge
-ranks such cases with). MONAI returns NaN or infinity there instead.
+ranks such cases with). MONAI returns NaN or infinity there instead. Their BraTS 2023
+lesion-wise forms are :mod:`brats_cggm.lesion_metrics`.
 """
 
 from __future__ import annotations
