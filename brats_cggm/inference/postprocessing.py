@@ -36,7 +36,7 @@ from multimodal_general.io import read_json_object
 REGION_RULES = {"WT": ((1, 2, 4), 0), "TC": ((1, 4), 2), "ET": ((4,), 1)}
 RULE_KEYS = ("min_ml", "max_distance_mm", "min_fraction_of_largest")
 #: how many voxel pairs a distance is measured over at once
-DISTANCE_PAIRS = 1 << 22
+DISTANCE_PAIRS = 1 << 16
 
 
 @dataclass(frozen=True)
