@@ -36,6 +36,9 @@ LayoutOption = Annotated[
     str | None,
     typer.Option(help="brats2021, brats2023 or msd (default: detected from the file names)"),
 ]
+PostprocessingOption = Annotated[str, typer.Option(
+    help="clean-up after the network: card (the model card's rules, none if it has none), off, or a JSON "
+         "file of rules (docs/inference.md)")]
 BalancerOption = Annotated[list[str] | None, typer.Option(
     "--balancer-option",
     help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)")]
@@ -370,6 +373,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     subsets: Annotated[bool, typer.Option(
         help="also score each of the 15 non-empty subsets of the sequences (the others switched off)")] = False,
+    postprocessing: PostprocessingOption = "card",
 ) -> None:
     """Score a trained run or an exported model per case (Dice and HD95 of TC, WT, ET on each
     case's own grid)."""
@@ -389,10 +393,11 @@ def evaluate(
             return bar.track(items, description=text)
 
         if run is not None:
-            rows, summary, folder = evaluate_run(run, data, split or "val", checkpoint, device, track, subsets)
+            rows, summary, folder = evaluate_run(run, data, split or "val", checkpoint, device, track, subsets,
+                                                 postprocessing)
         else:
             rows, summary, folder = evaluate_model(model, data, out or Path("evaluation") / name, device, track,
-                                                   subsets)
+                                                   subsets, postprocessing)
     if subsets:
         console.print(_subset_table(summary["subsets"], f"{name}: Dice with each subset of the sequences"))
     which = f", {checkpoint} checkpoint" if run is not None else ""
@@ -447,13 +452,15 @@ def export(
     description: Annotated[str, typer.Option(help="what the model is, for its card (e.g. the data it saw)")] = "",
     evaluation: Annotated[Path | None, typer.Option(
         help="a JSON file of results on cases the model (or its recipe) never saw, stored in the card")] = None,
+    postprocessing: Annotated[Path | None, typer.Option(
+        help="a JSON file of clean-up rules (docs/inference.md) the card carries and every inference applies")] = None,
 ) -> None:
     """Export the trained network (no auxiliary heads) to ONNX with its model card, after
     checking the graph and its parity with torch."""
     from brats_cggm.export import card_path, export_run
 
     with console.status("exporting to ONNX and checking parity"):
-        card = export_run(run, out, checkpoint, parity_cases, description, evaluation)
+        card = export_run(run, out, checkpoint, parity_cases, description, evaluation, postprocessing)
     parity = card["parity"]
     console.print(
         f"wrote {out} and {card_path(out)}: opset {card['opset']}, max |p_onnx - p_torch| = "
@@ -481,6 +488,7 @@ def predict(
     label_scheme: Annotated[str, typer.Option(help="numbering of the label map: brats2021 (1, 2, 4) or brats2023 (1, 2, 3)")] = "brats2021",
     overwrite: Annotated[bool, typer.Option(help="redo cases whose results are already in --out")] = False,
     layout: LayoutOption = None,
+    postprocessing: PostprocessingOption = "card",
 ) -> None:
     """Segment one case or a folder of cases; results keep each input's grid and header.
 
@@ -498,7 +506,7 @@ def predict(
         raise ConfigurationError(f"--method must be one of {', '.join(METHODS)}; got '{method}'")
     if label_scheme not in OUTPUT_SCHEMES:
         raise ConfigurationError(f"--label-scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
-    segmenter = Segmenter.load(model, provider=provider, device=device)
+    segmenter = Segmenter.load(model, provider=provider, device=device, postprocessing=postprocessing)
     cases, problems = find_cases(inputs, layout)
     failures = [str(p) for p in problems]
     for problem in failures:

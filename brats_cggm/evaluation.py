@@ -144,12 +144,15 @@ def evaluate(
     device: str = "cpu",
     track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
     subsets: bool = False,
+    postprocessing: str | Path = "card",
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Evaluate ``RUN/checkpoints/<checkpoint>.pt`` on the run's ``split`` cases, written to
-    ``RUN/evaluation/<split>``; returns what :func:`evaluate_cases` returns."""
+    ``RUN/evaluation/<split>``; returns what :func:`evaluate_cases` returns. ``postprocessing``:
+    as :meth:`Segmenter.load` takes it."""
     if split not in SPLITS:
         raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
-    segmenter = Segmenter.load(run_dir, device=check_device(device), checkpoint=checkpoint)
+    segmenter = Segmenter.load(run_dir, device=check_device(device), checkpoint=checkpoint,
+                               postprocessing=postprocessing)
     cases = choose_cases(run_dir, segmenter.train_config, data_dir, split)
     return evaluate_cases(segmenter, cases, run_dir / "evaluation" / split, {"run": str(run_dir), "split": split},
                           track, subsets)
@@ -162,10 +165,12 @@ def evaluate_model(
     provider: str = "cpu",
     track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
     subsets: bool = False,
+    postprocessing: str | Path = "card",
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Evaluate an exported model (default: the shipped one) on every labelled case of
-    ``data_dir``, written to ``out``; returns what :func:`evaluate_cases` returns."""
-    segmenter = Segmenter.load(model, provider=provider)
+    ``data_dir``, written to ``out``; returns what :func:`evaluate_cases` returns.
+    ``postprocessing``: as :meth:`Segmenter.load` takes it."""
+    segmenter = Segmenter.load(model, provider=provider, postprocessing=postprocessing)
     cases = _labelled(_discover(data_dir), data_dir, "no BraTS cases in the folder")
     return evaluate_cases(segmenter, cases, out, {"model": str(segmenter.source), "split": "all"}, track, subsets)
 
@@ -186,6 +191,7 @@ def evaluate_cases(
     rows = [row for row, _ in scored]
     summary = {
         **about, "checkpoint": str(segmenter.source), "cases": len(rows),
+        "postprocessing": segmenter.postprocessing.to_dict() if segmenter.postprocessing else None,
         "metrics": summarize([{k: v for k, v in r.items() if k != "case_id"} for r in rows]),
     }
     if subsets:

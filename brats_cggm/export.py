@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from brats_cggm import MODALITIES
 from brats_cggm.errors import BadInputFile, ConfigurationError
 from brats_cggm.inference.card import METADATA_KEY, card_path, check_card, graph_sha256, model_card
+from brats_cggm.inference.postprocessing import choose_postprocessing
 from brats_cggm.training.checkpoint import state_sha256
 from brats_cggm.training.trained import TrainedRun, load_run
-from multimodal_general.io import atomic_write, atomic_write_text
+from multimodal_general.io import atomic_write, atomic_write_text, read_json_object
 
 OPSET = 18
 #: the largest difference of probabilities torch and ONNX Runtime may show
@@ -58,18 +59,22 @@ def weights_sha256(net: nn.Module) -> str:
 
 def export_run(
     run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = "",
-    evaluation: Path | None = None,
+    evaluation: Path | None = None, postprocessing: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
 
     Parity is also checked on ``parity_cases`` of the run's validation cases (when its data
-    folder is still there). ``evaluation``: a JSON file of results on unseen cases for the card.
+    folder is still there). ``evaluation``: a JSON file of results on unseen cases for the card;
+    ``postprocessing``: a JSON file of the clean-up rules every inference applies
+    (:mod:`brats_cggm.inference.postprocessing`).
     """
     if out.suffix != ".onnx":
         raise ConfigurationError(f"{out}: the exported file must end in .onnx")
-    results = read_evaluation(evaluation) if evaluation is not None else None
+    results = read_json_object(evaluation, "evaluation", BadInputFile) if evaluation is not None else None
+    rules = choose_postprocessing({}, postprocessing) if postprocessing is not None else None
     run = load_run(run_dir, checkpoint)
-    card = check_card({**model_card(run, description, results), "opset": OPSET}, run.checkpoint)
+    card = model_card(run, description, results, rules.to_dict() if rules is not None else None)
+    card = check_card({**card, "opset": OPSET}, run.checkpoint)
     graph = InferenceGraph(run.net).eval()
     patch = run.config.preprocessing.patch_size
     model = _to_onnx(graph, patch, run.divisor)
@@ -81,19 +86,6 @@ def export_run(
     atomic_write(out, lambda handle: handle.write(data))
     atomic_write_text(card_path(out), json.dumps(card, indent=1) + "\n")
     return card
-
-
-def read_evaluation(path: Path) -> dict[str, Any]:
-    """The JSON object of ``--evaluation``; one-line errors for a missing or malformed file."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInputFile(path, "evaluation file is missing") from None
-    except (OSError, ValueError) as error:
-        raise BadInputFile(path, f"not a readable JSON file ({error})") from None
-    if not isinstance(values, dict):
-        raise BadInputFile(path, "the evaluation must be a JSON object")
-    return values
 
 
 def _to_onnx(graph: nn.Module, patch: Sequence[int], divisor: int) -> onnx.ModelProto:

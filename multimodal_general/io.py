@@ -117,6 +117,22 @@ def load_tagged(path: str | Path, tag: str, error: type[PathError] = BadDataFile
     return payload
 
 
+def read_json_object(path: str | Path, what: str, error: type[PathError] = BadDataFile) -> dict:
+    """The JSON object in the file ``path`` (``what`` it holds, for the messages); a missing
+    or malformed file, or one that holds no object, is a one-line ``error(path, problem)``."""
+    import json
+
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(path, f"{what} file is missing") from None
+    except (OSError, ValueError) as problem:
+        raise error(path, f"not a readable JSON file ({problem})") from None
+    if not isinstance(values, dict):
+        raise error(path, f"the {what} must be a JSON object")
+    return values
+
+
 def pin_settings(path: str | Path, settings: dict) -> None:
     """The first call writes ``settings`` to the YAML file ``path``; later calls must pass the same
     settings (a comparison folder refuses a rerun with others: its tables would mix budgets)."""

@@ -9,6 +9,8 @@ must agree on >= 99.99 % of the voxels and the probabilities (and contribution m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,7 @@ from brats_cggm.data.phantom import generate_case
 from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.transforms import image_transforms
 from brats_cggm.inference.grid import orient, preprocess, spacing_grid
+from brats_cggm.inference.postprocessing import Postprocessing
 from brats_cggm.inference.segmenter import Segmenter
 from brats_cggm.inference.windows import gaussian_importance, window_starts
 
@@ -163,6 +166,28 @@ def test_every_option_agrees_on_both_models(chains, options, tmp_path):
         same, diff = agreement(a, b)
         assert same >= SAME_LABELS and diff <= MAX_PROBABILITY_DIFFERENCE, (name, options, same, diff)
         assert set(a.contributions) == set(b.contributions)
+
+
+def test_both_chains_apply_the_cards_postprocessing_alike(tmp_path):
+    """The same rules through both chains: the label maps agree as the plain ones do, and
+    each is exactly the rules applied to its chain's plain map."""
+    rules = {"WT": {"min_ml": 0.5, "max_distance_mm": 10}, "TC": {"min_fraction_of_largest": 0.5},
+             "ET": {"min_ml": 0.2}, "small_et_ml": 1e4}
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+    images = generate_case(3, (64, 64, 64)).images
+    write_case(tmp_path, "case", {m: images[m] for m in MODALITIES}, affine_from("LPS", (1.0, 1.0, 1.0), (0.0, 63.0, 0.0)))
+    case = discover(tmp_path).cases[0]
+    with torch_threads(1):
+        plain = [Segmenter.load(DEFAULT_MODEL, threads=1, chain=c).predict_case(case) for c in ("numpy", "monai")]
+        cleaned = [Segmenter.load(DEFAULT_MODEL, threads=1, chain=c, postprocessing=tmp_path / "rules.json").predict_case(case)
+                   for c in ("numpy", "monai")]
+    for before, after in zip(plain, cleaned):
+        expected, applied = Postprocessing.from_dict(rules)(before.labels, before.affine)
+        assert np.array_equal(after.labels, expected) and after.postprocessing == applied
+        assert applied["small_et_relabelled"]
+    same, diff = agreement(*cleaned)
+    assert same >= SAME_LABELS and diff <= MAX_PROBABILITY_DIFFERENCE
+    assert cleaned[0].postprocessing == cleaned[1].postprocessing or same < 1
 
 
 def test_an_onnx_file_takes_the_numpy_chain_and_a_run_folder_monais(chains):

@@ -45,6 +45,7 @@ from brats_cggm.inference.card import card_path
 from brats_cggm.inference.contributions import coalition_plan, region_shares
 from brats_cggm.inference.inputs import case_from_files
 from brats_cggm.inference.outputs import write_prediction
+from brats_cggm.inference.postprocessing import Postprocessing
 from brats_cggm.inference.segmenter import Segmenter
 
 BRATS2021_VALUES = {0, 1, 2, 4}
@@ -235,6 +236,29 @@ def test_onnx_and_torch_backends_agree(models, inputs, segmenter):
     for case_id in ("BraTS2021_00000", "BraTS2021_00001"):
         assert np.mean(load_labels(out / f"{case_id}.nii.gz") == load_labels(onnx_out / f"{case_id}.nii.gz")) > 0.999
         assert read_json(out / f"{case_id}.json")["model"]["source"].endswith("best.pt")
+
+
+def test_a_cards_postprocessing_applies_from_onnx_as_from_the_run_folder(models, inputs, segmenter, tmp_path):
+    """The rules in an exported card (numpy chain) and the same rules given to the run folder
+    (MONAI chain, torch) clean alike; ``--postprocessing off`` gives the plain map back."""
+    rules = {"WT": {"min_fraction_of_largest": 0.5}, "ET": {"min_ml": 0.001}, "small_et_ml": 1e6}
+    carried = copy_model(models.onnx, tmp_path / "clean.onnx", edit_card=lambda card: card.update(postprocessing=rules))
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+    from_card, from_run = Segmenter.load(carried), Segmenter.load(models.run, postprocessing=tmp_path / "rules.json")
+    assert from_card.postprocessing == from_run.postprocessing == Postprocessing.from_dict(rules)
+    assert Segmenter.load(carried, postprocessing="off").postprocessing is None and segmenter.postprocessing is None
+    for case in discover(inputs / "brats2021").cases:
+        plain, a, b = segmenter.predict_case(case), from_card.predict_case(case), from_run.predict_case(case)
+        expected, applied = Postprocessing.from_dict(rules)(plain.labels, plain.affine)
+        assert np.array_equal(a.labels, expected) and a.summary()["postprocessing"] == applied
+        assert plain.summary()["postprocessing"] is None
+        assert np.mean(a.labels == b.labels) > 0.999 and b.postprocessing["rules"] == applied["rules"]
+        assert applied["small_et_relabelled"] or not (plain.labels == 4).any()
+    out = tmp_path / "out"
+    code, text = cli("predict", "--input", inputs / "brats2021", "--out", out, "--model", carried,
+                     "--postprocessing", "off")
+    assert code == 0, text
+    assert read_json(out / "BraTS2021_00000.json")["postprocessing"] is None
 
 
 # ------------------------------------------------------------ 3. geometry

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import REGIONS, SCHEMES
 from brats_cggm.errors import ConfigurationError, IncompatibleModel
+from brats_cggm.inference.postprocessing import choose_postprocessing
 from brats_cggm.inference.windows import Windowing
 from multimodal_general.runs.provenance import git_revision, versions
 
@@ -42,10 +43,13 @@ BLEND_MODES = ("gaussian", "constant")
 DEFAULT_BLENDING = ("gaussian", 0.125)
 
 
-def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any] | None = None,
+               postprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything inference needs to feed ``run``'s network as in training, and where it
     came from; ``evaluation``: how the model (or its recipe, cross-validated) scored on
-    cases it never saw, stored as given. No ONNX-only field (see :data:`ONNX_FIELDS`)."""
+    cases it never saw, stored as given; ``postprocessing``: the clean-up rules inference
+    applies (:mod:`~brats_cggm.inference.postprocessing`; none without). No ONNX-only field
+    (see :data:`ONNX_FIELDS`)."""
     config, pre = run.config, run.config.preprocessing
     return {
         "format": CARD_FORMAT,
@@ -64,6 +68,7 @@ def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any
                      "cggm_preset": config.balancer.preset if config.balancer.name == "cggm" else None,
                      "epochs": run.epoch, "train_cases": len(run.fold["train"]),
                      "val_cases": len(run.fold["val"]), "data": config.data.dir, "init": config.init},
+        **({"postprocessing": postprocessing} if postprocessing else {}),
         "validation_metrics": run.metrics,
         **({"evaluation": evaluation} if evaluation else {}),
         "weights_sha256": run.weights_sha256,
@@ -124,6 +129,10 @@ def check_card(card: Any, source: str | Path) -> dict[str, Any]:
             raise ValueError(f"threshold {outputs.get('threshold')} outside (0, 1)")
     except (ConfigurationError, KeyError, TypeError, ValueError) as error:
         raise refuse(f"the card's preprocessing/inference settings are unusable ({error})") from None
+    try:
+        choose_postprocessing(card)
+    except ConfigurationError as error:
+        raise refuse(f"the card's {error}") from None
     return card
 
 

@@ -36,6 +36,8 @@ class Prediction:
     contribution_method: str | None = None
     seconds: float = 0.0
     inputs: dict[str, str | None] = field(default_factory=dict)
+    #: the clean-up applied (rules, voxels removed per region; see postprocessing.py), None: none
+    postprocessing: dict[str, Any] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -77,6 +79,7 @@ class Prediction:
             "sequences_missing": [m for m in MODALITIES if m not in self.sequences_used],
             "inputs": self.inputs,
             "tta": self.tta,
+            "postprocessing": self.postprocessing,
             "contributions": None if not self.contributions else {
                 "method": self.contribution_method, "shares": self.shares(),
                 "mean_in_region": {

@@ -11,7 +11,8 @@ preprocessing (orientation, spacing, foreground crop, z-score) -> sliding-window
 with Gaussian blending of the windows' probabilities (optionally averaged over the 8
 mirrorings of each window, and with the coalitions that contribution maps need) -> every
 map resampled back to the input's own grid -> regions at the card's threshold -> a label
-map in BraTS 2021 (or 2023) numbering.
+map -> the card's clean-up (:mod:`~brats_cggm.inference.postprocessing`, the same for both
+chains) -> BraTS 2021 (or 2023) numbering.
 
 Two chains do the pre- and post-processing, on the same grids and with the same windows
 and weights (``tests/test_numpy_chain.py`` holds them together):
@@ -37,7 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from brats_cggm import MODALITIES, models
-from brats_cggm.data.labels import labels_from_regions
+from brats_cggm.data.labels import labels_from_regions, to_scheme
 from brats_cggm.data.layouts import Case
 from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.validation import load_sequences
@@ -47,6 +48,7 @@ from brats_cggm.inference.card import model_card, read_onnx, sequence_dropout, w
 from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan
 from brats_cggm.inference.grid import EmptyImage
 from brats_cggm.inference.numpy_chain import numpy_maps
+from brats_cggm.inference.postprocessing import choose_postprocessing
 from brats_cggm.inference.prediction import Prediction
 
 CHAINS = ("numpy", "monai")
@@ -66,7 +68,8 @@ class Segmenter:
     """A model and its card; ``predict_*`` run the whole chain for one case."""
 
     def __init__(self, backend: Backend, card: dict[str, Any], source: str | Path,
-                 sw_batch_size: int = 2, train_config: Any = None, chain: str = "numpy") -> None:
+                 sw_batch_size: int = 2, train_config: Any = None, chain: str = "numpy",
+                 postprocessing: str | Path = "card") -> None:
         if chain not in CHAINS:
             raise ConfigurationError(f"chain must be one of {', '.join(CHAINS)}; got '{chain}'")
         self.backend, self.card, self.source, self.chain = backend, card, str(source), chain
@@ -75,25 +78,30 @@ class Segmenter:
         self.preprocessing = PreprocessConfig.from_dict(card["preprocessing"])
         self.windowing = windowing(card, sw_batch_size)
         self.threshold = float(card["outputs"].get("threshold", 0.5))
+        #: the clean-up applied to every label map (None: none), see :func:`choose_postprocessing`
+        self.postprocessing = choose_postprocessing(card, postprocessing)
 
     @classmethod
     def load(cls, model: str | Path | None = None, provider: str = "cpu", device: str = "cpu",
-             checkpoint: str = "best", threads: int | None = None, chain: str | None = None) -> Segmenter:
+             checkpoint: str = "best", threads: int | None = None, chain: str | None = None,
+             postprocessing: str | Path = "card") -> Segmenter:
         """An exported ``.onnx`` (ONNX Runtime on ``provider``), a shipped model's name or a run
         folder (torch on ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped
         default model (:mod:`brats_cggm.models`).
         ``chain``: ``numpy`` (an ONNX file's default) or ``monai`` (a run folder's default;
-        needs torch and MONAI)."""
+        needs torch and MONAI). ``postprocessing``: ``card`` (the card's rules, if any),
+        ``off`` or a JSON file of rules (:mod:`~brats_cggm.inference.postprocessing`)."""
         path = models.resolve(model)
         if model_kind(path) == "onnx":
             onnx_model, card = read_onnx(path)
-            return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path, chain=chain or "numpy")
+            return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path,
+                       chain=chain or "numpy", postprocessing=postprocessing)
         from brats_cggm.inference.backends import TorchBackend, check_device
         from brats_cggm.training.trained import load_run
 
         run = load_run(path, checkpoint)
         return cls(TorchBackend(run.net, check_device(device)), model_card(run), run.checkpoint,
-                   train_config=run.config, chain=chain or "monai")
+                   train_config=run.config, chain=chain or "monai", postprocessing=postprocessing)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -159,12 +167,15 @@ class Segmenter:
         except EmptyImage as error:
             raise InconsistentCase(case_id, f"{error}: nothing to segment") from None
         probabilities = np.clip(maps[:3], 0.0, 1.0)
-        labels = labels_from_regions(probabilities > self.threshold, label_scheme)
+        labels, applied = labels_from_regions(probabilities > self.threshold), None
+        if self.postprocessing is not None:
+            labels, applied = self.postprocessing(labels, affine)
         return Prediction(
-            case_id, labels, label_scheme, probabilities, affine, header,
+            case_id, to_scheme(labels, label_scheme), label_scheme, probabilities, affine, header,
             tuple(m for m in MODALITIES if m in arrays), tta,
             {seq: maps[3 + 3 * i: 6 + 3 * i] for i, seq in enumerate(plan.sequences)}, contributions,
             time.perf_counter() - start, inputs or {m: ("array" if m in arrays else None) for m in MODALITIES},
+            applied,
         )
 
     def _window_predictor(self, plan: CoalitionPlan, tta: bool) -> Callable[[np.ndarray], np.ndarray]:
