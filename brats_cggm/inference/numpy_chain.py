@@ -1,6 +1,6 @@
 """The segmenter's numpy chain: the card's preprocessing (:mod:`~brats_cggm.inference.grid`),
 the sliding window with its blending (:mod:`~brats_cggm.inference.windows`) and the
-inversion to the input's grid, with numpy, SciPy and nibabel only: the chain of the
+inversion to the input's grid, with numpy and nibabel only: the chain of the
 torch-free install. :mod:`~brats_cggm.inference.monai_chain` does the same with MONAI's
 transforms, with the same arguments and result."""
 
