@@ -64,6 +64,24 @@ def test_the_exported_card_has_the_onnx_fields_and_the_shipped_cards_keys(export
     assert list(card) == [k for k in json.loads(SHIPPED_CARD.read_text()) if k != "evaluation"]
 
 
+def test_the_card_names_its_data_without_a_path_of_the_machine(exported, trained):
+    """A card travels with the model: data by data set and case ids, never an absolute path."""
+    _, card = exported
+    split = json.loads((trained / "split.json").read_text())["folds"][0]
+    assert card["training"]["data"] == {"dataset": "train", "train": sorted(split["train"]),
+                                        "val": sorted(split["val"])}
+    assert card["training"]["init"] is None
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert [s for s in strings(card) if s.startswith("/") or str(trained.parent) in s] == []
+
+
 def test_a_run_folders_card_is_the_exported_one_without_the_onnx_fields(exported, trained):
     _, card = exported
     segmenter = Segmenter.load(trained)

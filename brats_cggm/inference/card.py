@@ -67,7 +67,7 @@ def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any
         "training": {"balancer": config.balancer.name,
                      "cggm_preset": config.balancer.preset if config.balancer.name == "cggm" else None,
                      "epochs": run.epoch, "train_cases": len(run.fold["train"]),
-                     "val_cases": len(run.fold["val"]), "data": config.data.dir, "init": config.init},
+                     "val_cases": len(run.fold["val"]), **training_data(run)},
         **({"postprocessing": postprocessing} if postprocessing else {}),
         "validation_metrics": run.metrics,
         **({"evaluation": evaluation} if evaluation else {}),
@@ -75,6 +75,16 @@ def model_card(run: TrainedRun, description: str = "", evaluation: dict[str, Any
         "versions": versions("torch", "monai", "onnx", "onnxruntime", "brats-cggm"),
         "git": git_revision(),
     }
+
+
+def training_data(run: TrainedRun) -> dict[str, Any]:
+    """What the network learned from, named without any path of the machine that trained it
+    (a card travels): the data folder's name and the case ids of each split, and the run it
+    started from (``--init``) by its folder's name."""
+    init = run.config.init
+    return {"data": {"dataset": Path(run.config.data.dir).name,
+                     "train": sorted(run.fold["train"]), "val": sorted(run.fold["val"])},
+            "init": Path(init).name if init else None}
 
 
 def card_path(model_path: Path) -> Path:
