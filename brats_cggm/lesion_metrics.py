@@ -32,6 +32,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from brats_cggm.inference.components import bounding_box
 from brats_cggm.metrics import REGIONS, check_region_masks, surface_hd95
 
 #: dilations (voxels) of a reference lesion that a predicted component must touch to match it
@@ -58,7 +59,7 @@ class Components(NamedTuple):
         ids = np.zeros(mask.shape, np.int32)
         if not mask.any():
             return cls(ids, [])
-        box = _grown([_bounding_box(mask)], dilations, mask.shape)
+        box = _grown([bounding_box(mask)], dilations, mask.shape)
         inside = ndimage.binary_dilation(mask[box], _STEP, dilations) if dilations else mask[box]
         ids[box], _ = ndimage.label(inside, _CONNECTED)
         return cls(ids, [tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(found, box))
@@ -111,15 +112,6 @@ def _lesion_scores(
     dice = 2.0 * np.count_nonzero(truth & guess) / (np.count_nonzero(truth) + np.count_nonzero(guess))
     hd95 = surface_hd95(torch.from_numpy(guess)[None], torch.from_numpy(truth)[None], spacing)[0]
     return dice, float(hd95)
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every voxel of a non-empty ``mask``."""
-    box = []
-    for axis in range(mask.ndim):
-        used = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(used[0]), int(used[-1]) + 1))
-    return tuple(box)
 
 
 def _grown(boxes: Sequence[tuple[slice, ...]], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:

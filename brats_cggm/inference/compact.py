@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import nibabel as nib
 import numpy as np
 
+from brats_cggm.inference.components import bounding_box
+
 LEVELS = 127  # int8: -127..127, symmetric around 0
 COMPRESSION = 6
 
@@ -43,13 +45,8 @@ def shared_box(all_maps: Iterable[np.ndarray]) -> tuple[slice, slice, slice]:
         peak = np.max(np.abs(maps), axis=0)
         nonzero = peak / np.float32(_step(float(peak.max()))) > 0.5  # as quantise rounds (0.5 to 0)
         occupied = nonzero if occupied is None else occupied | nonzero
-    if occupied is None or not occupied.any():
-        return (slice(0, 1),) * 3
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(np.any(occupied, axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
+    box = bounding_box(occupied) if occupied is not None else None
+    return box or (slice(0, 1),) * 3
 
 
 def box_affine(affine: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Connected components of a 3-D mask with numpy only (the torch-free, SciPy-free install).
+"""Connected components of a 3-D mask, and a mask's bounding box, with numpy only (the
+torch-free, SciPy-free install).
 
 The mask's runs along the last axis are the graph's nodes; two runs touch when they lie
 in neighbouring rows and overlap (6-connectivity: face neighbours; 26: also edges and
@@ -80,3 +81,14 @@ def _graph_components(count: int, first: np.ndarray, second: np.ndarray) -> np.n
         label = new
     _, component = np.unique(label, return_inverse=True)
     return component.reshape(-1)
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask``; None when there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)

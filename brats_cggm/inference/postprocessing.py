@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from brats_cggm.errors import BadInputFile, ConfigurationError
-from brats_cggm.inference.components import CONNECTIVITIES, label_components
+from brats_cggm.inference.components import CONNECTIVITIES, bounding_box, label_components
 from multimodal_general.io import read_json_object
 
 #: region -> (its labels, the label its removed voxels take), in the order rules apply
@@ -93,11 +93,7 @@ class Postprocessing:
 
 def tumour_box(labels: np.ndarray) -> tuple[slice, ...]:
     """The smallest box holding every labelled voxel (an empty box when there is none)."""
-    box = []
-    for axis in range(labels.ndim):
-        hit = np.flatnonzero(labels.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
-        box.append(slice(hit[0], hit[-1] + 1) if hit.size else slice(0, 0))
-    return tuple(box)
+    return bounding_box(labels != 0) or (slice(0, 0),) * labels.ndim
 
 
 def _positive(value: Any) -> bool:
