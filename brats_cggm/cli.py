@@ -377,9 +377,9 @@ def evaluate(
 ) -> None:
     """Score a trained run or an exported model per case (Dice and HD95 of TC, WT, ET on each
     case's own grid)."""
+    from brats_cggm import models
     from brats_cggm.evaluation import evaluate as evaluate_run
     from brats_cggm.evaluation import evaluate_model
-    from brats_cggm import models
 
     if run is not None and (model is not None or out is not None):
         raise ConfigurationError("--model and --out score an exported model; a run's results go to RUN/evaluation")
