@@ -445,7 +445,9 @@ def _subset_table(table: dict, title: str) -> Table:
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Option(help="a run folder written by `brats-cggm train`")],
+    run: Annotated[list[Path], typer.Option(
+        help="a run folder written by `brats-cggm train`; repeat it for a fold ensemble (one graph averaging "
+             "the runs' probabilities)")],
     out: Annotated[Path, typer.Option(help="the ONNX file to write, e.g. models/NAME.onnx")],
     checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
     parity_cases: Annotated[int, typer.Option(help="validation cases of the run to check parity on")] = 1,
@@ -456,7 +458,7 @@ def export(
         help="a JSON file of clean-up rules (docs/inference.md) the card carries and every inference applies")] = None,
 ) -> None:
     """Export the trained network (no auxiliary heads) to ONNX with its model card, after
-    checking the graph and its parity with torch."""
+    checking the graph and its parity with torch; several --run make one ensemble model."""
     from brats_cggm.export import card_path, export_run
 
     with console.status("exporting to ONNX and checking parity"):

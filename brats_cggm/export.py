@@ -13,6 +13,7 @@ and records both in the card.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -42,14 +43,21 @@ PARITY_TOLERANCE = 1e-4
 
 
 class InferenceGraph(nn.Module):
-    """What is exported: the network's forward with an explicit modality mask."""
+    """What is exported: the network's forward with an explicit modality mask; with several
+    networks (a fold ensemble), the logits of their mean probability."""
 
-    def __init__(self, net: nn.Module) -> None:
+    #: probabilities are kept this far from 0 and 1 before the logit (float32)
+    EPS = 1e-7
+
+    def __init__(self, *nets: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.nets = nn.ModuleList(nets)
 
     def forward(self, image: Tensor, modality_mask: Tensor) -> Tensor:
-        return self.net(image, modality_mask)
+        if len(self.nets) == 1:
+            return self.nets[0](image, modality_mask)
+        mean = torch.stack([torch.sigmoid(net(image, modality_mask)) for net in self.nets]).mean(dim=0)
+        return torch.logit(mean, eps=self.EPS)
 
 
 def weights_sha256(net: nn.Module) -> str:
@@ -58,34 +66,63 @@ def weights_sha256(net: nn.Module) -> str:
 
 
 def export_run(
-    run_dir: Path, out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = "",
+    run_dir: Path | Sequence[Path], out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = "",
     evaluation: Path | None = None, postprocessing: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
 
-    Parity is also checked on ``parity_cases`` of the run's validation cases (when its data
-    folder is still there). ``evaluation``: a JSON file of results on unseen cases for the card;
-    ``postprocessing``: a JSON file of the clean-up rules every inference applies
+    Several run folders make one fold ensemble: one graph that averages their probabilities
+    (the runs must share preprocessing, window and network), whose card lists each member.
+    Parity is also checked on ``parity_cases`` of the (first) run's validation cases (when its
+    data folder is still there). ``evaluation``: a JSON file of results on unseen cases for
+    the card; ``postprocessing``: a JSON file of the clean-up rules every inference applies
     (:mod:`brats_cggm.inference.postprocessing`).
     """
     if out.suffix != ".onnx":
         raise ConfigurationError(f"{out}: the exported file must end in .onnx")
     results = read_json_object(evaluation, "evaluation", BadInputFile) if evaluation is not None else None
     rules = choose_postprocessing({}, postprocessing) if postprocessing is not None else None
-    run = load_run(run_dir, checkpoint)
-    card = model_card(run, description, results, rules.to_dict() if rules is not None else None)
-    card = check_card({**card, "opset": OPSET}, run.checkpoint)
-    graph = InferenceGraph(run.net).eval()
-    patch = run.config.preprocessing.patch_size
-    model = _to_onnx(graph, patch, run.divisor)
+    runs = [load_run(d, checkpoint) for d in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
+    card = ensemble_card(runs, description, results, rules.to_dict() if rules is not None else None)
+    card = check_card({**card, "opset": OPSET}, runs[0].checkpoint)
+    graph = InferenceGraph(*(run.net for run in runs)).eval()
+    patch = runs[0].config.preprocessing.patch_size
+    model = _to_onnx(graph, patch, runs[0].divisor)
     onnx.checker.check_model(model, full_check=True)
     card["graph_sha256"] = graph_sha256(model)
-    card["parity"] = _parity(graph, model, patch, validation_patches(run, parity_cases))
+    card["parity"] = _parity(graph, model, patch, validation_patches(runs[0], parity_cases))
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(card)})
     data = model.SerializeToString()
     atomic_write(out, lambda handle: handle.write(data))
     atomic_write_text(card_path(out), json.dumps(card, indent=1) + "\n")
     return card
+
+
+#: what the members of an ensemble must share (the card's keys): one preprocessing, window and network
+SHARED = ("preprocessing", "inference", "network", "modalities", "outputs", "label_scheme")
+
+
+def ensemble_card(runs: Sequence[TrainedRun], description: str, results: dict | None,
+                  rules: dict | None) -> dict[str, Any]:
+    """The card of one run, or of a fold ensemble: the first run's card, with ``ensemble`` listing
+    every member's training record and weights' digest (``weights_sha256`` then covers all)."""
+    cards = [model_card(run, description, results, rules) for run in runs]
+    card = cards[0]
+    if len(runs) == 1:
+        return card
+    for run, other in zip(runs[1:], cards[1:]):
+        differing = [key for key in SHARED if other[key] != card[key]]
+        if differing:
+            raise ConfigurationError(f"{run.run_dir}: its {', '.join(differing)} differ from those of "
+                                     f"{runs[0].run_dir}; an ensemble's members must share them")
+    own = ("epochs", "train_cases", "val_cases", "data", "init")  # what each member's training has its own
+    members = [{"weights_sha256": c["weights_sha256"], "validation_metrics": c["validation_metrics"],
+                **{key: c["training"][key] for key in own}} for c in cards]
+    digest = hashlib.sha256("".join(m["weights_sha256"] for m in members).encode()).hexdigest()
+    training = {key: value for key, value in card["training"].items() if key not in own}
+    return {**card, "training": {**training, "ensemble": {"members": members,
+                                                          "combination": "mean of the members' probabilities"}},
+            "validation_metrics": {}, "weights_sha256": digest}
 
 
 def _to_onnx(graph: nn.Module, patch: Sequence[int], divisor: int) -> onnx.ModelProto:

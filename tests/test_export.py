@@ -141,3 +141,34 @@ def test_export_command(trained, tmp_path):
     missing = run_cli("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.onnx"))
     assert missing.returncode == 2 and "checkpoint is missing" in error_line(missing)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_ensemble_graph_gives_the_logit_of_its_members_mean_probability():
+    from brats_cggm.export import InferenceGraph
+    from brats_cggm.network import build_network
+
+    torch.manual_seed(0)
+    nets = [build_network("small", channels=(2, 4), strides=(2, 2), head_channels=2).eval() for _ in range(3)]
+    image, mask = torch.randn(2, 4, 16, 16, 16), torch.tensor([[1.0, 1, 1, 1], [1, 0, 1, 0]])
+    with torch.no_grad():
+        mean = torch.stack([torch.sigmoid(net(image, mask)) for net in nets]).mean(dim=0)
+        ensemble = torch.sigmoid(InferenceGraph(*nets)(image, mask))
+        single = InferenceGraph(nets[0])(image, mask)
+    assert torch.allclose(ensemble, mean, atol=1e-6)
+    assert torch.equal(single, nets[0](image, mask))
+
+
+def test_several_runs_export_as_one_ensemble_model(trained, exported, tmp_path):
+    out = tmp_path / "ensemble.onnx"
+    done = run_cli("export", "--run", str(trained), "--run", str(trained), "--out", str(out), "--parity-cases", "0")
+    assert done.returncode == 0, done.stderr
+    card, single = Segmenter.load(out).card, exported[1]
+    members = card["training"]["ensemble"]["members"]
+    assert [m["weights_sha256"] for m in members] == [single["weights_sha256"]] * 2
+    assert members[0]["data"] == single["training"]["data"] and "data" not in card["training"]
+    assert card["weights_sha256"] != single["weights_sha256"]
+    # two copies of one network: the ensemble's probabilities are the network's
+    image, mask = np.random.default_rng(0).normal(size=(1, 4, 16, 16, 16)).astype(np.float32), np.ones((1, 4), np.float32)
+    logits = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image, "modality_mask": mask})[0] for path in (out, exported[0])]
+    assert np.abs(1 / (1 + np.exp(-logits[0])) - 1 / (1 + np.exp(-logits[1]))).max() <= PARITY_TOLERANCE

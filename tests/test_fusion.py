@@ -122,6 +122,6 @@ def test_every_fusion_exports_to_onnx_and_agrees_with_torch_on_masked_batches(na
     from brats_cggm.export import InferenceGraph, _parity, _to_onnx
 
     graph = InferenceGraph(tiny(name)).eval()
-    model = _to_onnx(graph, (16, 16, 16), graph.net.divisor)
+    model = _to_onnx(graph, (16, 16, 16), graph.nets[0].divisor)
     parity = _parity(graph, model, (16, 16, 16), [image(1, (16, 16, 16), seed=4)[0].numpy()])
     assert parity["max_abs_diff_probabilities"] <= 1e-4  # one sequence off in the random batch

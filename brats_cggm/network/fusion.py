@@ -1,6 +1,6 @@
 """Fusion of the branch features of one resolution level.
 
-Three ways, all working with any non-empty subset of branches switched on (``keep``), and
+Four ways, all working with any non-empty subset of branches switched on (``keep``), and
 all leaving a switched-off branch out entirely (selected away with ``torch.where``, so its
 features cannot change the result, not even through a NaN):
 
@@ -14,6 +14,11 @@ features cannot change the result, not even through a NaN):
   region-aware fusion: each branch scores its own features against the context of all
   present branches, so the network can lean on T1ce where it sees enhancement and on FLAIR
   where it sees oedema.
+* ``slots`` (:class:`SlotFusion`): the branches' features side by side in the fixed
+  sequence order, with the modality mask as extra channels (zeros in an absent branch's
+  slot), mixed by a 1x1x1 convolution. Each feature keeps the sequence it came from, so a
+  contrast between sequences (enhancing tumour: bright on T1ce, not on T1) is one learned
+  weight away, as in early fusion; the other three pool the branches first.
 
 Shapes: M tensors ``[N, C, *spatial]`` and ``keep [N, M]`` (bool) -> ``[N, C, *spatial]``.
 A sample with every branch off gets zeros (``mean``, ``attention``) or the mix of zero
@@ -116,8 +121,29 @@ class BranchAttentionFusion(nn.Module):
         return sum(f * weights[:, i : i + 1] for i, f in enumerate(_present(features, keep)))
 
 
+class SlotFusion(nn.Module):
+    """``conv1x1([keep_1 f_1, ..., keep_M f_M, keep])``: every branch in its own slot.
+
+    The mask channels (constant per sample) let the mixing tell "absent" from "dark": an
+    absent branch's slot is zero and its mask channel says why.
+
+    Args:
+        channels: features per branch (C); the output has C too.
+        branches: number of branches (M).
+    """
+
+    def __init__(self, channels: int, branches: int) -> None:
+        super().__init__()
+        self.mix = Conv[Conv.CONV, 3](branches * (channels + 1), channels, kernel_size=1)
+
+    def forward(self, features: Sequence[Tensor], keep: Tensor) -> Tensor:
+        present = _present(features, keep)
+        mask = keep.to(present[0].dtype)[:, :, None, None, None].expand(-1, -1, *present[0].shape[2:])
+        return self.mix(torch.cat([*present, mask], dim=1))
+
+
 #: the fusion names the network takes (``MultiBranchUNet(fusion=...)``)
-FUSIONS = ("mean", "hemis", "attention")
+FUSIONS = ("mean", "hemis", "attention", "slots")
 
 
 def make_fusion(name: str, channels: int, branches: int) -> nn.Module:
@@ -128,4 +154,6 @@ def make_fusion(name: str, channels: int, branches: int) -> nn.Module:
         return MeanVarianceFusion(channels)
     if name == "attention":
         return BranchAttentionFusion(channels, branches)
+    if name == "slots":
+        return SlotFusion(channels, branches)
     raise ConfigurationError(f"unknown fusion '{name}'; choose one of {', '.join(FUSIONS)}")

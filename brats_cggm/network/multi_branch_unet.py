@@ -26,7 +26,8 @@ class MultiBranchUNet(nn.Module):
 
     Each branch sees one input channel. At every resolution level the features of the
     branches that are switched on are fused (``fusion``: a masked mean, HeMIS mean and
-    variance, or per-voxel attention over the branches; :mod:`brats_cggm.network.fusion`);
+    variance, per-voxel attention over the branches, or the branches side by side in their
+    slots with the mask; :mod:`brats_cggm.network.fusion`);
     the fused pyramid feeds a U-Net decoder (:class:`FusedDecoder`) and a 1x1x1 convolution
     (:attr:`output_conv`) gives one logit per region (TC, WT, ET; apply a sigmoid).
 
@@ -47,7 +48,8 @@ class MultiBranchUNet(nn.Module):
         num_res_units: convolutions per residual unit of the branch levels below the stem.
         head_channels: features on the input grid that the output convolution reads.
         sequence_dropout: probability of switching a branch off per sample in training.
-        fusion: ``mean``, ``hemis`` or ``attention`` (one module per level).
+        fusion: ``mean``, ``hemis``, ``attention`` or ``slots`` (one module per level;
+            :mod:`brats_cggm.network.fusion`).
         act, norm: MONAI activation and normalization names (with options).
 
     Shapes: ``image [N, M, D, H, W]``, ``modality_mask [N, M]`` (bool or 0/1, optional)
