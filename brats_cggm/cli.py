@@ -39,6 +39,9 @@ LayoutOption = Annotated[
 PostprocessingOption = Annotated[str, typer.Option(
     help="clean-up after the network: card (the model card's rules, none if it has none), off, or a JSON "
          "file of rules (docs/inference.md)")]
+TtaOption = Annotated[bool | None, typer.Option(
+    "--tta/--no-tta", help="average over the 8 mirrorings of each window (8x slower; default: as the model card says)",
+    show_default=False)]
 BalancerOption = Annotated[list[str] | None, typer.Option(
     "--balancer-option",
     help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)")]
@@ -374,6 +377,7 @@ def evaluate(
     subsets: Annotated[bool, typer.Option(
         help="also score each of the 15 non-empty subsets of the sequences (the others switched off)")] = False,
     postprocessing: PostprocessingOption = "card",
+    tta: TtaOption = None,
 ) -> None:
     """Score a trained run or an exported model per case (Dice and HD95 of TC, WT, ET on each
     case's own grid)."""
@@ -394,10 +398,10 @@ def evaluate(
 
         if run is not None:
             rows, summary, folder = evaluate_run(run, data, split or "val", checkpoint, device, track, subsets,
-                                                 postprocessing)
+                                                 postprocessing, tta)
         else:
             rows, summary, folder = evaluate_model(model, data, out or Path("evaluation") / name, device, track,
-                                                   subsets, postprocessing)
+                                                   subsets, postprocessing, tta)
     if subsets:
         console.print(_subset_table(summary["subsets"], f"{name}: Dice with each subset of the sequences"))
     which = f", {checkpoint} checkpoint" if run is not None else ""
@@ -483,7 +487,7 @@ def predict(
     ] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu or cuda")] = "cpu",
     device: Annotated[str, typer.Option(help="torch device for a run folder: cpu or cuda")] = "cpu",
-    tta: Annotated[bool, typer.Option(help="average over the 8 mirrorings of each window (8x slower)")] = False,
+    tta: TtaOption = None,
     contributions: Annotated[bool, typer.Option(help="write each sequence's contribution map and shares")] = False,
     method: Annotated[str, typer.Option(help="contribution method: occlusion (1 + k passes) or shapley (2^k passes, exact)")] = "occlusion",
     probabilities: Annotated[bool, typer.Option(help="also write the TC/WT/ET probability maps")] = False,
@@ -508,7 +512,8 @@ def predict(
         raise ConfigurationError(f"--method must be one of {', '.join(METHODS)}; got '{method}'")
     if label_scheme not in OUTPUT_SCHEMES:
         raise ConfigurationError(f"--label-scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
-    segmenter = Segmenter.load(model, provider=provider, device=device, postprocessing=postprocessing)
+    segmenter = Segmenter.load(model, provider=provider, device=device, postprocessing=postprocessing, tta=tta)
+    console.print(segmenter.applied(), highlight=False, soft_wrap=True)
     cases, problems = find_cases(inputs, layout)
     failures = [str(p) for p in problems]
     for problem in failures:
@@ -523,7 +528,7 @@ def predict(
             bar.reset(windows, total=None, visible=True, description=f"  {case.case_id}: windows")
             try:
                 prediction = segmenter.predict_case(
-                    case, tta=tta, contributions=method if contributions else None, label_scheme=label_scheme,
+                    case, contributions=method if contributions else None, label_scheme=label_scheme,
                     progress=lambda done, total: bar.update(windows, completed=done, total=total))
                 done.append(write_prediction(prediction, out, probabilities, segmenter.model_info))
             except UserError as error:

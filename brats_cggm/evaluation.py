@@ -145,14 +145,15 @@ def evaluate(
     track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
     subsets: bool = False,
     postprocessing: str | Path = "card",
+    tta: bool | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Evaluate ``RUN/checkpoints/<checkpoint>.pt`` on the run's ``split`` cases, written to
-    ``RUN/evaluation/<split>``; returns what :func:`evaluate_cases` returns. ``postprocessing``:
-    as :meth:`Segmenter.load` takes it."""
+    ``RUN/evaluation/<split>``; returns what :func:`evaluate_cases` returns. ``postprocessing``
+    and ``tta``: as :meth:`Segmenter.load` takes them."""
     if split not in SPLITS:
         raise ConfigurationError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
     segmenter = Segmenter.load(run_dir, device=check_device(device), checkpoint=checkpoint,
-                               postprocessing=postprocessing)
+                               postprocessing=postprocessing, tta=tta)
     cases = choose_cases(run_dir, segmenter.train_config, data_dir, split)
     return evaluate_cases(segmenter, cases, run_dir / "evaluation" / split, {"run": str(run_dir), "split": split},
                           track, subsets)
@@ -166,11 +167,12 @@ def evaluate_model(
     track: Callable[[Iterable, str], Iterable] = lambda items, _: items,
     subsets: bool = False,
     postprocessing: str | Path = "card",
+    tta: bool | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Evaluate an exported model (default: the shipped one) on every labelled case of
     ``data_dir``, written to ``out``; returns what :func:`evaluate_cases` returns.
-    ``postprocessing``: as :meth:`Segmenter.load` takes it."""
-    segmenter = Segmenter.load(model, provider=provider, postprocessing=postprocessing)
+    ``postprocessing`` and ``tta``: as :meth:`Segmenter.load` takes them."""
+    segmenter = Segmenter.load(model, provider=provider, postprocessing=postprocessing, tta=tta)
     cases = _labelled(_discover(data_dir), data_dir, "no BraTS cases in the folder")
     return evaluate_cases(segmenter, cases, out, {"model": str(segmenter.source), "split": "all"}, track, subsets)
 
@@ -192,6 +194,7 @@ def evaluate_cases(
     summary = {
         **about, "checkpoint": str(segmenter.source), "cases": len(rows),
         "postprocessing": segmenter.postprocessing.to_dict() if segmenter.postprocessing else None,
+        "tta": segmenter.tta,
         "metrics": summarize([{k: v for k, v in r.items() if k != "case_id"} for r in rows]),
     }
     if subsets:

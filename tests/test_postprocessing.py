@@ -134,3 +134,9 @@ def test_the_choice_card_off_or_a_file(tmp_path):
         choose_postprocessing({}, rules)
     with pytest.raises(BadInputFile, match="postprocessing file is missing"):
         choose_postprocessing({}, tmp_path / "none.json")
+
+
+def test_the_rules_in_a_few_words():
+    rules = Postprocessing.from_dict({"WT": {"min_ml": 0.5, "max_distance_mm": 20}, "small_et_ml": 0.25})
+    assert rules.describe() == "WT min_ml 0.5, max_distance_mm 20; ET under 0.25 ml in all -> necrosis"
+    assert Postprocessing.from_dict({}).describe() == "no rule"

@@ -261,6 +261,25 @@ def test_a_cards_postprocessing_applies_from_onnx_as_from_the_run_folder(models,
     assert read_json(out / "BraTS2021_00000.json")["postprocessing"] is None
 
 
+def test_a_cards_tta_is_the_default_and_the_options_override_it(models, inputs, segmenter, tmp_path):
+    """``inference.tta`` in the card switches mirroring on unless told otherwise (``tta=False`` /
+    ``--no-tta``); a card whose ``tta`` is not true or false is refused."""
+    with_tta = copy_model(models.onnx, tmp_path / "tta.onnx", edit_card=lambda card: card["inference"].update(tta=True))
+    case = discover(inputs / "brats2021").cases[0]
+    mirrored, told = Segmenter.load(with_tta).predict_case(case), Segmenter.load(with_tta, tta=False).predict_case(case)
+    assert mirrored.tta and not told.tta and not segmenter.tta
+    assert np.array_equal(mirrored.probabilities, segmenter.predict_case(case, tta=True).probabilities)
+    assert np.array_equal(told.probabilities, segmenter.predict_case(case).probabilities)
+    out = tmp_path / "out"
+    code, text = cli("predict", "--input", inputs / "brats2021", "--out", out, "--model", with_tta, "--no-tta")
+    assert code == 0, text
+    assert "tta.onnx: one network, no mirroring (TTA off), no clean-up" in " ".join(text.split())
+    assert read_json(out / "BraTS2021_00000.json")["tta"] is False
+    broken = copy_model(models.onnx, tmp_path / "broken.onnx", edit_card=lambda card: card["inference"].update(tta="yes"))
+    with pytest.raises(IncompatibleModel, match="tta 'yes' is not true or false"):
+        Segmenter.load(broken)
+
+
 # ------------------------------------------------------------ 3. geometry
 
 

@@ -135,6 +135,8 @@ def check_card(card: Any, source: str | Path) -> dict[str, Any]:
         mode, sigma = blending(card)
         if mode not in BLEND_MODES or not sigma > 0:
             raise ValueError(f"blending {mode!r} with sigma_scale {sigma} (known: {', '.join(BLEND_MODES)}, sigma_scale > 0)")
+        if not isinstance(inference.get("tta", False), bool):
+            raise ValueError(f"tta {inference.get('tta')!r} is not true or false")
         if not 0 < float(outputs.get("threshold", 0.5)) < 1:
             raise ValueError(f"threshold {outputs.get('threshold')} outside (0, 1)")
     except (ConfigurationError, KeyError, TypeError, ValueError) as error:
@@ -158,6 +160,12 @@ def sequence_dropout(card: dict[str, Any]) -> float:
     a card written before that setting was renamed calls it ``modality_dropout``)."""
     network = card.get("network") or {}
     return float(network.get("sequence_dropout", network.get("modality_dropout", 0.0)))
+
+
+def mirror_tta(card: dict[str, Any]) -> bool:
+    """Whether predictions average the 8 mirrorings of each window unless told otherwise
+    (``inference.tta``; off in a card without it)."""
+    return bool((card.get("inference") or {}).get("tta", False))
 
 
 def windowing(card: dict[str, Any], sw_batch_size: int = 2) -> Windowing:

@@ -69,6 +69,14 @@ class Postprocessing:
         return {"connectivity": self.connectivity, **self.regions,
                 **({"small_et_ml": self.small_et_ml} if self.small_et_ml is not None else {})}
 
+    def describe(self) -> str:
+        """The rules in a few words, e.g. ``WT min_ml 0.5, max_distance_mm 20; small ET < 0.5 ml -> necrosis``."""
+        parts = [f"{region} " + ", ".join(f"{key} {value:g}" for key, value in rules.items())
+                 for region, rules in self.regions.items()]
+        if self.small_et_ml is not None:
+            parts.append(f"ET under {self.small_et_ml:g} ml in all -> necrosis")
+        return "; ".join(parts) or "no rule"
+
     def __call__(self, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """``labels`` (BraTS 2021 numbering, on the grid ``affine``) cleaned, and what was
         applied: the rules and the voxels each region (TC, WT, ET) lost. Works in the

@@ -44,7 +44,7 @@ from brats_cggm.data.preprocessing import PreprocessConfig
 from brats_cggm.data.validation import load_sequences
 from brats_cggm.errors import ConfigurationError, IncompatibleModel, InconsistentCase
 from brats_cggm.inference.backends import Backend, OnnxBackend, model_kind
-from brats_cggm.inference.card import model_card, read_onnx, sequence_dropout, windowing
+from brats_cggm.inference.card import mirror_tta, model_card, read_onnx, sequence_dropout, windowing
 from brats_cggm.inference.contributions import CoalitionPlan, coalition_plan
 from brats_cggm.inference.grid import EmptyImage
 from brats_cggm.inference.numpy_chain import numpy_maps
@@ -69,7 +69,7 @@ class Segmenter:
 
     def __init__(self, backend: Backend, card: dict[str, Any], source: str | Path,
                  sw_batch_size: int = 2, train_config: Any = None, chain: str = "numpy",
-                 postprocessing: str | Path = "card") -> None:
+                 postprocessing: str | Path = "card", tta: bool | None = None) -> None:
         if chain not in CHAINS:
             raise ConfigurationError(f"chain must be one of {', '.join(CHAINS)}; got '{chain}'")
         self.backend, self.card, self.source, self.chain = backend, card, str(source), chain
@@ -80,28 +80,32 @@ class Segmenter:
         self.threshold = float(card["outputs"].get("threshold", 0.5))
         #: the clean-up applied to every label map (None: none), see :func:`choose_postprocessing`
         self.postprocessing = choose_postprocessing(card, postprocessing)
+        #: whether a prediction averages the 8 mirrorings when not told (``tta``, else the card's
+        #: ``inference.tta``)
+        self.tta = mirror_tta(card) if tta is None else bool(tta)
 
     @classmethod
     def load(cls, model: str | Path | None = None, provider: str = "cpu", device: str = "cpu",
              checkpoint: str = "best", threads: int | None = None, chain: str | None = None,
-             postprocessing: str | Path = "card") -> Segmenter:
+             postprocessing: str | Path = "card", tta: bool | None = None) -> Segmenter:
         """An exported ``.onnx`` (ONNX Runtime on ``provider``), a shipped model's name or a run
         folder (torch on ``device``, from ``checkpoints/<checkpoint>.pt``); default: the shipped
         default model (:mod:`brats_cggm.models`).
         ``chain``: ``numpy`` (an ONNX file's default) or ``monai`` (a run folder's default;
         needs torch and MONAI). ``postprocessing``: ``card`` (the card's rules, if any),
-        ``off`` or a JSON file of rules (:mod:`~brats_cggm.inference.postprocessing`)."""
+        ``off`` or a JSON file of rules (:mod:`~brats_cggm.inference.postprocessing`). ``tta``:
+        average the 8 mirrorings (None: as the card says)."""
         path = models.resolve(model)
         if model_kind(path) == "onnx":
             onnx_model, card = read_onnx(path)
             return cls(OnnxBackend(onnx_model.SerializeToString(), provider, threads), card, path,
-                       chain=chain or "numpy", postprocessing=postprocessing)
+                       chain=chain or "numpy", postprocessing=postprocessing, tta=tta)
         from brats_cggm.inference.backends import TorchBackend, check_device
         from brats_cggm.training.trained import load_run
 
         run = load_run(path, checkpoint)
         return cls(TorchBackend(run.net, check_device(device)), model_card(run), run.checkpoint,
-                   train_config=run.config, chain=chain or "monai", postprocessing=postprocessing)
+                   train_config=run.config, chain=chain or "monai", postprocessing=postprocessing, tta=tta)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -109,6 +113,14 @@ class Segmenter:
         card = self.card
         return {"source": self.source, "description": card.get("description", ""),
                 "graph_sha256": card.get("graph_sha256"), "weights_sha256": card.get("weights_sha256")}
+
+    def applied(self) -> str:
+        """What every prediction applies besides the network, in one line (``predict`` prints it)."""
+        members = len((self.card.get("training") or {}).get("ensemble", {}).get("members", ())) or 1
+        network = f"ensemble of {members} networks" if members > 1 else "one network"
+        tta = "8 mirrorings averaged (TTA)" if self.tta else "no mirroring (TTA off)"
+        cleanup = f"clean-up: {self.postprocessing.describe()}" if self.postprocessing else "no clean-up"
+        return f"{Path(self.source).name}: {network}, {tta}, {cleanup}"
 
     @property
     def allows_missing(self) -> bool:
@@ -142,15 +154,16 @@ class Segmenter:
         return self._predict(case_id, dict(arrays), affine, header, **options)
 
     def _predict(self, case_id: str, arrays: dict[str, np.ndarray], affine: np.ndarray,
-                 header: nib.Nifti1Header | None, tta: bool = False, contributions: str | None = None,
+                 header: nib.Nifti1Header | None, tta: bool | None = None, contributions: str | None = None,
                  label_scheme: str = "brats2021", inputs: dict[str, str | None] | None = None,
                  progress: Callable[[int, int], None] | None = None, any_subset: bool = False) -> Prediction:
         """``progress(done, total)`` is called after each batch of sliding windows; ``any_subset``
         lets a model trained without modality dropout run with sequences missing (to score
-        how it degrades, as ``brats-cggm evaluate --subsets`` does)."""
+        how it degrades, as ``brats-cggm evaluate --subsets`` does); ``tta`` None: the card's."""
         if label_scheme not in OUTPUT_SCHEMES:
             raise ConfigurationError(f"label scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
         start = time.perf_counter()
+        tta = self.tta if tta is None else tta
         present = [m in arrays for m in MODALITIES]
         missing = [m for m in MODALITIES if m not in arrays]
         if missing and not (self.allows_missing or any_subset):
