@@ -4,6 +4,7 @@ app load when no --model is given, what a name or a path resolves to, and `brats
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from inference_cases import cli
@@ -22,6 +23,31 @@ def test_every_shipped_model_has_a_card_that_its_file_carries():
         assert model.path.parent == models.folder() and model.card_path.is_file()
         assert read_onnx(model.path)[1] == model.card, model.name  # the card beside = the card inside
         assert model.task == "segmentation"
+
+
+#: a path of the machine that built a model: absolute (POSIX, home, Windows drive), anywhere in a text
+MACHINE_PATH = re.compile(r"(?:^|[\s'\"=(])(?:/[\w.-]+/|~/|[A-Za-z]:[\\/])")
+
+
+def strings(value):
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        yield from strings(item)
+
+
+@pytest.mark.parametrize("text, is_path", [("/work/shared/data/real", True), ("data=/home/me/x", True),
+                                           ("C:\\data\\x", True), ("~/runs/x", True), ("brats-cggm-model-card/1", False),
+                                           ("python bench/real_cv.py --data DATA", False), ("1/2 of the cases", False)])
+def test_what_counts_as_a_machine_path(text, is_path):
+    assert bool(MACHINE_PATH.search(text)) == is_path
+
+
+def test_no_shipped_card_holds_a_path_of_the_machine_that_built_it():
+    for model in models.available():
+        found = [text for text in strings(model.card) if MACHINE_PATH.search(text)]
+        assert not found, f"{model.name}: {found}"
 
 
 def test_the_default_is_the_real_data_model():
