@@ -338,6 +338,29 @@ def test_extending_a_run_puts_every_later_step_on_the_new_schedule(phantoms, tmp
     assert rates[4:] == pytest.approx(after, rel=1e-9), f"steps 5-8 ran at {rates[4:]}, the new schedule says {after}"
 
 
+def test_a_checkpoint_of_the_earlier_network_loads_as_it_trained_and_does_not_resume(straight, tmp_path):
+    """Checkpoints record the network revision; one without it (written before the fused
+    decoder's last layer became linear) is rebuilt with that layer normalised, as it trained,
+    and is not resumed into the new network."""
+    import shutil
+
+    from brats_cggm.errors import IncompatibleModel
+    from brats_cggm.training.checkpoint import NETWORK_REVISION
+    from brats_cggm.training.trained import load_run
+
+    assert load_last(straight.run)["network_revision"] == NETWORK_REVISION == 2
+    assert not hasattr(load_run(straight.run).net.decoder.to_input, "adn")  # linear: no norm, no activation
+    old = tmp_path / "old"
+    shutil.copytree(straight.run, old)
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(old / "checkpoints" / name, map_location="cpu", weights_only=False)
+        del payload["network_revision"]
+        torch.save(payload, old / "checkpoints" / name)
+    assert hasattr(load_run(old).net.decoder.to_input, "adn")
+    with pytest.raises(IncompatibleModel, match="earlier multi-branch network"):
+        Trainer(straight.config, old, CPU, resume=True, report=quiet)
+
+
 # -------------------------------------------------------------- 4. Ctrl-C
 DONE_BEFORE_CTRL_C = 6  # epoch 2, after its second batch
 

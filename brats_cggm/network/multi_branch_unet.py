@@ -51,6 +51,8 @@ class MultiBranchUNet(nn.Module):
         fusion: ``mean``, ``hemis``, ``attention`` or ``slots`` (one module per level;
             :mod:`brats_cggm.network.fusion`).
         act, norm: MONAI activation and normalization names (with options).
+        normalized_output: the decoder's last layer normalised, as networks were built before
+            (their checkpoints; regions collapse, see :class:`FusedDecoder`).
 
     Shapes: ``image [N, M, D, H, W]``, ``modality_mask [N, M]`` (bool or 0/1, optional)
     -> logits ``[N, out_channels, D, H, W]``.
@@ -69,6 +71,7 @@ class MultiBranchUNet(nn.Module):
         fusion: str = "mean",
         act: tuple | str = LEAKY_RELU,
         norm: tuple | str = "instance",
+        normalized_output: bool = False,
     ) -> None:
         super().__init__()
         if len(modalities) < 1 or len(set(modalities)) != len(modalities):
@@ -93,7 +96,8 @@ class MultiBranchUNet(nn.Module):
              for name in self.modalities}
         )
         self.fusions = nn.ModuleList(make_fusion(fusion, c, len(self.modalities)) for c in channels)
-        self.decoder = FusedDecoder(channels, strides, head_channels, act=act, norm=norm)
+        self.decoder = FusedDecoder(channels, strides, head_channels, act=act, norm=norm,
+                                    normalized_output=normalized_output)
         self.output_conv = Conv[Conv.CONV, 3](head_channels, out_channels, kernel_size=1)
 
     @property

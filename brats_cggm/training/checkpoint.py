@@ -59,9 +59,20 @@ def state_sha256(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+#: how this version builds networks, recorded in every checkpoint: 2 = the multi-branch
+#: network's fused decoder ends in a linear layer (:class:`~brats_cggm.network.decoder.FusedDecoder`);
+#: a checkpoint without the key (revision 1) normalised it, and its network is built so again
+NETWORK_REVISION = 2
+
+
 def save(path: Path, payload: dict[str, Any]) -> Path:
-    """``payload`` plus the format tag and the modality order, written atomically."""
-    return save_tagged(path, FORMAT, {"modalities": list(MODALITIES), **payload})
+    """``payload`` plus the format tag, the modality order and the network revision, written atomically."""
+    return save_tagged(path, FORMAT, {"modalities": list(MODALITIES), "network_revision": NETWORK_REVISION, **payload})
+
+
+def network_revision(payload: dict[str, Any]) -> int:
+    """How the checkpoint's network was built (:data:`NETWORK_REVISION`; 1 before it was recorded)."""
+    return int(payload.get("network_revision", 1))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -92,7 +103,7 @@ def network_from_payload(payload: dict[str, Any], path: Path, device: str | torc
     from brats_cggm.training.config import TrainConfig
 
     config = TrainConfig.from_dict(payload["config"], str(path))
-    net = network_from_config(config.network)
+    net = network_from_config(config.network, network_revision(payload))
     net.load_state_dict(network_weights(payload))
     return net.to(device).eval(), config
 

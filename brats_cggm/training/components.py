@@ -97,11 +97,15 @@ def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> lis
     return [*groups, {"params": [p for p in net.parameters() if id(p) not in in_encoders]}]
 
 
-def network_from_config(network: NetworkConfig) -> nn.Module:
+def network_from_config(network: NetworkConfig, revision: int | None = None) -> nn.Module:
+    """The network ``network`` describes, built as this version builds it, or as ``revision``
+    did (a checkpoint's :func:`~brats_cggm.training.checkpoint.network_revision`)."""
     options = {"sequence_dropout": network.sequence_dropout, **network.overrides}
     preset = NETWORK_PRESETS.get(network.preset)
     if preset is not None and issubclass(preset.network, MultiBranchUNet):  # early fusion has no branches to fuse
         options["fusion"] = network.fusion
+        if revision is not None and revision < 2:
+            options["normalized_output"] = True
     return build_network(network.preset, **options)
 
 

@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from brats_cggm.data.dataset import make_dataset, make_loader
 from brats_cggm.data.splits import save_split
 from brats_cggm.data.transforms import train_transforms, val_transforms
-from brats_cggm.errors import ConfigurationError, UserError
+from brats_cggm.errors import ConfigurationError, IncompatibleModel, UserError
 from brats_cggm.metrics import REGIONS, summarize
+from brats_cggm.network import MultiBranchUNet
 from brats_cggm.training import checkpoint
 from brats_cggm.training.cases import select_cases, shard
 from brats_cggm.training.components import Components, build_components
@@ -286,6 +287,11 @@ class Trainer:
         payload = checkpoint.load(self.ckpt_dir / "last.pt", map_location=self.place.device)
         if payload.get("kind") != "resume":
             raise ConfigurationError(f"{self.ckpt_dir / 'last.pt'}: not a resumable checkpoint")
+        if checkpoint.network_revision(payload) != checkpoint.NETWORK_REVISION and isinstance(self.parts.net, MultiBranchUNet):
+            raise IncompatibleModel(
+                f"{self.run_dir}: trained with an earlier multi-branch network (its decoder's last layer normalised); "
+                "this version builds it otherwise: start a new run (the old one still evaluates and exports)"
+            )
         if payload["world_size"] != self.place.world_size:
             raise ConfigurationError(
                 f"{self.run_dir} was trained with {payload['world_size']} process(es); resume it with as many"
