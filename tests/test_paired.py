@@ -58,3 +58,13 @@ def test_it_needs_no_torch():
     code = ("import sys; import multimodal_general.experiments.paired as p; "
             "p.paired_difference({'a': 1.0}, {'a': 0.0}); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_mean_over_cases_with_its_interval():
+    from multimodal_general.experiments.paired import mean_interval
+
+    values = {f"case{i}": v for i, v in enumerate([0.7, 0.8, 0.9, 0.6, float("nan")])}
+    found = mean_interval(values)
+    assert found["n"] == 4 and found["mean"] == pytest.approx(0.75)
+    assert 0.6 <= found["low"] < 0.75 < found["high"] <= 0.9
+    assert mean_interval({"a": 0.5}) == {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 1}

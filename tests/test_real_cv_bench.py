@@ -129,5 +129,10 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     assert "Fixed budget, no checkpoint selection" in markdown
     assert "vs_ref/dice/ET_mean" in (results / "real_cv.csv").read_text()
     assert (results / "real_cv_paired.png").read_bytes().startswith(b"\x89PNG")
+    card = real_cv.card_summary(out, "ef", 2, "cmd")
+    assert card["test_cases"] == 4 and card["estimate"]["dice/WT"]["n"] == 4 and len(card["subsets"]) == 15
+    dice = [c["dice/WT"] for r in runs if r["method"] == "ef" for c in r["cases"]]
+    assert card["dice"]["WT"] == pytest.approx(sum(dice) / 4, abs=1e-4)
+    assert card["estimate"]["dice/WT"]["low"] <= card["dice"]["WT"] <= card["estimate"]["dice/WT"]["high"]
     shutil.rmtree(out)  # another machine: the table again from the kept files alone
     assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))

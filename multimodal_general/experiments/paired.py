@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RESAMPLES", "case_means", "interval_cell", "paired_difference"]
+__all__ = ["RESAMPLES", "case_means", "interval_cell", "mean_interval", "paired_difference"]
 
 #: bootstrap resamples of the cases (fixed seed: the same values give the same interval)
 RESAMPLES = 10_000
@@ -48,6 +48,15 @@ def paired_difference(values: Mapping[str, float], reference: Mapping[str, float
     worse = diff < 0 if higher_is_better else diff > 0
     return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "n": len(shared),
             "improved": int(better.sum()), "worsened": int(worse.sum())}
+
+
+def mean_interval(values: Mapping[str, float], *, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """The mean over cases of ``{case: value}`` with its percentile bootstrap 95 % interval
+    (``mean``, ``low``, ``high``, ``n``; non-finite values left out): what a new case drawn like
+    these would score on average, and how sure these cases make it."""
+    zero = {case: 0.0 for case in values}
+    difference = paired_difference(values, zero, resamples=resamples, seed=seed)
+    return {key: difference[key] for key in ("mean", "low", "high", "n")}
 
 
 def interval_cell(difference: Mapping, digits: int = 3) -> str:
