@@ -460,13 +460,14 @@ def export(
         help="a JSON file of results on cases the model (or its recipe) never saw, stored in the card")] = None,
     postprocessing: Annotated[Path | None, typer.Option(
         help="a JSON file of clean-up rules (docs/inference.md) the card carries and every inference applies")] = None,
+    tta: Annotated[bool, typer.Option(help="predictions average the 8 mirrorings unless told otherwise (in the card)")] = False,
 ) -> None:
     """Export the trained network (no auxiliary heads) to ONNX with its model card, after
     checking the graph and its parity with torch; several --run make one ensemble model."""
     from brats_cggm.export import card_path, export_run
 
     with console.status("exporting to ONNX and checking parity"):
-        card = export_run(run, out, checkpoint, parity_cases, description, evaluation, postprocessing)
+        card = export_run(run, out, checkpoint, parity_cases, description, evaluation, postprocessing, tta)
     parity = card["parity"]
     console.print(
         f"wrote {out} and {card_path(out)}: opset {card['opset']}, max |p_onnx - p_torch| = "

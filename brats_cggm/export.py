@@ -67,7 +67,7 @@ def weights_sha256(net: nn.Module) -> str:
 
 def export_run(
     run_dir: Path | Sequence[Path], out: Path, checkpoint: str = "best", parity_cases: int = 1, description: str = "",
-    evaluation: Path | None = None, postprocessing: Path | None = None,
+    evaluation: Path | None = None, postprocessing: Path | None = None, tta: bool = False,
 ) -> dict[str, Any]:
     """Export ``RUN/checkpoints/<checkpoint>.pt`` to ``out`` (and ``out``'s card); returns the card.
 
@@ -76,7 +76,8 @@ def export_run(
     Parity is also checked on ``parity_cases`` of the (first) run's validation cases (when its
     data folder is still there). ``evaluation``: a JSON file of results on unseen cases for
     the card; ``postprocessing``: a JSON file of the clean-up rules every inference applies
-    (:mod:`brats_cggm.inference.postprocessing`).
+    (:mod:`brats_cggm.inference.postprocessing`); ``tta``: predictions average the 8 mirrorings
+    unless told otherwise (the card's ``inference.tta``).
     """
     if out.suffix != ".onnx":
         raise ConfigurationError(f"{out}: the exported file must end in .onnx")
@@ -84,6 +85,7 @@ def export_run(
     rules = choose_postprocessing({}, postprocessing) if postprocessing is not None else None
     runs = [load_run(d, checkpoint) for d in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
     card = ensemble_card(runs, description, results, rules.to_dict() if rules is not None else None)
+    card["inference"]["tta"] = bool(tta)
     card = check_card({**card, "opset": OPSET}, runs[0].checkpoint)
     graph = InferenceGraph(*(run.net for run in runs)).eval()
     patch = runs[0].config.preprocessing.patch_size

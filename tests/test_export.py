@@ -160,9 +160,11 @@ def test_an_ensemble_graph_gives_the_logit_of_its_members_mean_probability():
 
 def test_several_runs_export_as_one_ensemble_model(trained, exported, tmp_path):
     out = tmp_path / "ensemble.onnx"
-    done = run_cli("export", "--run", str(trained), "--run", str(trained), "--out", str(out), "--parity-cases", "0")
+    done = run_cli("export", "--run", str(trained), "--run", str(trained), "--out", str(out), "--parity-cases", "0",
+                   "--tta")
     assert done.returncode == 0, done.stderr
     card, single = Segmenter.load(out).card, exported[1]
+    assert card["inference"]["tta"] is True and single["inference"]["tta"] is False and Segmenter.load(out).tta
     members = card["training"]["ensemble"]["members"]
     assert [m["weights_sha256"] for m in members] == [single["weights_sha256"]] * 2
     assert members[0]["data"] == single["training"]["data"] and "data" not in card["training"]
