@@ -10,7 +10,9 @@ Seconds per case are those of this machine (2 cores), network and clean-up inclu
 
 Each fold's per-case rows are kept in ``RESULTS/inference_choices_runs/<row>-fold<k>.json``
 (commit them: ``--table-only`` rebuilds the table from them); the table goes to
-``RESULTS/inference_choices.md|json`` and ``inference_choices.png``.
+``RESULTS/inference_choices.md|json`` and ``inference_choices.png``. ``--card VARIANT`` adds that
+variant's per-metric estimate (mean over the cases, bootstrap 95 % interval) to the recipe's
+figures in ``RESULTS/real_cv_card.json`` for the model card.
 
     python bench/inference_choices.py --protocol runs/real_cv_paired --row ef-dropout-init
 """
@@ -136,6 +138,27 @@ def write_table(rows: list[dict], row: str, results: Path, command: str) -> str:
     return text
 
 
+def card_figures(rows: list[dict], variant: str, card_file: Path) -> dict:
+    """``card_file`` (bench/real_cv.py --card's figures of the recipe) with ``inference`` added: the
+    variant's estimate per metric, the mean over the test cases with its bootstrap 95 % interval,
+    and its seconds per case (what a user of a model with that clean-up and mirroring should expect)."""
+    from multimodal_general.experiments.paired import mean_interval
+
+    mine = [r for r in rows if r["variant"] == variant]
+    if not mine:
+        raise SystemExit(f"error: no variant {variant!r} (the variants: {', '.join(dict.fromkeys(r['variant'] for r in rows))})")
+    metrics = [k for k in mine[0] if "/" in k]
+    estimate = {m: {k: round(v, 4) if isinstance(v, float) else v
+                    for k, v in mean_interval({r["case_id"]: r[m] for r in mine}).items()} for m in metrics}
+    card = json.loads(card_file.read_text()) if card_file.exists() else {}
+    tta, _, candidate = variant.partition("+") if variant.startswith("tta") else ("", "", variant)
+    return {**card, "inference": {
+        "variant": variant, "tta": bool(tta), "postprocessing": CANDIDATES.get(candidate, {}),
+        "what": ("each case scored by its fold's network with this mirroring and clean-up: mean over the cases "
+                 "[bootstrap 95 % interval]"),
+        "estimate": estimate, "seconds_per_case": round(statistics.fmean(r["seconds"] for r in mine), 2)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", type=Path, default=Path("runs/real_cv_paired"),
@@ -144,6 +167,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--results", type=Path, default=Path("bench/results"))
     parser.add_argument("--table-only", action="store_true", help="the table from the kept rows only")
+    parser.add_argument("--card", metavar="VARIANT", help="add the variant's figures to RESULTS/real_cv_card.json "
+                        "(bench/real_cv.py --card writes it), for the model card (brats-cggm export --evaluation)")
     args = parser.parse_args()
     kept = args.results / "inference_choices_runs"
     if args.table_only:
@@ -156,6 +181,9 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"error: no fold of row {args.row} is done")
     print(write_table(rows, args.row, args.results, f"python bench/inference_choices.py --row {args.row}"))
+    if args.card:
+        card_file = args.results / "real_cv_card.json"
+        atomic_write_text(card_file, json.dumps(card_figures(rows, args.card, card_file), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,29 @@ def test_the_default_rows_are_the_protocol_s_and_the_reference_is_the_shipped_re
     assert real_cv.ROWS[real_cv.REFERENCE].init == "early_fusion" and real_cv.CHECKPOINT == "last"
 
 
+def check_inference_choices(out, results, card):
+    """bench/inference_choices.py on the tiny protocol's folds: every variant per case, the plain
+    one as the protocol scored it, and the card figures of a chosen variant."""
+    spec = importlib.util.spec_from_file_location("inference_choices", REPO / "bench" / "inference_choices.py")
+    choices = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choices)
+    rows = choices.run_folds(out, "ef", 1, results / "inference_choices_runs")  # fold 0: two cases
+    variants = {r["variant"] for r in rows}
+    assert variants == {choices.variant_name(t, c) for t in (False, True) for c in choices.CANDIDATES}
+    assert len(rows) == 2 * len(variants) and {"plain", "tta", "tta+wt-far"} <= variants
+    plain = {r["case_id"]: r["dice/WT"] for r in rows if r["variant"] == "plain"}
+    protocol = {c["case_id"]: c["dice/WT"] for c in json.loads(
+        (results / "real_cv_runs" / "ef-fold0-seed0.json").read_text())["cases"]}
+    assert plain == pytest.approx(protocol, abs=1e-6)  # plain is the protocol's own score
+    text = choices.write_table(rows, "ef", results, "cmd")
+    assert "Paired against plain" in text and (results / "inference_choices.png").exists()
+    (results / "real_cv_card.json").write_text(json.dumps(card))
+    figures = choices.card_figures(rows, "tta+wt-far", results / "real_cv_card.json")
+    assert figures["estimate"] == card["estimate"] and figures["inference"]["tta"] is True
+    assert figures["inference"]["postprocessing"] == choices.CANDIDATES["wt-far"]
+    assert figures["inference"]["estimate"]["dice/WT"]["n"] == 2
+
+
 def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path, monkeypatch):
     from training_cases import TINY, torch_threads
 
@@ -134,5 +157,6 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     dice = [c["dice/WT"] for r in runs if r["method"] == "ef" for c in r["cases"]]
     assert card["dice"]["WT"] == pytest.approx(sum(dice) / 4, abs=1e-4)
     assert card["estimate"]["dice/WT"]["low"] <= card["dice"]["WT"] <= card["estimate"]["dice/WT"]["high"]
+    check_inference_choices(out, results, card)
     shutil.rmtree(out)  # another machine: the table again from the kept files alone
     assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))
