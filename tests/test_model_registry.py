@@ -44,7 +44,6 @@ def test_what_counts_as_a_machine_path(text, is_path):
     assert bool(MACHINE_PATH.search(text)) == is_path
 
 
-@pytest.mark.xfail(strict=True, reason="brats_cggm_real's card still names its data by path, until it is re-shipped")
 def test_no_shipped_card_holds_a_path_of_the_machine_that_built_it():
     for model in models.available():
         found = [text for text in strings(model.card) if MACHINE_PATH.search(text)]

@@ -30,7 +30,7 @@ def segmenter():
 
 def test_the_default_model_was_trained_on_real_scans_and_says_so(segmenter):
     card = segmenter.card
-    assert "BraTS 2018" in card["description"] and "NOT for clinical use" in card["description"]
+    assert "real BraTS cases" in card["description"] and "NOT for clinical use" in card["description"]
     assert segmenter.allows_missing
     evaluation = card["evaluation"]
     assert len(evaluation["subsets"]) == 15  # the cross-validated 15-subset table

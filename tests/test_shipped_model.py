@@ -47,7 +47,10 @@ def wt_dice(prediction, case) -> float:
 def test_the_default_model_is_the_shipped_one_and_says_what_it_is(segmenter):
     assert segmenter.source == str(DEFAULT_MODEL)
     card = segmenter.card
-    assert "BraTS 2018" in card["description"] and "NOT for clinical use" in card["description"]
+    assert "real BraTS cases" in card["description"] and "NOT for clinical use" in card["description"]
+    assert len(card["training"]["ensemble"]["members"]) == 3 and segmenter.tta and segmenter.postprocessing
+    estimate = card["evaluation"]["inference"]["estimate"]  # what users should expect, with its interval
+    assert estimate["dice/WT"]["low"] < estimate["dice/WT"]["mean"] < estimate["dice/WT"]["high"]
     assert card["network"]["preset"] == "early_fusion" and card["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
     assert "not for clinical use" in card["intended_use"]
     assert segmenter.allows_missing  # trained with sequence dropout (its card's old name: modality_dropout)
