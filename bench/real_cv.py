@@ -279,7 +279,7 @@ def collect(out: Path, rows: Sequence[str], folds: int, kept: Path, seeds: int =
             run = json.loads(scored_model.read_text())
         elif row.fusion is not None and (run_dir / "summary.json").exists():
             run = {**score_run(run_dir, row.method, seed, None, "cpu", print, True, CHECKPOINT),
-                   **telemetry_means(run_dir)}
+                   **telemetry_means(run_dir), **fit_check(run_dir)}
         elif kept_file.exists():
             runs.append(json.loads(kept_file.read_text()))
             continue
@@ -288,6 +288,37 @@ def collect(out: Path, rows: Sequence[str], folds: int, kept: Path, seeds: int =
         runs.append({**run, "method": key, "fold": fold})
         write_scores(kept_file, runs[-1])
     return runs
+
+
+def fit_check(run_dir: Path) -> dict[str, float]:
+    """``fit/dice/<region>``: the run's mean Dice on the cases it trained on (the scored checkpoint;
+    ``RUN/evaluation/train``). A network that cannot segment its own training cases has a problem
+    that no test case should be needed to reveal (the four-branch regions' collapse was one)."""
+    from brats_cggm.evaluation import evaluate
+    from brats_cggm.metrics import REGIONS
+
+    summary_file = run_dir / "evaluation" / "train" / "summary.json"
+    if not summary_file.exists() or Path(json.loads(summary_file.read_text())["checkpoint"]).stem != CHECKPOINT:
+        evaluate(run_dir, None, "train", CHECKPOINT)
+    metrics = json.loads(summary_file.read_text())["metrics"]
+    return {f"fit/dice/{r}": metrics[f"dice/{r}"]["mean"] for r in REGIONS}
+
+
+def fit_lines(runs: list[dict]) -> list[str]:
+    """The fit check's table: per row, Dice on its runs' own training cases (mean ± std over runs)."""
+    from multimodal_general.runs.series import mean_std, plus_minus
+
+    checked = [r for r in runs if "fit/dice/WT" in r]
+    if not checked:
+        return []
+    lines = ["", ("Fit check: Dice on each run's own training cases (its scored checkpoint), mean ± std over runs; "
+                  "far below the test Dice, or TC and ET near WT's volume, means the network cannot fit the regions."),
+             "", "| configuration | fit TC | fit WT | fit ET |", "|---|---|---|---|"]
+    for key in dict.fromkeys(r["method"] for r in checked):
+        mine = [r for r in checked if r["method"] == key]
+        cells = [plus_minus(mean_std([r[f"fit/dice/{g}"] for r in mine])) for g in ("TC", "WT", "ET")]
+        lines.append(f"| {ROWS[key].label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 #: CGGM's per-sequence telemetry the table summarises: the magnitude coefficient and the cosine
@@ -360,7 +391,7 @@ def table_markdown(table: list[dict], runs: list[dict], folds: int, cases: Seque
               (f"Intervals over {len(cases)} cases are wide: they are what these cases can tell, not narrowed by "
                "choice; a second seed for rows that decide something (`--seeds 2`)."), "",
               paired_markdown(paired, reference, lambda key: ROWS[key].label).rstrip()]
-    return "\n".join(lines + telemetry_lines(runs)) + "\n"
+    return "\n".join(lines + fit_lines(runs) + telemetry_lines(runs)) + "\n"
 
 
 def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str,

@@ -38,12 +38,14 @@ from brats_cggm.metrics import REGIONS, region_metrics, summarize
 from brats_cggm.training.config import TrainConfig
 from multimodal_general.io import atomic_write_text
 
-SPLITS = ("val", "test", "all")
+SPLITS = ("val", "test", "train", "all")
 
 
 def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, split: str) -> list[Case]:
     """``val``: the run's validation cases; ``test``: cases of the folder the run's split
-    does not name (never seen in training or model selection); ``all``: every case."""
+    does not name (never seen in training or model selection); ``train``: the cases it trained
+    on (a fit check: a network that cannot segment those has a problem no other case will
+    hide); ``all``: every case."""
     folder = data_dir or (Path(config.data.dir) if config.data.dir else None)
     if folder is None:
         raise ConfigurationError("no data folder: give --data DIR")
@@ -53,6 +55,7 @@ def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, spli
     chosen = {
         "val": [c for c in cases if c.case_id in set(fold["val"])],
         "test": [c for c in cases if c.case_id not in used],
+        "train": [c for c in cases if c.case_id in set(fold["train"])],
         "all": cases,
     }[split]
     return _labelled(chosen, folder, f"no {split} cases of this run in the folder")

@@ -144,6 +144,7 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
         f"{row}-fold{k}-seed0.json" for row in rows for k in (0, 1)])
     kept = json.loads((results / "real_cv_runs" / "ef-fold0-seed0.json").read_text())
     assert kept["checkpoint"] == "last" and len(kept["cases"]) == 2 and "hd95/WT" in kept["cases"][0]
+    assert 0 <= kept["fit/dice/ET"] <= 1 and "Fit check: Dice on each run's own training cases" in markdown
     tested = sorted(c["case_id"] for r in runs if r["method"] == "ef" for c in r["cases"])
     assert tested == sorted(cases)  # every case tested once
     payload = json.loads((results / "real_cv.json").read_text())

@@ -643,6 +643,15 @@ def test_evaluate_command_scores_the_validation_cases(cli_run):
     assert summary["metrics"]["dice/WT"]["mean"] == pytest.approx(mean)
 
 
+def test_evaluate_train_split_is_a_fit_check_on_the_training_cases(cli_run):
+    from brats_cggm.evaluation import evaluate
+
+    rows, summary, folder = evaluate(cli_run.run, split="train", checkpoint="last")
+    train = sorted(json.loads((cli_run.run / "split.json").read_text())["folds"][0]["train"])
+    assert sorted(r["case_id"] for r in rows) == train and summary["split"] == "train"
+    assert folder == cli_run.run / "evaluation" / "train"
+
+
 def test_evaluate_test_split_without_held_out_cases_is_an_error(cli_run):
     assert cli_run.result.returncode == 0, cli_run.result.stderr
     line = error_line(run_cli("evaluate", "--run", cli_run.run, "--split", "test"))
