@@ -7,7 +7,8 @@
 #      sequence dropout 0.25, cpu-real for 150 epochs on the fold's training cases; each case is scored
 #      once, by the fold network that never saw it: the card's estimate and its interval;
 #   2. bench/inference_choices.py scores mirroring (TTA) and the clean-up candidates on the same folds,
-#      paired case by case; VARIANT names the one the card carries (chosen from its table);
+#      paired case by case; VARIANT names the one the card carries (chosen from its table: small-island
+#      removal; mirroring gained little for 3x the time, models/README.md);
 #   3. the three fold networks are exported as one ensemble (their mean probability), with that
 #      mirroring and clean-up in the card.
 #
@@ -21,7 +22,7 @@ BIN=${BIN:-.venv/bin}
 WORK=${WORK:-runs/real_cv_paired}
 RESULTS=${RESULTS:-$WORK/results}
 OUT=${OUT:-brats_cggm/models/brats_cggm_real.onnx}
-VARIANT=${VARIANT:-tta+wt-far}
+VARIANT=${VARIANT:-small-islands}
 ROW=ef-dropout-init
 
 "$BIN/python" bench/real_cv.py --data "$DATA" --out "$WORK" --results "$RESULTS" --rows "$ROW" --card "$ROW"

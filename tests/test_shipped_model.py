@@ -48,7 +48,7 @@ def test_the_default_model_is_the_shipped_one_and_says_what_it_is(segmenter):
     assert segmenter.source == str(DEFAULT_MODEL)
     card = segmenter.card
     assert "real BraTS cases" in card["description"] and "NOT for clinical use" in card["description"]
-    assert len(card["training"]["ensemble"]["members"]) == 3 and segmenter.tta and segmenter.postprocessing
+    assert len(card["training"]["ensemble"]["members"]) == 3 and not segmenter.tta and segmenter.postprocessing
     estimate = card["evaluation"]["inference"]["estimate"]  # what users should expect, with its interval
     assert estimate["dice/WT"]["low"] < estimate["dice/WT"]["mean"] < estimate["dice/WT"]["high"]
     assert card["network"]["preset"] == "early_fusion" and card["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
