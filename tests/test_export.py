@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from inference_cases import cli
 from training_cases import error_line, run_cli
 
 from brats_cggm import models
@@ -161,9 +162,8 @@ def test_an_ensemble_graph_gives_the_logit_of_its_members_mean_probability():
 
 def test_several_runs_export_as_one_ensemble_model(trained, exported, tmp_path):
     out = tmp_path / "ensemble.onnx"
-    done = run_cli("export", "--run", str(trained), "--run", str(trained), "--out", str(out), "--parity-cases", "0",
-                   "--tta")
-    assert done.returncode == 0, done.stderr
+    code, text = cli("export", "--run", trained, "--run", trained, "--out", out, "--parity-cases", "0", "--tta")
+    assert code == 0, text
     card, single = Segmenter.load(out).card, exported[1]
     assert card["inference"]["tta"] is True and single["inference"]["tta"] is False and Segmenter.load(out).tta
     members = card["training"]["ensemble"]["members"]

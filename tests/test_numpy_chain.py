@@ -202,10 +202,15 @@ def test_an_onnx_file_takes_the_numpy_chain_and_a_run_folder_monais(chains):
 #: every full case (partial/ holds two-sequence cases, one folder deeper)
 REAL_CASES = sorted(p.name for p in REAL.glob("*/*") if p.is_dir() and p.name != "labels"
                     and p.parent.name != "partial") if REAL.is_dir() else []
+#: the first case of each folder (each its own grid and source) in the default suite, the rest
+#: behind the slow marker (the shipped model is three networks: every case costs seconds)
+FIRST_OF_FOLDER = {min(p.name for p in REAL.glob(f"{folder.name}/*") if p.name in REAL_CASES)
+                   for folder in REAL.glob("*") if any(p.name in REAL_CASES for p in folder.glob("*"))} if REAL.is_dir() else set()
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"no real BraTS cases at {REAL} (a fresh clone has none)")
-@pytest.mark.parametrize("name", REAL_CASES or ["none"])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in FIRST_OF_FOLDER else pytest.mark.slow)
+                                  for name in REAL_CASES] or ["none"])
 def test_real_cases_agree(chains, name):
     folder = next(p for p in REAL.glob(f"*/{name}"))
     case = next(c for c in discover(folder.parent, partial=True).cases if c.case_id == name)
