@@ -8,30 +8,21 @@ give each region about its own volume and place it.
 
 from __future__ import annotations
 
-import numpy as np
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
-from brats_cggm import MODALITIES
-from brats_cggm.data.phantom import generate_case
 from brats_cggm.network import build_network
 from brats_cggm.training.components import RegionLoss
 
 SIZE, CASES, STEPS = 48, 3, 150
-
-
-def phantoms() -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (each sequence z-scored on the brain) and TC/WT/ET masks of three phantoms."""
-    def zscore(volume: np.ndarray) -> np.ndarray:
-        brain = volume > 0
-        out = np.zeros(volume.shape, np.float32)
-        out[brain] = (volume[brain] - volume[brain].mean()) / volume[brain].std()
-        return out
-
-    cases = [generate_case(1000 + i, SIZE) for i in range(CASES)]
-    images = np.stack([np.stack([zscore(c.images[m]) for m in MODALITIES]) for c in cases])
-    regions = np.stack([np.stack([np.isin(c.label, (1, 4)), c.label > 0, c.label == 4]) for c in cases])
-    return torch.as_tensor(images), torch.as_tensor(regions, dtype=torch.float32)
+#: bench/collapse_ablation.py, whose phantoms (z-scored images, TC/WT/ET masks) this test trains on
+_spec = importlib.util.spec_from_file_location(
+    "collapse_ablation", Path(__file__).resolve().parents[1] / "bench" / "collapse_ablation.py")
+ablation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablation)
 
 
 def fit(net: torch.nn.Module, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -49,7 +40,7 @@ def fit(net: torch.nn.Module, images: torch.Tensor, regions: torch.Tensor) -> to
 
 @pytest.mark.parametrize("fusion", ["hemis"])
 def test_a_small_four_branch_network_fits_the_regions_apart(fusion):
-    images, regions = phantoms()
+    images, regions = ablation.phantoms(CASES, SIZE)
     torch.manual_seed(0)
     with torch.random.fork_rng():
         torch.set_num_threads(1)
