@@ -213,3 +213,11 @@ class EmptyCoalition:
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.backend(image, np.zeros_like(mask))
+
+
+def strings(value):
+    """Every string inside a JSON value (a model card's texts)."""
+    if isinstance(value, str):
+        yield value
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        yield from strings(item)

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from inference_cases import cli
+from inference_cases import cli, strings
 from training_cases import error_line, run_cli
 
 from brats_cggm import models
@@ -73,14 +73,6 @@ def test_the_card_names_its_data_without_a_path_of_the_machine(exported, trained
     assert card["training"]["data"] == {"dataset": "train", "train": sorted(split["train"]),
                                         "val": sorted(split["val"])}
     assert card["training"]["init"] is None
-
-    def strings(value):
-        if isinstance(value, dict):
-            return [s for v in value.values() for s in strings(v)]
-        if isinstance(value, list):
-            return [s for v in value for s in strings(v)]
-        return [value] if isinstance(value, str) else []
-
     assert [s for s in strings(card) if s.startswith("/") or str(trained.parent) in s] == []
 
 

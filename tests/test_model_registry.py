@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from inference_cases import cli
+from inference_cases import cli, strings
 
 from brats_cggm import models
 from brats_cggm.errors import IncompatibleModel
@@ -27,14 +27,6 @@ def test_every_shipped_model_has_a_card_that_its_file_carries():
 
 #: a path of the machine that built a model: absolute (POSIX, home, Windows drive), anywhere in a text
 MACHINE_PATH = re.compile(r"(?:^|[\s'\"=(])(?:/[\w.-]+/|~/|[A-Za-z]:[\\/])")
-
-
-def strings(value):
-    """Every string inside a JSON value."""
-    if isinstance(value, str):
-        yield value
-    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
-        yield from strings(item)
 
 
 @pytest.mark.parametrize("text, is_path", [("/work/shared/data/real", True), ("data=/home/me/x", True),
