@@ -15,10 +15,10 @@ PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[train,dev,app,food]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[train,dev,app,food,raw]"
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[train,dev,app,food]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[train,dev,app,food,raw]"
 
 # The demo: CGGM on the synthetic imbalance task (~20 s), then BraTS-like phantoms ->
 # a short CGGM training on the CPU -> evaluation of the validation cases -> ONNX export ->

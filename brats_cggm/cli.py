@@ -42,6 +42,13 @@ PostprocessingOption = Annotated[str, typer.Option(
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="average over the 8 mirrorings of each window (8x slower; default: as the model card says)",
     show_default=False)]
+# the raw path's sequence overrides (ingest, predict --raw)
+FlairOption = Annotated[str | None, typer.Option("--flair", help="the FLAIR series: its number, description or path in the case")]
+T1Option = Annotated[str | None, typer.Option("--t1", help="the T1 series (as --flair)")]
+T1ceOption = Annotated[str | None, typer.Option("--t1ce", help="the T1ce series (as --flair)")]
+T2Option = Annotated[str | None, typer.Option("--t2", help="the T2 series (as --flair)")]
+SkipOption = Annotated[list[str] | None, typer.Option(
+    "--skip", help="a series (number, description or path; a folder leaves out all it holds) that is none of the four (repeatable)")]
 BalancerOption = Annotated[list[str] | None, typer.Option(
     "--balancer-option",
     help="a baseline's hyperparameter, e.g. alpha=0.5 (repeatable; = --set balancer.options.NAME=VALUE)")]
@@ -60,7 +67,7 @@ def progress_bar() -> Progress:
 EXTRAS = {
     **dict.fromkeys(("torch", "monai", "torchio", "SimpleITK", "onnxscript", "matplotlib", "scipy", "sklearn", "h5py",
                      "nilearn", "yaml", "tensorboard"), "train"),
-    "gradio": "app", "transformers": "food", "itk": "itk",
+    "gradio": "app", "transformers": "food", "itk": "itk", "pydicom": "raw", "highdicom": "raw",
 }
 
 
@@ -477,6 +484,76 @@ def export(
     )
 
 
+def _ingested(folder: Path, case_id: str, index: int, overrides: dict, skip: list[str] | None):
+    """Run the raw chain on one case, printing its identification table."""
+    from brats_cggm.raw.ingest import Ingest
+
+    ingest = Ingest(case_id, folder, overrides, skip or ())
+    try:
+        return ingest.run(index)
+    finally:
+        if getattr(ingest, "decisions", None):
+            table = Table(title=f"{case_id}: sequences", title_justify="left")
+            for column in ("series", "sequence", "identified by"):
+                table.add_column(column, overflow="fold")
+            for decision in ingest.decisions:
+                row = decision.row()
+                table.add_row(escape(row["series"]), row["sequence"].upper(), escape(row["reason"]))
+            console.print(table)
+
+
+@app.command()
+def ingest(
+    raw: Annotated[list[Path], typer.Argument(help="a folder of cases (one sub-folder each), one case folder, or a .zip of either")],
+    out: Annotated[Path, typer.Option(help="folder for the BraTS-ready cases")],
+    flair: FlairOption = None, t1: T1Option = None, t1ce: T1ceOption = None, t2: T2Option = None,
+    skip: SkipOption = None,
+    overwrite: Annotated[bool, typer.Option(help="replace cases already in --out")] = False,
+) -> None:
+    """Raw examinations -> BraTS-ready cases: DICOM series or NIfTI files on their own grids,
+    skull on, become four co-registered, skull-stripped 1 mm sequences in MNI152 space.
+
+    Per case: identify the sequences (a table says how; --flair/--t1/--t1ce/--t2 decide),
+    register FLAIR, T1, T2 rigidly to the T1ce and the T1ce to the MNI152 atlas, extract the
+    brain (deepbet, shipped; skull-stripped input passes through), resample each sequence
+    once. Writes OUT/<case>/<case>_{flair,t1,t1ce,t2}.nii.gz, the brain mask and ingest.json
+    (series, identification, transforms, metrics, brain volume; no patient identifier).
+    A case that fails is reported and the others go on; exit status 2 if any failed.
+    """
+    from brats_cggm.errors import UserError
+    from brats_cggm.raw.cases import raw_cases
+    from brats_cggm.raw.ingest import write_case
+
+    overrides = {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2}
+    failures, written = [], []
+    with raw_cases(raw) as cases:
+        for index, (case_id, folder) in enumerate(cases, 1):
+            if not overwrite and (out / case_id).exists():
+                console.print(f"skipped {case_id}: already in {out} (--overwrite replaces it)")
+                continue
+            try:
+                with console.status(f"ingesting {case_id}"):
+                    case = _ingested(folder, case_id, index, overrides, skip)
+                    path = write_case(case, out, overwrite)
+            except UserError as error:
+                failures.append(str(error))
+                console.print(f"[red]failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+                continue
+            record = case.record
+            written.append(path)
+            console.print(
+                f"{case.case_id}: {', '.join(record['sequences_present'])} -> {path} "
+                f"(brain {record['brain']['volume_ml']:.0f} ml, {sum(record['seconds'].values()):.1f} s)"
+                + (f"; missing: {', '.join(record['sequences_missing'])}" if record["sequences_missing"] else ""),
+                highlight=False, soft_wrap=True)
+            if record.get("note"):
+                console.print(f"  note: {record['note']}", highlight=False)
+    if failures:
+        console.print(f"[bold red]{len(failures)} case(s) failed[/]")
+        raise typer.Exit(2)
+    console.print(f"[bold green]{len(written)} case(s) ready in {out}[/] (brats-cggm check {out})")
+
+
 @app.command()
 def predict(
     inputs: Annotated[
@@ -497,12 +574,21 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="redo cases whose results are already in --out")] = False,
     layout: LayoutOption = None,
     postprocessing: PostprocessingOption = "card",
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="the input is raw examinations (DICOM series or NIfTI files, own grids, skull on): ingest "
+                      "them, segment, map the labels back to the T1ce series' grid")] = False,
+    flair: FlairOption = None, t1: T1Option = None, t1ce: T1ceOption = None, t2: T2Option = None,
+    skip: SkipOption = None,
 ) -> None:
     """Segment one case or a folder of cases; results keep each input's grid and header.
 
     Writes CASE.nii.gz (labels), CASE.json (volumes in ml, sequences used, contribution
     shares) and, when asked, probability and contribution maps. A case that fails is
     reported and the others go on; the exit status is 1 if any failed.
+
+    With --raw: OUT/CASE/CASE_seg.nii.gz on the T1ce series' own grid, CASE_seg.dcm (DICOM
+    SEG, for DICOM input), CASE.json (volumes), atlas/ (the atlas-space result) and brats/
+    (the BraTS-ready case that was segmented).
     """
     from brats_cggm.errors import UserError
     from brats_cggm.inference.contributions import METHODS
@@ -516,6 +602,9 @@ def predict(
         raise ConfigurationError(f"--label-scheme must be one of {', '.join(OUTPUT_SCHEMES)}; got '{label_scheme}'")
     segmenter = Segmenter.load(model, provider=provider, device=device, postprocessing=postprocessing, tta=tta)
     console.print(segmenter.applied(), highlight=False, soft_wrap=True)
+    if raw:
+        _predict_raw(segmenter, inputs, out, label_scheme, overwrite, {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2}, skip)
+        return
     cases, problems = find_cases(inputs, layout)
     failures = [str(p) for p in problems]
     for problem in failures:
@@ -540,6 +629,41 @@ def predict(
         console.print(_volume_table(done, out))
     if skipped:
         console.print(f"skipped {len(skipped)} case(s) already in {out} (--overwrite redoes them)")
+    if failures:
+        console.print(f"[bold red]{len(failures)} case(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _predict_raw(segmenter, inputs: list[Path], out: Path, label_scheme: str, overwrite: bool, overrides: dict,
+                 skip: list[str] | None) -> None:
+    """``predict --raw``: ingest, segment and map back each raw case (raw/native.py)."""
+    from brats_cggm.errors import UserError
+    from brats_cggm.raw.cases import raw_cases
+    from brats_cggm.raw.native import write_raw_prediction
+
+    failures, done = [], []
+    with raw_cases(inputs) as cases:
+        for index, (case_id, folder) in enumerate(cases, 1):
+            if not overwrite and (out / case_id / f"{case_id}.json").is_file():
+                console.print(f"skipped {case_id}: already in {out} (--overwrite redoes it)")
+                continue
+            try:
+                with console.status(f"{case_id}: ingesting"):
+                    case = _ingested(folder, case_id, index, overrides, skip)
+                with console.status(f"{case.case_id}: segmenting"):
+                    prediction = segmenter.predict_arrays(case.arrays, case.atlas_affine, case.case_id,
+                                                          label_scheme=label_scheme)
+                    report = write_raw_prediction(prediction, case, out, segmenter.model_info, label_scheme,
+                                                  segmenter.threshold, overwrite=True)
+            except UserError as error:
+                failures.append(str(error))
+                console.print(f"[red]failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+                continue
+            done.append({"case_id": case.case_id, "volumes_ml": report["volumes_ml"],
+                         "sequences_used": report["sequences_present"],
+                         "seconds": sum(report["seconds"]["ingest"].values()) + report["seconds"]["segment"]})
+    if done:
+        console.print(_volume_table(done, out))
     if failures:
         console.print(f"[bold red]{len(failures)} case(s) failed[/]")
         raise typer.Exit(1)

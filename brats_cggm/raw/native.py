@@ -1,0 +1,111 @@
+"""Segment an ingested case and map the result back to the scanner: each region's probability
+(TC, WT, ET) is resampled linearly from the atlas grid onto the reference (T1ce) series' own
+grid through the inverse of the atlas registration, then thresholded and labelled (nested
+regions -> BraTS labels); islands the model's clean-up removed in atlas space stay removed.
+
+``predict --raw`` writes, per case, into ``OUT/<case>/`` (all at once, by renaming a finished
+hidden folder):
+
+* ``<case>_seg.nii.gz``: labels {0, 1, 2, 4} on exactly the reference series' grid
+* ``<case>_seg.dcm``: the same regions as a DICOM SEG referencing that series (DICOM input)
+* ``<case>.json``: volumes (ml) per region on the native grid, the sequences present, the
+  model, and the ingest record
+* ``atlas/``: the atlas-space prediction (``<case>.nii.gz`` and its JSON)
+* ``brats/<case>/``: the BraTS-ready case the model saw (with ``ingest.json``)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brats_cggm.data.labels import REGIONS, labels_from_regions, to_scheme
+from brats_cggm.inference.outputs import nifti_bytes, write_prediction
+from brats_cggm.inference.prediction import Prediction
+from brats_cggm.raw import brain
+from brats_cggm.raw.ingest import IngestedCase, affine_of, write_case
+
+
+def native_regions(prediction: Prediction, case: IngestedCase, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``([3, x, y, z]`` float32 probabilities, ``[3, x, y, z]`` bool nested regions) of TC,
+    WT, ET on the reference series' grid."""
+    import SimpleITK as sitk
+
+    probabilities = np.array(prediction.probabilities, dtype=np.float32, copy=True)
+    removed = (probabilities > threshold) & ~prediction.regions  # the clean-up's islands
+    probabilities[removed] = 0.0
+    inverse = case.to_reference.GetInverse()  # reference point -> atlas point
+    native = np.stack([
+        brain.to_xyz(sitk.Resample(brain.from_xyz(p, case.atlas_image), case.reference_image, inverse,
+                                   sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        for p in probabilities
+    ])
+    labels = labels_from_regions(native > threshold)
+    nested = np.stack([np.isin(labels, (1, 4)), labels > 0, labels == 4])
+    return native, nested
+
+
+def native_affine(case: IngestedCase) -> tuple[np.ndarray, Any]:
+    """The reference series' voxel -> RAS matrix and NIfTI header: the file's own for NIfTI
+    input (the output matches it exactly), SimpleITK's geometry for DICOM."""
+    import nibabel as nib
+
+    series = case.reference_series
+    if series.kind == "nifti":
+        image = nib.load(series.files[0])
+        return image.affine, image.header
+    return affine_of(case.reference_image), None
+
+
+def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, model: dict[str, Any],
+                         label_scheme: str = "brats2021", threshold: float = 0.5, overwrite: bool = False) -> dict[str, Any]:
+    """Write one raw case's results into ``out/<case>/`` (see the module's docstring)."""
+    final = Path(out) / case.case_id
+    staging = Path(out) / f".{case.case_id}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _, regions = native_regions(prediction, case, threshold)
+        labels = to_scheme(labels_from_regions(regions), label_scheme).astype(np.uint8)
+        affine, header = native_affine(case)
+        seg_name = f"{case.case_id}_seg.nii.gz"
+        (staging / seg_name).write_bytes(nifti_bytes(labels, affine, header))
+        files: dict[str, Any] = {"labels_native": seg_name}
+        if case.reference_series.kind == "dicom":
+            from brats_cggm.raw.dicom_seg import write_seg
+
+            files["dicom_seg"] = write_seg(regions, case.reference_series.files, staging / f"{case.case_id}_seg.dcm").name
+        atlas = write_prediction(prediction, staging / "atlas", model=model)
+        files["atlas"] = f"atlas/{atlas['files']['labels']}"
+        write_case(case, staging / "brats")
+        files["brats_ready"] = f"brats/{case.case_id}"
+        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        report = {
+            "case_id": case.case_id,
+            "label_scheme": label_scheme,
+            "grid": f"the {case.reference.upper()} series as acquired ({case.reference_series.label})",
+            "shape": list(labels.shape),
+            "volumes_ml": {region: round(float(regions[r].sum()) * voxel_ml, 3) for r, region in enumerate(REGIONS)},
+            "volumes_ml_atlas": {k: round(v, 3) for k, v in prediction.volumes_ml().items() if k in REGIONS},
+            "sequences_present": case.record["sequences_present"],
+            "sequences_missing": case.record["sequences_missing"],
+            "files": files,
+            "model": model,
+            "seconds": {"ingest": case.record["seconds"], "segment": round(prediction.seconds, 3)},
+            "ingest": case.record,
+        }
+        (staging / f"{case.case_id}.json").write_text(json.dumps(report, indent=1) + "\n")
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(final)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
