@@ -492,8 +492,10 @@ def _ingested(folder: Path, case_id: str, index: int, overrides: dict, skip: lis
     try:
         return ingest.run(index)
     finally:
+        if getattr(ingest, "renamed", None):
+            console.print(f"note: {ingest.renamed}", highlight=False)
         if getattr(ingest, "decisions", None):
-            table = Table(title=f"{case_id}: sequences", title_justify="left")
+            table = Table(title=f"{ingest.case_id}: sequences", title_justify="left")
             for column in ("series", "sequence", "identified by"):
                 table.add_column(column, overflow="fold")
             for decision in ingest.decisions:
@@ -546,8 +548,6 @@ def ingest(
                 f"(brain {record['brain']['volume_ml']:.0f} ml, {sum(record['seconds'].values()):.1f} s)"
                 + (f"; missing: {', '.join(record['sequences_missing'])}" if record["sequences_missing"] else ""),
                 highlight=False, soft_wrap=True)
-            if record.get("note"):
-                console.print(f"  note: {record['note']}", highlight=False)
     if failures:
         console.print(f"[bold red]{len(failures)} case(s) failed[/]")
         raise typer.Exit(2)

@@ -17,6 +17,8 @@ from importlib import resources
 
 import numpy as np
 
+from brats_cggm.raw.grids import from_xyz, ras_grid, to_xyz
+
 #: the networks' input sizes
 BOX_SHAPE = (128, 128, 128)
 MASK_SHAPE = (256, 256, 256)
@@ -110,40 +112,6 @@ def mask_array(x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if mask.any():
         mask[box] = _largest_component(mask[box], fill=True)
     return mask
-
-
-def ras_grid(image, spacing: float = 1.0):
-    """An empty ``SimpleITK.Image`` on a ``spacing`` mm grid whose axes run R, A, S and which
-    covers ``image``'s field of view."""
-    import SimpleITK as sitk
-
-    size = np.array(image.GetSize()) - 1
-    corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in np.array(k) * size])
-                        for k in np.ndindex(2, 2, 2)])
-    direction = np.diag([-1.0, -1.0, 1.0])  # LPS world: index axes towards R, A, S
-    ras = corners @ direction  # coordinates along the grid's axes
-    low, high = ras.min(axis=0), ras.max(axis=0)
-    grid = sitk.Image([int(np.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high)], sitk.sitkUInt8)
-    grid.SetSpacing([spacing] * 3)
-    grid.SetDirection(direction.flatten().tolist())
-    grid.SetOrigin((direction @ low).tolist())
-    return grid
-
-
-def to_xyz(image) -> np.ndarray:
-    """A SimpleITK image's voxels as an (x, y, z) array (SimpleITK gives z, y, x)."""
-    import SimpleITK as sitk
-
-    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
-
-
-def from_xyz(array: np.ndarray, like):
-    """An (x, y, z) array as a SimpleITK image on ``like``'s grid."""
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    image.CopyInformation(like)
-    return image
 
 
 def extract(image, sequence: str, space=None, transform=None) -> BrainMask:

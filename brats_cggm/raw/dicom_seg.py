@@ -48,7 +48,7 @@ def write_seg(regions: np.ndarray, source_files: tuple[Path, ...], path: Path, s
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="brats-cggm",
         manufacturer_model_name="brats-cggm", software_versions=__version__, device_serial_number="0",
-        series_description="brats-cggm tumour regions (research use)", omit_empty_frames=False,
+        series_description="brats-cggm tumour regions (research use)",
     )
     seg.save_as(path)
     return path

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import numpy as np
 from brats_cggm import MODALITIES
 from brats_cggm.errors import InconsistentCase
 from brats_cggm.raw import brain, register
+from brats_cggm.raw.grids import affine_of, ras_grid, to_xyz
 from brats_cggm.raw.identify import Decision, identify
 from brats_cggm.raw.series import Series, check_one_examination, find_series
 
@@ -95,21 +96,14 @@ def _grid_record(image) -> dict[str, Any]:
             "direction": [round(v, 6) for v in image.GetDirection()]}
 
 
-def affine_of(image) -> np.ndarray:
-    """A SimpleITK image's voxel -> RAS world matrix (nibabel's affine)."""
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.array(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-
-
 class Ingest:
     """The ingest of one case, stage by stage (``timings`` records seconds per stage)."""
 
     def __init__(self, case_id: str, folder: Path, overrides: Mapping[str, str] | None = None,
-                 skip: Sequence[str] = (), log: Callable[[str], None] = lambda _: None):
-        self.case_id, self.folder, self.log = case_id, Path(folder), log
+                 skip: Sequence[str] = (), known: Mapping[str, Any] | None = None):
+        """``known``: transforms (reference point -> sequence point) used instead of registering
+        those sequences (``bench/raw_recovery.py`` gives the true ones)."""
+        self.case_id, self.folder, self.known = case_id, Path(folder), dict(known or {})
         self.overrides, self.skip = dict(overrides or {}), tuple(skip)
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
@@ -125,23 +119,31 @@ class Ingest:
         series = find_series(self.folder)
         if not series:
             raise InconsistentCase(self.folder, "no DICOM series or NIfTI files found")
-        check_one_examination(self.case_id, series)
-        case_id, renamed = safe_case_id(self.case_id, series, index)
-        chosen, decisions = identify(self.case_id, series, self.overrides, self.skip)
+        # messages, tables and outputs name the case without the patient's name or ID
+        self.case_id, self.renamed = safe_case_id(self.case_id, series, index)
+        case_id, renamed = self.case_id, self.renamed
+        check_one_examination(case_id, series)
+        chosen, decisions = identify(case_id, series, self.overrides, self.skip)
         self.decisions = decisions
         images = {m: s.image() for m, s in chosen.items()}
         self._lap("read")
+        stripped = all(is_skull_stripped(image) for image in images.values())
+        if not stripped and brain.choose_sequence(tuple(images))[0] is None:
+            raise InconsistentCase(case_id, f"{brain.choose_sequence(())[1]}; give skull-stripped images or add a "
+                                            "T1/T1ce series")
         reference = next(m for m in REFERENCE_ORDER if m in images)
         fixed = images[reference]
         registrations = {}
         for sequence, image in images.items():
             if sequence == reference:
                 continue
+            if sequence in self.known:
+                registrations[sequence] = register.given(self.known[sequence], fixed, image)
+                continue
             registrations[sequence] = register.rigid(fixed, image)
             register.check_converged(self.case_id, f"{chosen[sequence].label} to the {reference.upper()}", "sequence",
                                      registrations[sequence])
         self._lap("register sequences")
-        stripped = all(is_skull_stripped(image) for image in images.values())
         mask_grid, mask, brain_record = self._brain(images, reference, registrations, stripped)
         self._lap("brain extraction")
         moving = sitk.Resample(fixed, mask_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32) * \
@@ -151,13 +153,13 @@ class Ingest:
         register.check_converged(self.case_id, f"the {reference.upper()}'s brain to the MNI152 atlas", "atlas", to_atlas)
         self._lap("register to atlas")
         atlas_mask = sitk.Resample(sitk.Cast(mask, sitk.sitkFloat32), template, to_atlas.transform, sitk.sitkLinear, 0.0) > 0.5
-        atlas_mask = brain.to_xyz(atlas_mask).astype(bool)
+        atlas_mask = to_xyz(atlas_mask).astype(bool)
         arrays = {}
         for sequence, image in images.items():
             chain = to_atlas.transform if sequence == reference else \
                 sitk.CompositeTransform([registrations[sequence].transform, to_atlas.transform])
             resampled = sitk.Resample(image, template, chain, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            arrays[sequence] = np.where(atlas_mask, np.maximum(brain.to_xyz(resampled), 0.0), 0.0).astype(np.float32)
+            arrays[sequence] = np.where(atlas_mask, np.maximum(to_xyz(resampled), 0.0), 0.0).astype(np.float32)
         self._lap("resample to atlas")
         record = {
             "case_id": case_id,
@@ -181,7 +183,7 @@ class Ingest:
         """The brain mask on a 1 mm R-A-S grid in the reference's space, and its record."""
         import SimpleITK as sitk
 
-        grid = brain.ras_grid(images[reference])
+        grid = ras_grid(images[reference])
         if stripped:
             union = None
             for sequence, image in images.items():
@@ -192,8 +194,6 @@ class Ingest:
             method, note = "none: the images are already skull-stripped (their non-zero voxels)", None
         else:
             sequence, note = brain.choose_sequence(tuple(images))
-            if sequence is None:
-                raise InconsistentCase(self.case_id, f"{note}; give skull-stripped images or add a T1/T1ce series")
             transform = registrations[sequence].transform if sequence in registrations else None
             extracted = brain.extract(images[sequence], sequence, space=images[reference], transform=transform)
             mask, method = extracted.image, f"deepbet (ONNX) on the {sequence.upper()}"

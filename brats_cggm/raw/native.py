@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from brats_cggm.data.labels import REGIONS, labels_from_regions, to_scheme
+from brats_cggm.errors import InconsistentCase
 from brats_cggm.inference.outputs import nifti_bytes, write_prediction
 from brats_cggm.inference.prediction import Prediction
-from brats_cggm.raw import brain
-from brats_cggm.raw.ingest import IngestedCase, affine_of, write_case
+from brats_cggm.raw.grids import affine_of, from_xyz, to_xyz
+from brats_cggm.raw.ingest import IngestedCase, write_case
 
 
 def native_regions(prediction: Prediction, case: IngestedCase, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +42,7 @@ def native_regions(prediction: Prediction, case: IngestedCase, threshold: float 
     probabilities[removed] = 0.0
     inverse = case.to_reference.GetInverse()  # reference point -> atlas point
     native = np.stack([
-        brain.to_xyz(sitk.Resample(brain.from_xyz(p, case.atlas_image), case.reference_image, inverse,
+        to_xyz(sitk.Resample(from_xyz(p, case.atlas_image), case.reference_image, inverse,
                                    sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         for p in probabilities
     ])
@@ -79,7 +80,11 @@ def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, 
         if case.reference_series.kind == "dicom":
             from brats_cggm.raw.dicom_seg import write_seg
 
-            files["dicom_seg"] = write_seg(regions, case.reference_series.files, staging / f"{case.case_id}_seg.dcm").name
+            try:
+                files["dicom_seg"] = write_seg(regions, case.reference_series.files, staging / f"{case.case_id}_seg.dcm").name
+            except (ValueError, AttributeError, TypeError) as error:  # highdicom refuses the source headers
+                raise InconsistentCase(case.case_id, f"cannot write the DICOM SEG over {case.reference_series.label}: "
+                                                     f"{str(error).splitlines()[0]}") from None
         atlas = write_prediction(prediction, staging / "atlas", model=model)
         files["atlas"] = f"atlas/{atlas['files']['labels']}"
         write_case(case, staging / "brats")

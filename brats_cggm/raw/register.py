@@ -37,7 +37,7 @@ ATLAS_SHRINK = (4, 2)
 #: the pitch angles (degrees) the atlas registration starts from (the best at 4 mm goes on)
 START_ANGLES = tuple(range(-30, 31, 10))
 #: smoothing (mm) at each shrink factor
-SMOOTHING = {4: 2.0, 2: 1.0, 1: 0.0}
+SMOOTHING = {4: 4.0, 2: 1.0, 1: 0.0}
 SAMPLES = 15000
 EVALUATION_SAMPLES = 200000
 
@@ -161,6 +161,18 @@ def rigid(fixed, moving, initial: str = "identity", iterations: int = 200, shrin
         if final.GetName() == "CompositeTransform" else sitk.Euler3DTransform(final)
     return Registration(transform, before, _metric(_evaluator(fixed, transform), fixed, moving), method.GetOptimizerIteration(),
                         method.GetOptimizerStopConditionDescription())
+
+
+def given(transform, fixed, moving) -> Registration:
+    """A known transform (any linear one), recorded and scored like a registration's."""
+    import SimpleITK as sitk
+
+    euler = sitk.Euler3DTransform()
+    matrix = transform_matrix(transform)
+    euler.SetMatrix(matrix[:3, :3].flatten().tolist())
+    euler.SetTranslation(matrix[:3, 3].tolist())
+    value = _metric(_evaluator(fixed, euler), fixed, moving)
+    return Registration(euler, value, value, 0, "given")
 
 
 def _best_start(fixed, moving, start):

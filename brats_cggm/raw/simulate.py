@@ -112,6 +112,8 @@ def write_dicom(image, folder: Path, sequence: str, series_number: int, study_ui
         ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientName, ds.PatientID = "MR", patient, patient
+        ds.PatientBirthDate, ds.PatientSex, ds.AccessionNumber, ds.ReferringPhysicianName = "", "O", "", ""
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.Manufacturer = "20260101", "120000", "1", "brats-cggm simulate"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, k + 1, description
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
