@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from inference_cases import cli
-from raw_exams import PATIENT, phantom_images, write_exam
+from raw_exams import phantom_images, write_exam
 
 from brats_cggm.errors import InconsistentCase
 from brats_cggm.raw.dicom_seg import read_seg
@@ -130,7 +130,7 @@ def test_the_dicom_seg_reads_back_as_the_nifti(exam, predicted):
 
     seg = pydicom.dcmread(case / "case-001_seg.dcm")
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(series.files[0]).SeriesInstanceUID
-    assert [s.SegmentLabel for s in seg.SegmentSequence][0].startswith("whole tumour")
+    assert [s.SegmentLabel.split(" (")[0] for s in seg.SegmentSequence] == ["whole tumour", "tumour core", "enhancing tumour"]
 
 
 def test_skull_on_without_a_t1_weighted_series_is_refused(tmp_path):
