@@ -586,9 +586,8 @@ def predict(
     shares) and, when asked, probability and contribution maps. A case that fails is
     reported and the others go on; the exit status is 1 if any failed.
 
-    With --raw: OUT/CASE/CASE_seg.nii.gz on the T1ce series' own grid, CASE_seg.dcm (DICOM
-    SEG, for DICOM input), CASE.json (volumes), atlas/ (the atlas-space result) and brats/
-    (the BraTS-ready case that was segmented).
+    --raw writes OUT/CASE/CASE_seg.nii.gz on the T1ce series' grid, CASE_seg.dcm (DICOM SEG),
+    CASE.json, atlas/ and brats/ (docs/raw_scans.md).
     """
     from brats_cggm.errors import UserError
     from brats_cggm.inference.contributions import METHODS
@@ -625,6 +624,11 @@ def predict(
             except UserError as error:
                 failures.append(str(error))
                 console.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
+    _report_cases(done, skipped, failures, out)
+
+
+def _report_cases(done: list[dict], skipped: list[str], failures: list[str], out: Path) -> None:
+    """The volume table of the segmented cases, the skipped and the failed; exit 1 if any failed."""
     if done:
         console.print(_volume_table(done, out))
     if skipped:
@@ -641,11 +645,11 @@ def _predict_raw(segmenter, inputs: list[Path], out: Path, label_scheme: str, ov
     from brats_cggm.raw.cases import raw_cases
     from brats_cggm.raw.native import write_raw_prediction
 
-    failures, done = [], []
+    failures, done, skipped = [], [], []
     with raw_cases(inputs) as cases:
         for index, (case_id, folder) in enumerate(cases, 1):
             if not overwrite and (out / case_id / f"{case_id}.json").is_file():
-                console.print(f"skipped {case_id}: already in {out} (--overwrite redoes it)")
+                skipped.append(case_id)
                 continue
             try:
                 with console.status(f"{case_id}: ingesting"):
@@ -662,11 +666,7 @@ def _predict_raw(segmenter, inputs: list[Path], out: Path, label_scheme: str, ov
             done.append({"case_id": case.case_id, "volumes_ml": report["volumes_ml"],
                          "sequences_used": report["sequences_present"],
                          "seconds": sum(report["seconds"]["ingest"].values()) + report["seconds"]["segment"]})
-    if done:
-        console.print(_volume_table(done, out))
-    if failures:
-        console.print(f"[bold red]{len(failures)} case(s) failed[/]")
-        raise typer.Exit(1)
+    _report_cases(done, skipped, failures, out)
 
 
 def _volume_table(done: list[dict], out: Path) -> Table:

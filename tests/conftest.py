@@ -47,7 +47,7 @@ if XDIST_WORKER:
 #: missing from it just runs later, in pytest's order. The torch-free install waits on
 #: the package index more than it computes: started first, it overlaps the other worker.
 LONGEST_FIRST = (
-    "test_torch_free_install.py", "test_training.py", "test_app.py", "test_numpy_chain.py",
+    "test_torch_free_install.py", "test_training.py", "test_app.py", "test_raw_chain.py", "test_numpy_chain.py",
     "test_export.py", "test_gpu_check.py", "test_fusion.py", "test_brats_compare.py",
     "test_evaluate_subsets.py", "test_shipped_model.py", "test_distributed.py",
 )

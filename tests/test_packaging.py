@@ -66,9 +66,11 @@ def test_the_wheel_carries_the_shipped_models_and_their_cards(wheel):
     assert shipped <= set(wheel.namelist()), sorted(shipped - set(wheel.namelist()))
     for name in shipped:  # the very bytes of the work tree
         assert wheel.read(name) == (REPO / name).read_bytes(), name
+    weights = {f"brats_cggm/raw/weights/{p.name}" for p in (REPO / "brats_cggm/raw/weights").iterdir()}
+    assert weights <= set(wheel.namelist()), sorted(weights - set(wheel.namelist()))  # brain extraction, no download
     size_mb = Path(wheel.filename).stat().st_size / 2**20
     print(f"\nwheel: {size_mb:.1f} MB")
-    assert size_mb < 8  # small: the models are a few MB
+    assert size_mb < 16  # small: the models are a few MB, deepbet's two networks 8.6 MB
 
 
 def _build(hook: str, source: Path, out: Path) -> Path:
