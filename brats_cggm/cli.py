@@ -602,8 +602,7 @@ def predict(
     segmenter = Segmenter.load(model, provider=provider, device=device, postprocessing=postprocessing, tta=tta)
     console.print(segmenter.applied(), highlight=False, soft_wrap=True)
     if raw:
-        _predict_raw(segmenter, inputs, out, label_scheme, overwrite, {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2}, skip)
-        return
+        return _predict_raw(segmenter, inputs, out, label_scheme, overwrite, {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2}, skip)
     cases, problems = find_cases(inputs, layout)
     failures = [str(p) for p in problems]
     for problem in failures:
