@@ -663,7 +663,7 @@ def _predict_raw(segmenter, inputs: list[Path], out: Path, label_scheme: str, ov
                 console.print(f"[red]failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
                 continue
             done.append({"case_id": case.case_id, "volumes_ml": report["volumes_ml"],
-                         "sequences_used": report["sequences_present"],
+                         "sequences_used": report["sequences_used"],
                          "seconds": sum(report["seconds"]["ingest"].values()) + report["seconds"]["segment"]})
     _report_cases(done, skipped, failures, out)
 

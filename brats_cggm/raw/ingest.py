@@ -171,6 +171,7 @@ class Ingest:
             "sequences_present": list(images),
             "sequences_missing": [m for m in MODALITIES if m not in images],
             "series": [d.series.summary() | {"sequence": d.sequence, "identified_by": d.reason} for d in decisions],
+            "inputs": {m: (chosen[m].source if m in chosen else None) for m in MODALITIES},
             "registrations": {f"{m}_to_{reference}": r.summary() for m, r in registrations.items()}
             | {f"{reference}_to_atlas": to_atlas.summary()},
             "brain": brain_record,

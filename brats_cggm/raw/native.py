@@ -63,42 +63,43 @@ def native_affine(case: IngestedCase) -> tuple[np.ndarray, Any]:
     return affine_of(case.reference_image), None
 
 
+def native_prediction(prediction: Prediction, case: IngestedCase, threshold: float = 0.5,
+                      label_scheme: str = "brats2021") -> Prediction:
+    """The atlas-space ``prediction`` as a prediction on the reference series' own grid (labels,
+    probabilities, that grid's affine and, for NIfTI input, its header)."""
+    probabilities, regions = native_regions(prediction, case, threshold)
+    affine, header = native_affine(case)
+    return Prediction(
+        case.case_id, to_scheme(labels_from_regions(regions), label_scheme).astype(np.uint8), label_scheme,
+        probabilities, affine, header, prediction.sequences_used, prediction.tta, seconds=prediction.seconds,
+        inputs=dict(case.record["inputs"]),
+        postprocessing=prediction.postprocessing,
+    )
+
+
 def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, model: dict[str, Any],
                          label_scheme: str = "brats2021", threshold: float = 0.5, overwrite: bool = False) -> dict[str, Any]:
-    """Write one raw case's results into ``out/<case>/`` (see the module's docstring)."""
+    """Write one raw case's results into ``out/<case>/`` (see the module's docstring); returns
+    the report (``<case>.json``)."""
     final = Path(out) / case.case_id
     staging = Path(out) / f".{case.case_id}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _, regions = native_regions(prediction, case, threshold)
-        labels = to_scheme(labels_from_regions(regions), label_scheme).astype(np.uint8)
-        affine, header = native_affine(case)
+        native = native_prediction(prediction, case, threshold, label_scheme)
         seg_name = f"{case.case_id}_seg.nii.gz"
-        (staging / seg_name).write_bytes(nifti_bytes(labels, affine, header))
+        (staging / seg_name).write_bytes(nifti_bytes(native.labels, native.affine, native.header))
         files: dict[str, Any] = {"labels_native": seg_name}
         if case.reference_series.kind == "dicom":
-            from brats_cggm.raw.dicom_seg import write_seg
-
-            try:
-                files["dicom_seg"] = write_seg(regions, case.reference_series.files, staging / f"{case.case_id}_seg.dcm").name
-            except (ValueError, AttributeError, TypeError) as error:  # highdicom refuses the source headers
-                raise InconsistentCase(case.case_id, f"cannot write the DICOM SEG over {case.reference_series.label}: "
-                                                     f"{str(error).splitlines()[0]}") from None
+            files["dicom_seg"] = _write_seg(native.regions, case, staging / f"{case.case_id}_seg.dcm")
         atlas = write_prediction(prediction, staging / "atlas", model=model)
         files["atlas"] = f"atlas/{atlas['files']['labels']}"
         write_case(case, staging / "brats")
         files["brats_ready"] = f"brats/{case.case_id}"
-        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
         report = {
-            "case_id": case.case_id,
-            "label_scheme": label_scheme,
+            **native.summary(),
             "grid": f"the {case.reference.upper()} series as acquired ({case.reference_series.label})",
-            "shape": list(labels.shape),
-            "volumes_ml": {region: round(float(regions[r].sum()) * voxel_ml, 3) for r, region in enumerate(REGIONS)},
             "volumes_ml_atlas": {k: round(v, 3) for k, v in prediction.volumes_ml().items() if k in REGIONS},
-            "sequences_present": case.record["sequences_present"],
-            "sequences_missing": case.record["sequences_missing"],
             "files": files,
             "model": model,
             "seconds": {"ingest": case.record["seconds"], "segment": round(prediction.seconds, 3)},
@@ -114,3 +115,13 @@ def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def _write_seg(regions: np.ndarray, case: IngestedCase, path: Path) -> str:
+    from brats_cggm.raw.dicom_seg import write_seg
+
+    try:
+        return write_seg(regions, case.reference_series.files, path).name
+    except (ValueError, AttributeError, TypeError) as error:  # highdicom refuses the source headers
+        raise InconsistentCase(case.case_id, f"cannot write the DICOM SEG over {case.reference_series.label}: "
+                                             f"{str(error).splitlines()[0]}") from None
