@@ -1,6 +1,10 @@
 """What the app does with an upload, without any Gradio: turn the uploaded files into a
 case (four sequence files, one 4-D file, or a zip of a case folder), run the segmenter,
 write the results. Every file it touches lies in its :class:`Workspace`.
+
+Raw examinations take the raw path (``brats_cggm.raw``): a zip of DICOM series, or sequence
+files on different grids, are ingested (identified, co-registered, skull-stripped), segmented
+and mapped back; the result is shown on the T1ce as acquired.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
 MAX_VOXELS = 400**3
 #: a zip may hold at most this many files and unpack to at most this many bytes
 ZIP_MAX_MEMBERS = 64
+#: a zip of DICOM series (one file per slice) may hold this many files
+DICOM_ZIP_MAX_MEMBERS = 5000
 ZIP_MAX_BYTES = 4 << 30
 EXAMPLE_SIZE = 96
 
@@ -111,12 +117,14 @@ def guess_assignment(names: Sequence[str]) -> dict[str, int | None]:
 def describe_upload(names: Sequence[str]) -> str:
     """One line on how the uploaded files will be read (as :meth:`Runner.case` reads them)."""
     if not names:
-        return "Upload the four sequences (FLAIR, T1, T1ce, T2), one 4-D NIfTI, or a zip of a case folder."
+        return ("Upload the four sequences (FLAIR, T1, T1ce, T2), one 4-D NIfTI, a zip of a case folder, or a zip of "
+                "an examination's DICOM series.")
     assignment = guess_assignment(names)
     earlier = " Earlier uploads are not used." if len(names) > 1 else ""
     if all(index is None for index in assignment.values()):
         if names[-1].lower().endswith(".zip"):
-            return f"{names[-1]}: a zip of one case folder; its file names tell the sequences.{earlier}"
+            return (f"{names[-1]}: a zip of one case folder (its file names tell the sequences) or of one "
+                    f"examination's DICOM series (identified, co-registered and skull-stripped first).{earlier}")
         return f"{names[-1]}: one 4-D image, channels read as FLAIR, T1, T1ce, T2 (or pick its sequence below).{earlier}"
     unused = [name for index, name in enumerate(names) if index not in assignment.values()]
     text = "Sequences guessed from the file names; correct them below if needed."
@@ -135,6 +143,18 @@ class Outcome:
     summary_file: Path
     contributions_zip: Path | None
     images: dict[str, np.ndarray]
+    #: more downloads (the raw path's DICOM SEG)
+    extra_files: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class RawCase:
+    """An upload for the raw path: a folder of DICOM series or of sequence files on their own
+    grids, and which file is which sequence where the user said so."""
+
+    case_id: str
+    folder: Path
+    overrides: dict[str, str]
 
 
 class Runner:
@@ -162,6 +182,8 @@ class Runner:
         if not chosen:
             latest = _stage(uploads[-1], staging / "files" / "0")
             if latest.name.lower().endswith(".zip"):
+                if not _holds_nifti(latest):
+                    return _raw_from_zip(latest, staging / "unzipped")
                 return _case_from_zip(latest, staging / "unzipped")
             if sequence_from_name(latest.name) is None:
                 return case_from_files([latest])  # one 4-D image
@@ -171,14 +193,19 @@ class Runner:
         if twice is not None:
             raise UserError(f"{Path(uploads[twice]).name} is assigned to two sequences")
         files = [_stage(uploads[i], staging / "files" / str(i)) for i in indices]
-        return case_from_files(files, sequences=list(chosen))
+        case = case_from_files(files, sequences=list(chosen))
+        if not _one_grid(files):  # sequences on their own grids: the raw path aligns them
+            return RawCase(case.case_id, staging / "files", {m: f.name for m, f in zip(chosen, files)})
+        return case
 
-    def run(self, case: Case, out: Path, contributions: str | None = "occlusion",
+    def run(self, case: Case | RawCase, out: Path, contributions: str | None = "occlusion",
             progress: Callable[[float, str], None] = lambda fraction, text: None) -> Outcome:
         """Segment ``case``; its label map, JSON and contribution maps (one zip of compact
         maps: int8 with ``scl_slope``, cropped; see brats_cggm.inference.compact) go into
         ``out``. The images are read once, for the segmenter (``predict_arrays``, as
-        ``predict_case`` does) and for the views."""
+        ``predict_case`` does) and for the views. A :class:`RawCase` takes the raw path."""
+        if isinstance(case, RawCase):
+            return self.run_raw(case, out, progress)
         progress(0.05, "Reading the images")
         _check_grid(case)
         volumes = load_sequences(case)
@@ -202,6 +229,27 @@ class Runner:
                     archive.write(out / name, name)
         return Outcome(prediction, summary, out / files["labels"], out / f"{case.case_id}.json", zipped, images)
 
+    def run_raw(self, case: RawCase, out: Path, progress: Callable[[float, str], None] = lambda fraction, text: None) -> Outcome:
+        """The raw path: ingest, segment in atlas space, map back to the T1ce series' grid
+        (brats_cggm.raw); the views show the T1ce as acquired, without contribution maps."""
+        from brats_cggm.raw.grids import to_xyz
+        from brats_cggm.raw.ingest import Ingest
+        from brats_cggm.raw.native import native_prediction, write_raw_prediction
+
+        progress(0.05, "Reading the series, co-registering them, extracting the brain")
+        ingested = Ingest(case.case_id, case.folder, case.overrides).run()
+        progress(0.6, f"Segmenting with {', '.join(DISPLAY_NAMES[m] for m in ingested.arrays)}")
+        prediction = self.segmenter.predict_arrays(ingested.arrays, ingested.atlas_affine, ingested.case_id)
+        progress(0.85, f"Mapping the labels back to the {ingested.reference.upper()} as acquired")
+        report = write_raw_prediction(prediction, ingested, out, self.model_info, threshold=self.segmenter.threshold,
+                                      overwrite=True)
+        native = native_prediction(prediction, ingested, self.segmenter.threshold)
+        folder = out / ingested.case_id
+        files = report["files"]
+        extra = tuple(folder / files[k] for k in ("dicom_seg",) if k in files)
+        return Outcome(native, report, folder / files["labels_native"], folder / f"{ingested.case_id}.json", None,
+                       {ingested.reference: to_xyz(ingested.reference_image)}, extra)
+
     def views(self, outcome: Outcome, folder: Path) -> CaseViews:
         prediction = outcome.prediction
         stored = outcome.summary["files"].get("contributions_box")  # where the maps are non-zero
@@ -220,6 +268,42 @@ def _stage(upload: str | Path, folder: Path) -> Path:
     except OSError:
         shutil.copyfile(source, target)
     return target
+
+
+def _holds_nifti(archive: Path) -> bool:
+    """Whether a zip holds NIfTI files (a BraTS case) rather than DICOM series."""
+    try:
+        with zipfile.ZipFile(archive) as handle:
+            return any(NIFTI.search(name) or name.endswith("dataset.json") for name in handle.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return True  # _case_from_zip says what is wrong with it
+
+
+def _raw_from_zip(archive: Path, folder: Path) -> RawCase:
+    """A zip of one examination's DICOM series, unpacked for the raw path."""
+    from brats_cggm.raw.series import unpack
+
+    with zipfile.ZipFile(archive) as handle:
+        members = [m for m in handle.infolist() if not m.is_dir()]
+        if len(members) > DICOM_ZIP_MAX_MEMBERS:
+            raise BadInputFile(archive.name, f"holds {len(members)} files; upload one examination")
+        if sum(m.file_size for m in members) > ZIP_MAX_BYTES:
+            raise BadInputFile(archive.name, f"unpacks to more than {ZIP_MAX_BYTES >> 30} GB")
+    folder.mkdir(parents=True, exist_ok=True)
+    unpack(archive, folder)
+    return RawCase(re.sub(r"\.zip$", "", archive.name, flags=re.I), folder, {})
+
+
+def _one_grid(files: Sequence[Path]) -> bool:
+    """Whether the files share one voxel grid (shape and affine), from their headers."""
+    grids = []
+    for path in files:
+        try:
+            image = nib.load(path)
+        except Exception:  # noqa: BLE001 (the library's reader says what is wrong with it)
+            return True
+        grids.append((image.shape[:3], np.round(image.affine, 3).tobytes()))
+    return len(set(grids)) <= 1
 
 
 def _case_from_zip(archive: Path, folder: Path) -> Case:

@@ -320,7 +320,7 @@ def _show(case_views: CaseViews, outcome: Outcome) -> list:
         *rendered,
         _heat_legend(case_views, contributor, "WT"),
         _shares_frame(prediction.shares()), _volumes_table(prediction),
-        [str(p) for p in (outcome.label_map, outcome.contributions_zip, outcome.summary_file) if p],
+        [str(p) for p in (outcome.label_map, outcome.contributions_zip, outcome.summary_file, *outcome.extra_files) if p],
     ]
 
 
