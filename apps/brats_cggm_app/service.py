@@ -291,7 +291,7 @@ def _raw_from_zip(archive: Path, folder: Path) -> RawCase:
             raise BadInputFile(archive.name, f"unpacks to more than {ZIP_MAX_BYTES >> 30} GB")
     folder.mkdir(parents=True, exist_ok=True)
     unpack(archive, folder)
-    return RawCase(re.sub(r"\.zip$", "", archive.name, flags=re.I), folder, {})
+    return RawCase(re.sub(r"\.zip$", "", archive.name, flags=re.IGNORECASE), folder, {})
 
 
 def _one_grid(files: Sequence[Path]) -> bool:
