@@ -71,11 +71,17 @@ EXTRAS = {
 }
 
 
+#: what the raw path needs (ingest, predict --raw): the lighter `raw` extra brings them
+RAW_MODULES = {"SimpleITK", "pydicom", "highdicom", "nilearn"}
+
+
 def missing_extra(error: ModuleNotFoundError) -> str | None:
     """One line for a command that needs a module this install lacks, naming the extra
     that brings it; None for a module no extra provides (a real bug: re-raised)."""
     module = (error.name or "").split(".")[0]
     extra = EXTRAS.get(module)
+    if module in RAW_MODULES and ("ingest" in sys.argv[1:2] or "--raw" in sys.argv):
+        extra = "raw"
     if extra is None:
         return None
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
