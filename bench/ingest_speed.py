@@ -87,7 +87,8 @@ def table(rows: list[dict]) -> str:
     lines = [f"| case | {' | '.join(stages)} | ingest | segment | map back + write | **total** | peak memory (GiB) |",
              "|---|" + "---|" * (len(stages) + 5)]
     for r in rows:
-        lines.append(f"| {r['case']} | {' | '.join(f'{r['stages_s'][s]:.1f}' for s in stages)} | {r['ingest_s']:.1f} | "
+        seconds = " | ".join(f"{r['stages_s'][s]:.1f}" for s in stages)
+        lines.append(f"| {r['case']} | {seconds} | {r['ingest_s']:.1f} | "
                      f"{r['segment_s']:.1f} | {r['map_back_and_write_s']:.1f} | **{r['total_s']:.1f}** | {r['peak_memory_gib']:.2f} |")
     return "\n".join(lines)
 
