@@ -54,7 +54,7 @@ def tcga(folder: Path) -> dict:
 
     from brats_cggm.raw import brain
     from brats_cggm.raw.ingest import Ingest
-    from brats_cggm.raw.register import mean_displacement, transform_matrix
+    from brats_cggm.raw.register import from_matrix, mean_displacement, transform_matrix
 
     reference = folder / "reference" / "brats_toolkit"
     start = time.perf_counter()
@@ -68,20 +68,14 @@ def tcga(folder: Path) -> dict:
     mask_t1ce = sitk.ReadImage(str(folder / "reference" / "t1ce_brainmask_native.nii.gz"))
     rows = {}
     for sequence in ("flair", "t1", "t2"):
-        ours = np.array(case.record["registrations"][f"{sequence}_to_t1ce"]["matrix_lps"])
-        affine = sitk.AffineTransform(3)
-        affine.SetMatrix(ours[:3, :3].flatten().tolist())
-        affine.SetTranslation(ours[:3, 3].tolist())
+        affine = from_matrix(case.record["registrations"][f"{sequence}_to_t1ce"]["matrix_lps"])
         difference = transform_matrix(affine) @ np.linalg.inv(transform_matrix(theirs_to[sequence]))
         angle = float(np.degrees(np.arccos(np.clip((np.trace(difference[:3, :3]) - 1) / 2, -1, 1))))
         rows[sequence] = {"displacement_mm": round(mean_displacement(affine, theirs_to[sequence], mask_t1ce), 3),
                           "rotation_difference_deg": round(angle, 3),
                           "mattes_mi": case.record["registrations"][f"{sequence}_to_t1ce"]["mattes_mi_after"]}
     # our brain mask on the native T1ce grid: deepbet on the T1, through our T1 -> T1ce transform
-    t1_to_t1ce = sitk.AffineTransform(3)
-    matrix = np.array(case.record["registrations"]["t1_to_t1ce"]["matrix_lps"])
-    t1_to_t1ce.SetMatrix(matrix[:3, :3].flatten().tolist())
-    t1_to_t1ce.SetTranslation(matrix[:3, 3].tolist())
+    t1_to_t1ce = from_matrix(case.record["registrations"]["t1_to_t1ce"]["matrix_lps"])
     t1 = sitk.Cast(sitk.ReadImage(str(folder / f"{folder.name}_t1.nii.gz")), sitk.sitkFloat32)
     mask = brain.extract(t1, "t1", space=case.reference_image, transform=t1_to_t1ce)
     on_t1ce = sitk.Resample(sitk.Cast(mask.image, sitk.sitkFloat32), case.reference_image, sitk.Transform(), sitk.sitkLinear) > 0.5

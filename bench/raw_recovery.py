@@ -78,15 +78,12 @@ def displacement(record: dict, truth, brain) -> dict[str, float]:
     """Mean displacement error (mm) of each found sequence-to-T1ce transform over the brain."""
     import SimpleITK as sitk
 
-    from brats_cggm.raw.register import mean_displacement
+    from brats_cggm.raw.register import from_matrix, mean_displacement
 
     brain_moved = sitk.Resample(brain, truth["t1ce"].image, truth["t1ce"].transform, sitk.sitkNearestNeighbor)
     errors = {}
     for sequence in ("flair", "t1", "t2"):
-        found = np.array(record["registrations"][f"{sequence}_to_t1ce"]["matrix_lps"])
-        affine = sitk.AffineTransform(3)
-        affine.SetMatrix(found[:3, :3].flatten().tolist())
-        affine.SetTranslation(found[:3, 3].tolist())
+        affine = from_matrix(record["registrations"][f"{sequence}_to_t1ce"]["matrix_lps"])
         true = sitk.CompositeTransform([truth[sequence].transform.GetInverse(), truth["t1ce"].transform])
         errors[sequence] = round(mean_displacement(affine, true, brain_moved), 4)
     return errors

@@ -19,7 +19,7 @@ from brats_cggm.errors import InconsistentCase
 from brats_cggm.raw.dicom_seg import read_seg
 from brats_cggm.raw.grids import affine_of, to_xyz
 from brats_cggm.raw.ingest import Ingest, IngestedCase, write_case
-from brats_cggm.raw.register import mean_displacement
+from brats_cggm.raw.register import from_matrix, mean_displacement
 from brats_cggm.raw.series import find_series
 
 MODEL = "brats_cggm_phantom_demo"
@@ -34,9 +34,9 @@ def exam(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    """``ingest`` of an examination without T2, in a folder named after the patient."""
+    """``ingest`` of an examination without T1 and T2, in a folder named after the patient."""
     folder = tmp_path_factory.mktemp("raw") / "jane_doe"
-    write_exam(folder, sequences=("flair", "t1", "t1ce"))
+    write_exam(folder, sequences=("flair", "t1ce"))
     out = tmp_path_factory.mktemp("ingested")
     code, text = cli("ingest", folder, "--out", out)
     return code, text, out
@@ -52,15 +52,14 @@ def predicted(exam, tmp_path_factory):
 def test_ingest_writes_a_case_check_accepts(ingested):
     code, text, out = ingested
     assert code == 0, text
-    row = re.search(r"series 4 'AX T1 POST GAD' \(series_04\)\W+(\w+)\W+name 'ax t1 post gad'", text)
+    row = re.search(r"series 3 'AX T1 POST GAD' \(series_03\)\W+(\w+)\W+name 'ax t1 post gad'", text)
     assert row and row[1] == "T1CE", text  # the identification table
-    assert "missing: t2" in text
+    assert "missing: t1, t2" in text
     case = out / "case-001"
     assert sorted(p.name for p in case.iterdir()) == [
-        "case-001_brainmask.nii.gz", "case-001_flair.nii.gz", "case-001_t1.nii.gz", "case-001_t1ce.nii.gz",
-        "ingest.json"]
+        "case-001_brainmask.nii.gz", "case-001_flair.nii.gz", "case-001_t1ce.nii.gz", "ingest.json"]
     record = json.loads((case / "ingest.json").read_text())
-    assert record["sequences_missing"] == ["t2"] and record["reference_sequence"] == "t1ce"
+    assert record["sequences_missing"] == ["t1", "t2"] and record["reference_sequence"] == "t1ce"
     image = nib.load(case / "case-001_t1ce.nii.gz")
     assert image.shape == (197, 233, 189) and np.allclose(np.diag(image.affine)[:3], 1.0)
     brain = np.asarray(nib.load(case / "case-001_brainmask.nii.gz").dataobj) > 0
@@ -84,10 +83,7 @@ def test_ingest_recovers_the_known_transforms(exam, predicted):
     brain = sitk.Resample(sitk.Cast(images["t1ce"] > 0, sitk.sitkUInt8), truth["t1ce"].image, truth["t1ce"].transform,
                           sitk.sitkNearestNeighbor)
     for sequence in ("flair", "t1", "t2"):
-        found = np.array(record["registrations"][f"{sequence}_to_t1ce"]["matrix_lps"])
-        affine = sitk.AffineTransform(3)
-        affine.SetMatrix(found[:3, :3].flatten().tolist())
-        affine.SetTranslation(found[:3, 3].tolist())
+        affine = from_matrix(record["registrations"][f"{sequence}_to_t1ce"]["matrix_lps"])
         true = sitk.CompositeTransform([truth[sequence].transform.GetInverse(), truth["t1ce"].transform])
         assert mean_displacement(affine, true, brain) < 1.5, sequence  # 3-4 mm voxels
     assert record["brain"]["method"].startswith("none: the images are already skull-stripped")

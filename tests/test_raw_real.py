@@ -18,7 +18,7 @@ from brats_cggm.raw.ingest import Ingest
 from brats_cggm.raw.series import find_series
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from raw_real import DICOM_README, orientation  # noqa: E402
+from raw_real import DICOM_README, orientation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DICOM, RAW = SHARED / "dicom", SHARED / "raw" / "tcga_fg_6692"
@@ -47,6 +47,7 @@ def test_the_enhanced_series_equals_dcm2niix_in_world_coordinates():
 
 
 @needs_dicom
+@pytest.mark.slow  # the check itself: tests/test_raw_steps.py
 def test_a_series_that_is_no_head_is_refused_by_its_brain_volume():
     # the GE "3D Ax T1 MP-RAGE" QA series images a structured object, not a head
     with pytest.raises(InconsistentCase, match=r"brain mask of \d+ ml, outside the plausible adult range 700-2300 ml"):

@@ -27,6 +27,16 @@ def test_a_registration_outside_the_measured_range_stops_the_case():
         register.check_converged("c", "FLAIR to the T1CE", "sequence", failed)
 
 
+def test_a_brain_mask_far_from_an_adult_brain_is_refused(tmp_path):
+    from brats_cggm.errors import InconsistentCase
+    from brats_cggm.raw.ingest import Ingest
+
+    small = sitk.Image([12, 12, 12], sitk.sitkFloat32)
+    small[2:10, 2:10, 2:10] = 1.0  # "skull-stripped", 0.5 ml of brain
+    with pytest.raises(InconsistentCase, match=r"c: brain mask of 1 ml, outside the plausible adult range 700-2300 ml"):
+        Ingest("c", tmp_path)._brain({"t1ce": small}, "t1ce", {}, stripped=True)
+
+
 def test_mean_displacement_of_known_transforms():
     mask = sitk.Image([10, 10, 10], sitk.sitkUInt8) + 1
     shift = sitk.TranslationTransform(3, (3.0, 4.0, 0.0))

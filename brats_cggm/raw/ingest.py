@@ -18,7 +18,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,30 +206,39 @@ class Ingest:
         return grid, mask, {"method": method, "note": note, "volume_ml": round(volume, 1)}
 
 
-def write_case(case: IngestedCase, out: Path, overwrite: bool = False) -> Path:
-    """Write the BraTS-ready case (``<id>/<id>_{flair,t1,t1ce,t2}.nii.gz``, the brain mask and
-    ``ingest.json``) into ``out``, all at once: a hidden folder renamed into place."""
-    import nibabel as nib
-
-    final = Path(out) / case.case_id
+@contextmanager
+def staged(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden folder beside ``final`` to write into: renamed to ``final`` when the block ends
+    without an error (replacing it with ``overwrite``), removed otherwise."""
+    final = Path(final)
     if final.exists() and not overwrite:
         raise InconsistentCase(final, "already exists (--overwrite replaces it)")
-    staging = Path(out) / f".{case.case_id}.partial"
+    staging = final.parent / f".{final.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        for sequence, array in case.arrays.items():
-            image = nib.Nifti1Image(array, case.atlas_affine)
-            image.header.set_xyzt_units("mm")
-            nib.save(image, staging / f"{case.case_id}_{sequence}.nii.gz")
-        nib.save(nib.Nifti1Image(case.brain_mask.astype(np.uint8), case.atlas_affine), staging / f"{case.case_id}_brainmask.nii.gz")
-        (staging / INGEST_JSON).write_text(json.dumps(case.record, indent=2) + "\n")
+        yield staging
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_case(case: IngestedCase, out: Path, overwrite: bool = False) -> Path:
+    """Write the BraTS-ready case (``<id>/<id>_{flair,t1,t1ce,t2}.nii.gz``, the brain mask and
+    ``ingest.json``) into ``out``, all at once (:func:`staged`)."""
+    import nibabel as nib
+
+    final = Path(out) / case.case_id
+    with staged(final, overwrite) as staging:
+        for sequence, array in case.arrays.items():
+            image = nib.Nifti1Image(array, case.atlas_affine)
+            image.header.set_xyzt_units("mm")
+            nib.save(image, staging / f"{case.case_id}_{sequence}.nii.gz")
+        nib.save(nib.Nifti1Image(case.brain_mask.astype(np.uint8), case.atlas_affine), staging / f"{case.case_id}_brainmask.nii.gz")
+        (staging / INGEST_JSON).write_text(json.dumps(case.record, indent=2) + "\n")
     return final
 
 

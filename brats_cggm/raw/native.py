@@ -17,8 +17,6 @@ hidden folder):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from brats_cggm.errors import InconsistentCase
 from brats_cggm.inference.outputs import nifti_bytes, write_prediction
 from brats_cggm.inference.prediction import Prediction
 from brats_cggm.raw.grids import affine_of, from_xyz, to_xyz
-from brats_cggm.raw.ingest import IngestedCase, write_case
+from brats_cggm.raw.ingest import IngestedCase, staged, write_case
 
 
 def native_regions(prediction: Prediction, case: IngestedCase, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +79,7 @@ def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, 
                          label_scheme: str = "brats2021", threshold: float = 0.5, overwrite: bool = False) -> dict[str, Any]:
     """Write one raw case's results into ``out/<case>/`` (see the module's docstring); returns
     the report (``<case>.json``)."""
-    final = Path(out) / case.case_id
-    staging = Path(out) / f".{case.case_id}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(Path(out) / case.case_id, overwrite) as staging:
         native = native_prediction(prediction, case, threshold, label_scheme)
         seg_name = f"{case.case_id}_seg.nii.gz"
         (staging / seg_name).write_bytes(nifti_bytes(native.labels, native.affine, native.header))
@@ -106,14 +100,6 @@ def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, 
             "ingest": case.record,
         }
         (staging / f"{case.case_id}.json").write_text(json.dumps(report, indent=1) + "\n")
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

@@ -86,6 +86,17 @@ def transform_matrix(transform) -> np.ndarray:
     return matrix
 
 
+def from_matrix(matrix) -> Any:
+    """A 4 x 4 matrix (as ``ingest.json`` records them) as a ``SimpleITK.AffineTransform``."""
+    import SimpleITK as sitk
+
+    matrix = np.asarray(matrix, dtype=float)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix[:3, :3].flatten().tolist())
+    transform.SetTranslation(matrix[:3, 3].tolist())
+    return transform
+
+
 def atlas_path() -> Path:
     """The MNI152 template inside the installed nilearn (read as a file: nilearn is not imported)."""
     spec = importlib.util.find_spec("nilearn")
