@@ -34,9 +34,9 @@ def exam(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    """``ingest`` of an examination without T1 and T2, in a folder named after the patient."""
+    """``ingest`` of an examination with a T1ce only, in a folder named after the patient."""
     folder = tmp_path_factory.mktemp("raw") / "jane_doe"
-    write_exam(folder, sequences=("flair", "t1ce"))
+    write_exam(folder, sequences=("t1ce",))
     out = tmp_path_factory.mktemp("ingested")
     code, text = cli("ingest", folder, "--out", out)
     return code, text, out
@@ -52,14 +52,13 @@ def predicted(exam, tmp_path_factory):
 def test_ingest_writes_a_case_check_accepts(ingested):
     code, text, out = ingested
     assert code == 0, text
-    row = re.search(r"series 3 'AX T1 POST GAD' \(series_03\)\W+(\w+)\W+name 'ax t1 post gad'", text)
+    row = re.search(r"series 2 'AX T1 POST GAD' \(series_02\)\W+(\w+)\W+name 'ax t1 post gad'", text)
     assert row and row[1] == "T1CE", text  # the identification table
-    assert "missing: t1, t2" in text
+    assert "missing: flair, t1, t2" in text
     case = out / "case-001"
-    assert sorted(p.name for p in case.iterdir()) == [
-        "case-001_brainmask.nii.gz", "case-001_flair.nii.gz", "case-001_t1ce.nii.gz", "ingest.json"]
+    assert sorted(p.name for p in case.iterdir()) == ["case-001_brainmask.nii.gz", "case-001_t1ce.nii.gz", "ingest.json"]
     record = json.loads((case / "ingest.json").read_text())
-    assert record["sequences_missing"] == ["t1", "t2"] and record["reference_sequence"] == "t1ce"
+    assert record["sequences_missing"] == ["flair", "t1", "t2"] and record["reference_sequence"] == "t1ce"
     image = nib.load(case / "case-001_t1ce.nii.gz")
     assert image.shape == (197, 233, 189) and np.allclose(np.diag(image.affine)[:3], 1.0)
     brain = np.asarray(nib.load(case / "case-001_brainmask.nii.gz").dataobj) > 0

@@ -112,6 +112,9 @@ def test_cases_in_folders_and_zips(exam, tmp_path):
     shutil.copytree(one, many / "a")
     write_exam(many / "b", sequences=("t1ce", "flair"), dicom=False)
     assert [c for c, _ in group_cases(many)] == ["a", "b"]
+    single = tmp_path / "single"
+    shutil.copytree(one / "series_04", single / "series_04")
+    assert group_cases(single) == [("single", single)]  # its only sub-folder is a series, not a case
     archive = tmp_path / "visit.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for path in one.rglob("*"):

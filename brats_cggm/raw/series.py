@@ -274,8 +274,8 @@ def _sorted_slices(series: Series, files: list[tuple[Path, Any]]) -> tuple[Path,
 
 def group_cases(root: Path) -> list[tuple[str, Path]]:
     """The cases under ``root``: ``[(case id, folder)]``. ``root`` is one case when image files
-    sit in it directly or when its sub-folders' DICOM series share one study; otherwise each
-    sub-folder holding images is a case."""
+    sit in it directly, when its sub-folders' DICOM series share one study, or when its only
+    sub-folder is a DICOM series folder; otherwise each sub-folder holding images is a case."""
     direct = [p for p in root.iterdir() if p.is_file() and (is_nifti(p) or _read_header(p) is not None)]
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if direct or not folders:
@@ -296,6 +296,10 @@ def group_cases(root: Path) -> list[tuple[str, Path]]:
     every = set().union(*studies.values()) if studies else set()
     if len(studies) > 1 and len(every) == 1:
         return [(root.name, root)]
+    if len(studies) == 1 and every and not next(iter(every)).startswith("nifti:"):
+        only = next(iter(studies))
+        if any(p.is_file() and _read_header(p) is not None for p in only.iterdir()):
+            return [(root.name, root)]  # one DICOM series folder: ``root`` is its case
     return [(folder.name, folder) for folder in studies]
 
 
