@@ -30,7 +30,7 @@ from brats_cggm import MODALITIES
 from brats_cggm.errors import InconsistentCase
 from brats_cggm.raw import brain, register
 from brats_cggm.raw.grids import affine_of, ras_grid, to_xyz
-from brats_cggm.raw.identify import Decision, identify
+from brats_cggm.raw.identify import identify
 from brats_cggm.raw.series import Series, check_one_examination, find_series
 
 #: the reference sequence, in order of preference
@@ -240,7 +240,3 @@ def write_case(case: IngestedCase, out: Path, overwrite: bool = False) -> Path:
         nib.save(nib.Nifti1Image(case.brain_mask.astype(np.uint8), case.atlas_affine), staging / f"{case.case_id}_brainmask.nii.gz")
         (staging / INGEST_JSON).write_text(json.dumps(case.record, indent=2) + "\n")
     return final
-
-
-def decision_rows(decisions: Sequence[Decision]) -> list[dict[str, str]]:
-    return [d.row() for d in decisions]

@@ -87,7 +87,7 @@ def move(images: dict, seed: int = 0, grids: dict = ISOTROPIC) -> dict[str, Move
     return moved
 
 
-def write_dicom(image, folder: Path, sequence: str, series_number: int, study_uid: str, patient: str = "ANONYMOUS",
+def write_dicom(image, folder: Path, sequence: str, series_number: int, study_uid: str, patient: str = "ANONYMOUS^PHANTOM",
                 frame_of_reference: str | None = None) -> list[Path]:
     """Write ``image`` as a classic DICOM MR series, one file per slice, int16 with a rescale
     slope so the float values survive to 1/1000 of their range."""
@@ -141,7 +141,7 @@ def write_dicom(image, folder: Path, sequence: str, series_number: int, study_ui
 
 
 def write_examination(images: dict, out: Path, seed: int = 0, grids: dict = ISOTROPIC, dicom: bool = True,
-                      patient: str = "ANONYMOUS") -> dict[str, Moved]:
+                      patient: str = "ANONYMOUS^PHANTOM") -> dict[str, Moved]:
     """A raw examination of ``images`` in ``out``: one DICOM series folder (or NIfTI file) per
     sequence, each moved and on its own grid; returns the truth."""
     import SimpleITK as sitk
