@@ -309,7 +309,9 @@ def _show(case_views: CaseViews, outcome: Outcome) -> list:
                + (f"; missing: {missing} (switched off)" if missing else "")
                + f". Grid {' × '.join(map(str, prediction.shape))}, voxels "
                + " × ".join(f"{z:.2f}" for z in outcome.summary["voxel_size_mm"]) + " mm. "
-               + ", ".join(f"**{r} {outcome.summary['volumes_ml'][r]:.1f} ml**" for r in REGION_NAMES) + ".")
+               + ", ".join(f"**{r} {outcome.summary['volumes_ml'][r]:.1f} ml**" for r in REGION_NAMES) + "."
+               + ("" if "ingest" not in outcome.summary else " A raw examination: shown on its T1ce as acquired, without "
+                  "contribution maps; the downloads add the DICOM SEG when the input was DICOM."))
     status = f"Done: sequences used {used}" + (f"; missing {missing}" if missing else "") + "."
     return [
         case_views, _status("ok", status), summary,

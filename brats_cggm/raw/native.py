@@ -69,7 +69,8 @@ def native_prediction(prediction: Prediction, case: IngestedCase, threshold: flo
     affine, header = native_affine(case)
     return Prediction(
         case.case_id, to_scheme(labels_from_regions(regions), label_scheme).astype(np.uint8), label_scheme,
-        probabilities, affine, header, prediction.sequences_used, prediction.tta, seconds=prediction.seconds,
+        probabilities, affine, header, prediction.sequences_used, prediction.tta,
+        seconds=prediction.seconds + sum(case.record["seconds"].values()),  # ingest and segmentation
         inputs=dict(case.record["inputs"]),
         postprocessing=prediction.postprocessing,
     )
