@@ -62,7 +62,7 @@ def one(kind: str) -> dict | None:
     """Run the whole raw path on one case in this process; its stages and peak memory."""
     from brats_cggm.inference.segmenter import Segmenter
     from brats_cggm.raw.ingest import Ingest
-    from brats_cggm.raw.native import write_raw_prediction
+    from brats_cggm.raw.native import native_prediction, write_raw_prediction
 
     with tempfile.TemporaryDirectory() as scratch:
         made = make_case(kind, Path(scratch))
@@ -75,7 +75,8 @@ def one(kind: str) -> dict | None:
         ingest = time.perf_counter() - start
         prediction = segmenter.predict_arrays(case.arrays, case.atlas_affine, kind)
         segment = time.perf_counter() - start - ingest
-        write_raw_prediction(prediction, case, Path(scratch) / "out", segmenter.model_info, threshold=segmenter.threshold)
+        native = native_prediction(prediction, case, segmenter.threshold)
+        write_raw_prediction(prediction, native, case, Path(scratch) / "out", segmenter.model_info)
         back = time.perf_counter() - start - ingest - segment
     return {"case": kind, "stages_s": case.record["seconds"], "ingest_s": round(ingest, 2), "segment_s": round(segment, 2),
             "map_back_and_write_s": round(back, 2), "total_s": round(ingest + segment + back, 2),

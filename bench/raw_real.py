@@ -23,15 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from raw_recovery import dice
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 SHARED = ROOT.parent.parent / "shared" / "data"
 SEQUENCES = ("flair", "t1", "t1ce", "t2")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(int(a.sum()) + int(b.sum()), 1)
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:

@@ -60,15 +60,14 @@ def raw_labels(folder: Path, case_id: str, segmenter, truth, original, known=Non
     """The raw chain's labels carried back onto the original grid, and its ingest record."""
     import SimpleITK as sitk
 
-    from brats_cggm.data.labels import labels_from_regions
     from brats_cggm.raw.grids import from_xyz, to_xyz
     from brats_cggm.raw.ingest import Ingest
     from brats_cggm.raw.native import native_regions
 
     case = Ingest(case_id, folder, known=known).run()
     prediction = segmenter.predict_arrays(case.arrays, case.atlas_affine, case_id)
-    _, regions = native_regions(prediction, case, segmenter.threshold)
-    native = from_xyz(labels_from_regions(regions).astype(np.uint8), case.reference_image)
+    _, labels = native_regions(prediction, case, segmenter.threshold)
+    native = from_xyz(labels.astype(np.uint8), case.reference_image)
     # original point -> moved T1ce point: the inverse of the truth (moved -> original)
     back = sitk.Resample(native, original, truth["t1ce"].transform.GetInverse(), sitk.sitkNearestNeighbor, 0)
     return to_xyz(back), case.record

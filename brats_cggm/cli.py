@@ -648,7 +648,7 @@ def _predict_raw(segmenter, inputs: list[Path], out: Path, label_scheme: str, ov
     """``predict --raw``: ingest, segment and map back each raw case (raw/native.py)."""
     from brats_cggm.errors import UserError
     from brats_cggm.raw.cases import raw_cases
-    from brats_cggm.raw.native import write_raw_prediction
+    from brats_cggm.raw.native import native_prediction, write_raw_prediction
 
     failures, done, skipped = [], [], []
     with raw_cases(inputs) as cases:
@@ -662,8 +662,8 @@ def _predict_raw(segmenter, inputs: list[Path], out: Path, label_scheme: str, ov
                 with console.status(f"{case.case_id}: segmenting"):
                     prediction = segmenter.predict_arrays(case.arrays, case.atlas_affine, case.case_id,
                                                           label_scheme=label_scheme)
-                    report = write_raw_prediction(prediction, case, out, segmenter.model_info, label_scheme,
-                                                  segmenter.threshold, overwrite=True)
+                    native = native_prediction(prediction, case, segmenter.threshold, label_scheme)
+                    report = write_raw_prediction(prediction, native, case, out, segmenter.model_info, overwrite=True)
             except UserError as error:
                 failures.append(str(error))
                 console.print(f"[red]failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)

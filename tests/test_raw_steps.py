@@ -34,7 +34,7 @@ def test_a_brain_mask_far_from_an_adult_brain_is_refused(tmp_path):
     small = sitk.Image([12, 12, 12], sitk.sitkFloat32)
     small[2:10, 2:10, 2:10] = 1.0  # "skull-stripped", 0.5 ml of brain
     with pytest.raises(InconsistentCase, match=r"c: brain mask of 1 ml, outside the plausible adult range 700-2300 ml"):
-        Ingest("c", tmp_path)._brain({"t1ce": small}, "t1ce", {}, stripped=True)
+        Ingest("c", tmp_path)._brain({"t1ce": small}, "t1ce", {}, extract_from=None)
 
 
 def test_mean_displacement_of_known_transforms():

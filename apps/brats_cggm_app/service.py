@@ -241,9 +241,8 @@ class Runner:
         progress(0.6, f"Segmenting with {', '.join(DISPLAY_NAMES[m] for m in ingested.arrays)}")
         prediction = self.segmenter.predict_arrays(ingested.arrays, ingested.atlas_affine, ingested.case_id)
         progress(0.85, f"Mapping the labels back to the {ingested.reference.upper()} as acquired")
-        report = write_raw_prediction(prediction, ingested, out, self.model_info, threshold=self.segmenter.threshold,
-                                      overwrite=True)
         native = native_prediction(prediction, ingested, self.segmenter.threshold)
+        report = write_raw_prediction(prediction, native, ingested, out, self.model_info, overwrite=True)
         folder = out / ingested.case_id
         files = report["files"]
         extra = tuple(folder / files[k] for k in ("dicom_seg",) if k in files)

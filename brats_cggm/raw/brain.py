@@ -29,12 +29,11 @@ SEQUENCE_ORDER = ("t1", "t1ce")
 
 @dataclass(frozen=True)
 class BrainMask:
-    """The mask (``SimpleITK.Image``, uint8 {0, 1}, 1 mm RAS grid) and what made it."""
+    """The mask (``SimpleITK.Image``, uint8 {0, 1}, 1 mm RAS grid) and the sequence it was drawn on."""
 
     image: object
     sequence: str
     volume_ml: float
-    note: str
 
 
 def choose_sequence(present: list[str] | tuple[str, ...]) -> tuple[str | None, str]:
@@ -124,5 +123,4 @@ def extract(image, sequence: str, space=None, transform=None) -> BrainMask:
     resampled = sitk.Resample(image, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     mask = mask_array(to_xyz(resampled))
     volume = float(mask.sum()) * float(np.prod(grid.GetSpacing())) / 1000.0
-    _, note = choose_sequence((sequence,))
-    return BrainMask(from_xyz(mask.astype(np.uint8), grid), sequence, volume, note)
+    return BrainMask(from_xyz(mask.astype(np.uint8), grid), sequence, volume)

@@ -128,10 +128,11 @@ class Ingest:
         self.decisions = decisions
         images = {m: s.image() for m, s in chosen.items()}
         self._lap("read")
-        stripped = all(is_skull_stripped(image) for image in images.values())
-        if not stripped and brain.choose_sequence(tuple(images))[0] is None:
-            raise InconsistentCase(case_id, f"{brain.choose_sequence(())[1]}; give skull-stripped images or add a "
-                                            "T1/T1ce series")
+        # the sequence deepbet runs on (None: the images are skull-stripped already)
+        extract_from = None if all(is_skull_stripped(image) for image in images.values()) else \
+            brain.choose_sequence(tuple(images))
+        if extract_from is not None and extract_from[0] is None:
+            raise InconsistentCase(case_id, f"{extract_from[1]}; give skull-stripped images or add a T1/T1ce series")
         reference = next(m for m in REFERENCE_ORDER if m in images)
         fixed = images[reference]
         registrations = {}
@@ -145,7 +146,7 @@ class Ingest:
             register.check_converged(self.case_id, f"{chosen[sequence].label} to the {reference.upper()}", "sequence",
                                      registrations[sequence])
         self._lap("register sequences")
-        mask_grid, mask, brain_record = self._brain(images, reference, registrations, stripped)
+        mask_grid, mask, brain_record = self._brain(images, reference, registrations, extract_from)
         self._lap("brain extraction")
         moving = sitk.Resample(fixed, mask_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32) * \
             sitk.Cast(mask, sitk.sitkFloat32)
@@ -181,12 +182,14 @@ class Ingest:
         return IngestedCase(case_id, self.folder, arrays, affine_of(template), reference, chosen[reference], fixed,
                             to_atlas.transform, atlas_mask, template, record)
 
-    def _brain(self, images: dict, reference: str, registrations: dict, stripped: bool):
-        """The brain mask on a 1 mm R-A-S grid in the reference's space, and its record."""
+    def _brain(self, images: dict, reference: str, registrations: dict, extract_from: tuple[str, str] | None):
+        """The brain mask on a 1 mm R-A-S grid in the reference's space, and its record.
+        ``extract_from``: the sequence deepbet runs on and what to say about it (from
+        :func:`brain.choose_sequence`); None: the images are skull-stripped already."""
         import SimpleITK as sitk
 
         grid = ras_grid(images[reference])
-        if stripped:
+        if extract_from is None:
             union = None
             for sequence, image in images.items():
                 transform = registrations[sequence].transform if sequence in registrations else sitk.Transform()
@@ -195,7 +198,7 @@ class Ingest:
             mask = sitk.Cast(union, sitk.sitkUInt8)
             method, note = "none: the images are already skull-stripped (their non-zero voxels)", None
         else:
-            sequence, note = brain.choose_sequence(tuple(images))
+            sequence, note = extract_from
             transform = registrations[sequence].transform if sequence in registrations else None
             extracted = brain.extract(images[sequence], sequence, space=images[reference], transform=transform)
             mask, method = extracted.image, f"deepbet (ONNX) on the {sequence.upper()}"

@@ -31,8 +31,8 @@ from brats_cggm.raw.ingest import IngestedCase, staged, write_case
 
 
 def native_regions(prediction: Prediction, case: IngestedCase, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """``([3, x, y, z]`` float32 probabilities, ``[3, x, y, z]`` bool nested regions) of TC,
-    WT, ET on the reference series' grid."""
+    """``([3, x, y, z]`` float32 probabilities of TC, WT, ET, (x, y, z) BraTS 2021 label map)
+    on the reference series' grid."""
     import SimpleITK as sitk
 
     probabilities = np.array(prediction.probabilities, dtype=np.float32, copy=True)
@@ -44,9 +44,7 @@ def native_regions(prediction: Prediction, case: IngestedCase, threshold: float 
                                    sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         for p in probabilities
     ])
-    labels = labels_from_regions(native > threshold)
-    nested = np.stack([np.isin(labels, (1, 4)), labels > 0, labels == 4])
-    return native, nested
+    return native, labels_from_regions(native > threshold)
 
 
 def native_affine(case: IngestedCase) -> tuple[np.ndarray, Any]:
@@ -65,10 +63,10 @@ def native_prediction(prediction: Prediction, case: IngestedCase, threshold: flo
                       label_scheme: str = "brats2021") -> Prediction:
     """The atlas-space ``prediction`` as a prediction on the reference series' own grid (labels,
     probabilities, that grid's affine and, for NIfTI input, its header)."""
-    probabilities, regions = native_regions(prediction, case, threshold)
+    probabilities, labels = native_regions(prediction, case, threshold)
     affine, header = native_affine(case)
     return Prediction(
-        case.case_id, to_scheme(labels_from_regions(regions), label_scheme).astype(np.uint8), label_scheme,
+        case.case_id, to_scheme(labels, label_scheme).astype(np.uint8), label_scheme,
         probabilities, affine, header, prediction.sequences_used, prediction.tta,
         seconds=prediction.seconds + sum(case.record["seconds"].values()),  # ingest and segmentation
         inputs=dict(case.record["inputs"]),
@@ -76,12 +74,12 @@ def native_prediction(prediction: Prediction, case: IngestedCase, threshold: flo
     )
 
 
-def write_raw_prediction(prediction: Prediction, case: IngestedCase, out: Path, model: dict[str, Any],
-                         label_scheme: str = "brats2021", threshold: float = 0.5, overwrite: bool = False) -> dict[str, Any]:
-    """Write one raw case's results into ``out/<case>/`` (see the module's docstring); returns
-    the report (``<case>.json``)."""
+def write_raw_prediction(prediction: Prediction, native: Prediction, case: IngestedCase, out: Path,
+                         model: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
+    """Write one raw case's results into ``out/<case>/`` (see the module's docstring): the
+    atlas-space ``prediction`` and ``native``, the same on the reference series' grid
+    (:func:`native_prediction`); returns the report (``<case>.json``)."""
     with staged(Path(out) / case.case_id, overwrite) as staging:
-        native = native_prediction(prediction, case, threshold, label_scheme)
         seg_name = f"{case.case_id}_seg.nii.gz"
         (staging / seg_name).write_bytes(nifti_bytes(native.labels, native.affine, native.header))
         files: dict[str, Any] = {"labels_native": seg_name}
