@@ -87,6 +87,7 @@ ROWS: dict[str, Row] = {
     "hemis-mmpareto": Row("4 branches, HeMIS fusion, MMPareto", "mmpareto", "hemis"),
     "hemis-dropout": Row("4 branches, HeMIS fusion, sequence dropout", "modality_dropout", "hemis"),
     "slots-dropout": Row("4 branches, slot fusion, sequence dropout", "modality_dropout", "slots"),
+    "slots-cggm-paper": Row("4 branches, slot fusion, sequence dropout, CGGM (paper's rule)", "cggm-paper", "slots"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
@@ -221,14 +222,17 @@ def prepare(folders: Sequence[Path], out: Path, folds: int) -> tuple[Path, list[
 
 
 def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None, seeds: int = 1,
-             settings: dict | None = None) -> None:
-    """Train (or reuse) every row x fold x seed at a fixed budget, and score it on its test fold."""
+             settings: dict | None = None, kept: Path | None = None) -> None:
+    """Train (or reuse) every row x fold x seed at a fixed budget, and score it on its test fold;
+    a row x fold whose every seed is already kept in ``kept`` (committed) is not trained again."""
     from brats_cggm.compare import compare
 
     split_file = out / "split.json"
     for key in rows:  # row by row over the folds: each finished row is complete
         row = ROWS[key]
         for fold in range(folds):
+            if kept is not None and all((kept / f"{key}-fold{fold}-seed{s}.json").exists() for s in range(seeds)):
+                continue
             if row.fusion is None:
                 model = pretrain(out, row.init) if row.method == PRETRAINED else Path(row.method)
                 score_model(model, data, split_file, fold, out / key / f"fold{fold}.json")
@@ -486,7 +490,8 @@ def main() -> None:
         raise SystemExit(f"error: {missing[0]}: no such folder of BraTS cases")
     data, cases = prepare(args.data, args.out, args.folds)
     if not args.table_only:
-        run_rows(data, args.out, rows, args.folds, args.epochs, args.seeds, parse_settings(args.settings))
+        run_rows(data, args.out, rows, args.folds, args.epochs, args.seeds, parse_settings(args.settings),
+                 args.results / "real_cv_runs")
     command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
                + "".join(f" --set {item}" for item in args.settings))
