@@ -88,6 +88,8 @@ ROWS: dict[str, Row] = {
     "hemis-dropout": Row("4 branches, HeMIS fusion, sequence dropout", "modality_dropout", "hemis"),
     "slots-dropout": Row("4 branches, slot fusion, sequence dropout", "modality_dropout", "slots"),
     "slots-cggm-paper": Row("4 branches, slot fusion, sequence dropout, CGGM (paper's rule)", "cggm-paper", "slots"),
+    "slots-cggm-deficit": Row("4 branches, slot fusion, sequence dropout, CGGM deficit variant", "cggm-deficit",
+                              "slots"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",

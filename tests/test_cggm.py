@@ -154,12 +154,12 @@ def make_optimizers(model, balancer, model_lr=0.05):
     )
 
 
-@pytest.mark.parametrize("preset", ["paper", "official", "stable"])
+@pytest.mark.parametrize("preset", ["paper", "official", "stable", "deficit"])
 def test_state_dict_round_trip_resumes_exactly(preset):
     options = dict(preset=preset, lam=0.1, rho=1.2)
     # the unguarded presets meet B ~ 1e6 within a few steps (batch accuracies cancel):
     # a tiny learning rate keeps the weights finite, so that the comparison means something
-    model_lr = 0.05 if preset == "stable" else 1e-7
+    model_lr = 0.05 if preset in ("stable", "deficit") else 1e-7
     model, balancer, criterion = make_setup(2, **options)
     optimizers = make_optimizers(model, balancer, model_lr)
     uninterrupted = run_steps(model, balancer, criterion, optimizers, 8)
@@ -204,6 +204,23 @@ def test_stable_leaves_the_first_step_untouched_and_then_balances():
     assert torch.equal(coefficients[0], torch.ones(2))  # no trend after one observation
     assert any(not torch.equal(b, torch.ones(2)) for b in coefficients[1:])
     assert all(((b >= 0) & (b <= 1.2)).all() for b in coefficients)
+
+
+def test_deficit_scales_each_encoder_by_its_heads_deficit_from_the_first_step():
+    model, balancer, criterion = make_setup(3, preset="deficit", lam=0.0, rho=1.0)
+    inputs, target = make_batch(3)
+    _, _, task_loss, extra = forward(model, balancer, criterion, inputs, target)
+    (task_loss + extra).backward()
+    before = {n: grads(model.encoders[n].parameters()) for n in balancer.modality_names}
+    telemetry = balancer.modulate()
+    eps, b = telemetry.per_modality["eps"], telemetry.per_modality["B"]
+    # one observation: the smoothed level is the batch accuracy itself
+    deficit = 1 - eps
+    assert torch.allclose(telemetry.per_modality["d"], deficit, atol=1e-6)
+    assert torch.allclose(b, deficit / deficit.mean(), atol=1e-6)
+    for i, name in enumerate(balancer.modality_names):
+        for old, param in zip(before[name], model.encoders[name].parameters()):
+            assert torch.allclose(param.grad, old * b[i])
 
 
 def test_joint_training_reports_heads_and_leaves_gradients_alone():

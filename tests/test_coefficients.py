@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from multimodal_general.balance.coefficients import (
+    deficit_coefficients,
     ema_update,
     paper_coefficients,
     stable_coefficients,
@@ -96,3 +97,36 @@ def test_trend_is_zero_after_the_first_observation():
     ema_update(fast, eps, 0.9)
     ema_update(slow, eps, 0.99)
     assert trend(fast, slow, count, 0.9, 0.99).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("level", "rho", "expected"),
+    [
+        # deficits 0.8, 0.4 (mean 0.6): B = rho * deficit / mean
+        ([0.2, 0.6], 1.0, [4 / 3, 2 / 3]),
+        # four heads, T1 far behind: deficits 0.4, 0.8, 0.4, 0.4 (mean 0.5), rho 1.2
+        ([0.6, 0.2, 0.6, 0.6], 1.2, [0.96, 1.92, 0.96, 0.96]),
+        # a head above 1 (not a Dice) counts as no deficit: deficits 0, 0.5 (mean 0.25)
+        ([1.5, 0.5], 1.0, [0.0, 2.0]),
+    ],
+)
+def test_deficit_coefficients_agree_with_hand_computed_values(level, rho, expected):
+    b, usable = deficit_coefficients(torch.tensor(level, dtype=torch.float64), rho, min_signal=1e-6)
+    assert bool(usable)
+    assert torch.allclose(b, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+    assert math.isclose(float(b.mean()), rho, rel_tol=1e-12)  # the mean gradient scale is rho's
+
+
+def test_deficit_coefficients_favour_the_lower_level_whatever_its_rate():
+    """The paper's rule gives a weak head that rises fast the smaller B; the deficit rule the larger."""
+    levels = torch.tensor([0.3, 0.7])  # head 0 weak ...
+    rates = torch.tensor([0.02, 0.005])  # ... and rising fastest
+    assert paper_coefficients(rates, 1.0)[0] < paper_coefficients(rates, 1.0)[1]
+    b, _ = deficit_coefficients(levels, 1.0, 1e-6)
+    assert b[0] > 1.0 > b[1]
+
+
+def test_deficit_coefficients_leave_gradients_alone_when_every_head_is_perfect():
+    b, usable = deficit_coefficients(torch.tensor([1.0, 1.0, 1.0]), 1.2, min_signal=1e-6)
+    assert not bool(usable)
+    assert torch.equal(b, torch.ones(3))

@@ -10,7 +10,8 @@ Per optimizer step (see ``shared/CGGM.md`` and ``docs/cggm.md``):
 6. direction: ``L_gm = (1/M) * sum_i (|B_i| - B_i * cos(g_F, g_i))`` is added to the loss
    with weight ``lam``.
 
-The three presets differ as documented on :data:`CGGM_PRESETS`.
+The presets differ as documented on :data:`CGGM_PRESETS`; ``paper``, ``official`` and ``stable``
+follow the paper's rule (step 4), ``deficit`` is a variant of ours that replaces it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from torch import Tensor, nn
 
 from multimodal_general.balance.base import Balancer, CommonOptions, Unpack
 from multimodal_general.balance.coefficients import (
+    deficit_coefficients,
     ema_update,
+    level,
     paper_coefficients,
     stable_coefficients,
     trend,
@@ -54,6 +57,10 @@ class CGGMPreset:
     guarded: bool
     """Smoothed improvements and coefficients in ``[0, rho]``; no usable signal → B = 1."""
     summary: str
+    drive: Literal["improvement", "deficit"] = "improvement"
+    """What ``B`` is computed from: each head's improvement ``d`` (the paper), or (a variant
+    of ours, not the paper's) its remaining deficit ``1 - eps`` (smoothed), so that the
+    weakest head's encoder gets the most gradient (:func:`deficit_coefficients`)."""
 
 
 #: rho where a run does not set it: the paper's 1.2 (its range is 1.2-1.3). The BraTS trainer's
@@ -74,6 +81,12 @@ CGGM_PRESETS: dict[str, CGGMPreset] = {
         CGGMPreset(
             "stable", "gradients", False, True, True,
             "paper semantics with EMA-smoothed improvements and guarded B in [0, rho]",
+        ),
+        CGGMPreset(
+            "deficit", "gradients", False, True, True,
+            "not the paper's rule: B from each head's smoothed deficit 1 - eps (mean B = rho), "
+            "so the weakest head's encoder gets the most gradient",
+            drive="deficit",
         ),
     )
 }
@@ -96,7 +109,7 @@ class CGGM(Balancer):
         criterion: the task loss; trains the heads and defines ``g_F`` and ``g_i``.
         metric: the heads' utilization metric (``accuracy``, ``binary_accuracy``,
             ``neg_mae``, ``soft_dice``, ``hard_dice`` or a callable).
-        preset: ``paper``, ``official`` or ``stable`` (see :data:`CGGM_PRESETS`).
+        preset: ``paper``, ``official``, ``stable`` or ``deficit`` (see :data:`CGGM_PRESETS`).
         rho: scale of the coefficients (see :data:`DEFAULT_RHO`).
         lam: weight of the direction loss ``L_gm`` (paper: 0.05-0.2).
         fast_beta, slow_beta: EMA factors of the ``stable`` trend estimate of ``d``.
@@ -167,9 +180,14 @@ class CGGM(Balancer):
             self.ema_count += 1
             ema_update(self.ema_fast, eps.double(), self.fast_beta)
             ema_update(self.ema_slow, eps.double(), self.slow_beta)
-            d = trend(self.ema_fast, self.ema_slow, self.ema_count, self.fast_beta, self.slow_beta)
-            d = d.to(eps.dtype)
-            coefficients, usable = stable_coefficients(d, self.rho, self.min_signal)
+            if self.preset.drive == "deficit":
+                smoothed = level(self.ema_fast, self.ema_count, self.fast_beta).to(eps.dtype)
+                coefficients, usable = deficit_coefficients(smoothed, self.rho, self.min_signal)
+                d = (1 - smoothed).clamp_min(0)  # telemetry's d: the deficit B was computed from
+            else:
+                d = trend(self.ema_fast, self.ema_slow, self.ema_count, self.fast_beta, self.slow_beta)
+                d = d.to(eps.dtype)
+                coefficients, usable = stable_coefficients(d, self.rho, self.min_signal)
         else:
             d = eps - self.previous_eps
             self.previous_eps.copy_(eps)

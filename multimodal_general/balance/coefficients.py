@@ -1,4 +1,5 @@
-"""CGGM's balancing coefficients ``B_i`` from the per-modality improvements ``d_i``.
+"""CGGM's balancing coefficients ``B_i`` from the per-modality improvements ``d_i`` (or, for
+the ``deficit`` variant, from the heads' levels).
 
 Pure tensor functions (no host synchronisation), so they are easy to test against
 hand-computed values and cheap on a GPU.
@@ -41,9 +42,32 @@ def stable_coefficients(
     return torch.where(usable, coefficients, torch.ones_like(coefficients)), usable
 
 
+def deficit_coefficients(level: Tensor, rho: float, min_signal: float) -> tuple[Tensor, Tensor]:
+    """Coefficients from how far each head still is from a perfect score: ``(B, usable)``.
+
+    With the deficit ``delta_i = max(1 - eps_i, 0)`` of each head's (smoothed) utilization
+    ``eps_i`` (a metric whose best value is 1: accuracy, Dice) and their mean ``mean_k delta_k``,
+    ``B_i = rho * delta_i / mean_k delta_k``: the coefficients average ``rho``, and the head that
+    is furthest behind gets the largest. Unlike :func:`stable_coefficients` it reads levels,
+    not rates, so a weak head that is catching up quickly still gets more than a strong one.
+    With every deficit below ``min_signal`` (all heads perfect) there is nothing to balance:
+    ``B = 1`` and ``usable`` is false.
+    """
+    deficit = (1 - level).clamp_min(0)
+    total = deficit.sum()
+    usable = total > min_signal
+    coefficients = rho * deficit * len(deficit) / total.clamp_min(min_signal)
+    return torch.where(usable, coefficients, torch.ones_like(coefficients)), usable
+
+
 def ema_update(average: Tensor, value: Tensor, beta: float) -> None:
     """In place: ``average = beta * average + (1 - beta) * value``."""
     average.mul_(beta).add_(value, alpha=1 - beta)
+
+
+def level(fast: Tensor, count: Tensor, fast_beta: float) -> Tensor:
+    """The bias-corrected fast EMA of ``eps``: each head's smoothed current utilization."""
+    return fast / (1 - fast_beta ** count)
 
 
 def trend(fast: Tensor, slow: Tensor, count: Tensor, fast_beta: float, slow_beta: float) -> Tensor:
@@ -54,6 +78,4 @@ def trend(fast: Tensor, slow: Tensor, count: Tensor, fast_beta: float, slow_beta
     per-step improvement with far less noise than ``eps(t) - eps(t-1)`` (B is invariant to a
     common positive factor). Equal to zero after the first observation.
     """
-    fast_hat = fast / (1 - fast_beta ** count)
-    slow_hat = slow / (1 - slow_beta ** count)
-    return fast_hat - slow_hat
+    return level(fast, count, fast_beta) - slow / (1 - slow_beta ** count)
