@@ -94,6 +94,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "multi-branch small + CGGM paper",
         {"network.preset": "small", "balancer.name": "cggm", "balancer.preset": "paper"},
     ),
+    "mb-grouped-none": (
+        "multi-branch small, branches as one grouped network + none",
+        {"network.preset": "small", "balancer.name": "none", "network.overrides": {"grouped": True}},
+    ),
+    "mb-slots-none": (
+        "multi-branch small, slot fusion + none",
+        {"network.preset": "small", "network.fusion": "slots", "balancer.name": "none"},
+    ),
     "ef-small-none": (
         "early fusion (small widths) + none",
         {"network.preset": "early_fusion", "network.overrides": SMALL_EARLY_FUSION, "balancer.name": "none"},

@@ -4,7 +4,8 @@ Every chain works on a data dict made by :func:`case_to_dict` (keys ``image``, `
 when the case has one, ``case_id``, ``scheme``, ``channels``) and starts with the same
 deterministic prefix, which a cached dataset computes once per case::
 
-    load -> channel first -> canonical channel order -> orientation -> spacing
+    load -> channel first -> canonical channel order -> constant background to 0
+         -> orientation -> spacing
          -> labels renumbered to BraTS 2021 and split into [TC, WT, ET]
          -> crop to the image foreground -> z-score per channel on non-zero voxels
 
@@ -53,7 +54,7 @@ from monai.transforms import (
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import SCHEMES
 from brats_cggm.data.layouts import Case
-from brats_cggm.data.preprocessing import ARTEFACTS, NOISE_FLOOR, NORMALIZATION, PreprocessConfig
+from brats_cggm.data.preprocessing import ARTEFACTS, NOISE_FLOOR, NORMALIZATION, PreprocessConfig, constant_background
 from brats_cggm.errors import BadInputFile, UserError
 
 
@@ -134,6 +135,25 @@ class DropResamplingNoised(MapTransform):
         return d
 
 
+class ZeroConstantBackgroundd(MapTransform):
+    """Set a sequence's constant background to 0 (an image z-scored upstream keeps the z-score
+    of 0 there; :func:`~brats_cggm.data.preprocessing.constant_background`). In place."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            for channel in d[key]:
+                background = constant_background(np.asarray(channel))
+                if background is not None:
+                    channel[torch.as_tensor(background)] = 0
+        return d
+
+
+def nonzero(image: Any) -> Any:
+    """The crop's foreground: every non-zero voxel (z-scored brains have negative values)."""
+    return image != 0
+
+
 class ThreadSafeNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` with the file names of a ``read`` kept per thread.
 
@@ -207,6 +227,7 @@ def _geometry_and_intensity(cfg: PreprocessConfig, keys: list[str]) -> list:
     (labels), crop, normalisation."""
     modes = ["bilinear", "nearest"][: len(keys)]
     steps = [
+        ZeroConstantBackgroundd("image"),
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
         Spacingd(keys, pixdim=cfg.spacing, mode=modes),
         DropResamplingNoised("image"),
@@ -214,7 +235,7 @@ def _geometry_and_intensity(cfg: PreprocessConfig, keys: list[str]) -> list:
     if "label" in keys:
         steps += [ToBrats2021d("label"), ConvertToMultiChannelBasedOnBratsClassesd("label")]
     return steps + [
-        CropForegroundd(keys, source_key="image"),
+        CropForegroundd(keys, source_key="image", select_fn=nonzero),
         NormalizeIntensityd("image", nonzero=True, channel_wise=True),
     ]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from nibabel import orientations
 
-from brats_cggm.data.preprocessing import NOISE_FLOOR, PreprocessConfig
+from brats_cggm.data.preprocessing import NOISE_FLOOR, PreprocessConfig, constant_background
 
 #: MONAI's tolerance: a voxel size within it of the target is kept, and a resampling
 #: whose voxel mapping is within it of the identity is skipped
@@ -45,7 +45,7 @@ ALIGNED_TOL = 1e-6
 
 
 class EmptyImage(ValueError):
-    """No voxel of any sequence is above 0: there is nothing to crop to."""
+    """Every voxel of every sequence is 0: there is nothing to crop to."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,10 @@ def preprocess(arrays: Mapping[str, np.ndarray], order: Sequence[str], affine: n
                                        orientations.axcodes2ornt(config.orientation))
     oriented_affine = affine @ orientations.inv_ornt_aff(ornt, shape)
     views = {m: orient(np.asarray(a)[None], ornt)[0] for m, a in arrays.items()}
+    for m, view in views.items():
+        background = constant_background(view)
+        if background is not None:
+            views[m] = np.where(background, np.float32(0), view.astype(np.float32, copy=False))
     oriented_shape = tuple(next(iter(views.values())).shape)
     grid_affine, grid_shape = spacing_grid(oriented_affine, oriented_shape, config.spacing)
     xform = np.linalg.solve(oriented_affine, grid_affine)  # grid voxel -> oriented voxel
@@ -201,7 +205,7 @@ def preprocess(arrays: Mapping[str, np.ndarray], order: Sequence[str], affine: n
         grid_affine, grid_shape = oriented_affine, oriented_shape
     inside = _foreground_box(views.values())
     if inside is None:
-        raise EmptyImage("no voxel of any sequence is above 0")
+        raise EmptyImage("every voxel of every sequence is 0 (or one constant)")
     if resampled and axis_aligned(xform):
         block, axes = [], []
         for axis in range(3):  # the grid voxels whose neighbours reach the input's foreground box
@@ -225,7 +229,7 @@ def preprocess(arrays: Mapping[str, np.ndarray], order: Sequence[str], affine: n
         _drop_noise(values)
     box = _foreground_box(channels.values())
     if box is None:
-        raise EmptyImage("no voxel of any sequence is above 0 after resampling")
+        raise EmptyImage("every voxel of every sequence is 0 after resampling")
     crop = tuple(slice(a, b) for a, b in box)
     block_shape = tuple(b - a for a, b in box)
     image = np.zeros((len(order), *block_shape), dtype=np.float32)
@@ -238,10 +242,10 @@ def preprocess(arrays: Mapping[str, np.ndarray], order: Sequence[str], affine: n
 
 
 def _foreground_box(volumes) -> tuple[tuple[int, int], ...] | None:
-    """(start, stop) per axis of the voxels > 0 in any of ``volumes``; None when none is."""
+    """(start, stop) per axis of the non-zero voxels in any of ``volumes``; None when none is."""
     starts, stops = [None] * 3, [None] * 3
     for volume in volumes:
-        positive = volume > 0
+        positive = volume != 0
         for axis in range(3):
             hits = np.flatnonzero(positive.any(axis=tuple(a for a in range(3) if a != axis)))
             if hits.size:

@@ -13,6 +13,7 @@ from brats_cggm.errors import ConfigurationError
 from brats_cggm.network.branch_encoder import LEAKY_RELU, BranchEncoder
 from brats_cggm.network.decoder import FusedDecoder
 from brats_cggm.network.fusion import make_fusion
+from brats_cggm.network.grouped import grouped_forward, split_branches
 from brats_cggm.network.masking import (
     as_voxel_mask,
     check_image,
@@ -53,6 +54,10 @@ class MultiBranchUNet(nn.Module):
         act, norm: MONAI activation and normalization names (with options).
         normalized_output: the decoder's last layer normalised, as networks were built before
             (their checkpoints; regions collapse, see :class:`FusedDecoder`).
+        grouped: run the branches as one grouped network (one convolution call per layer for
+            all branches, :mod:`brats_cggm.network.grouped`): the same function and the same
+            parameters as running them one by one, in fewer, larger calls. Off by default: on
+            2 CPU cores it was no faster (``bench/training_speed.py``, ``mb-grouped-none``).
 
     Shapes: ``image [N, M, D, H, W]``, ``modality_mask [N, M]`` (bool or 0/1, optional)
     -> logits ``[N, out_channels, D, H, W]``.
@@ -72,6 +77,7 @@ class MultiBranchUNet(nn.Module):
         act: tuple | str = LEAKY_RELU,
         norm: tuple | str = "instance",
         normalized_output: bool = False,
+        grouped: bool = False,
     ) -> None:
         super().__init__()
         if len(modalities) < 1 or len(set(modalities)) != len(modalities):
@@ -90,6 +96,7 @@ class MultiBranchUNet(nn.Module):
         self.channels, self.strides = tuple(channels), tuple(strides)
         self.sequence_dropout = float(sequence_dropout)
         self.fusion_name = fusion
+        self.grouped = bool(grouped)
         self.act, self.norm = act, norm
         self.branches = nn.ModuleDict(
             {name: BranchEncoder(channels, strides, num_res_units=num_res_units, act=act, norm=norm)
@@ -149,12 +156,19 @@ class MultiBranchUNet(nn.Module):
         caller encode once and decode under several masks (e.g. contribution maps).
         """
         check_image(image, self.modalities, self.divisor)
-        return [
-            self.branches[name](
-                image[:, index : index + 1].masked_fill(~as_voxel_mask(available[:, index]), 0.0)
-            )
-            for index, name in enumerate(self.modalities)
-        ]
+        if not self.grouped:
+            return [
+                self.branches[name](
+                    image[:, index : index + 1].masked_fill(~as_voxel_mask(available[:, index]), 0.0)
+                )
+                for index, name in enumerate(self.modalities)
+            ]
+        x = image.masked_fill(~available[:, :, None, None, None], 0.0)
+        levels = []
+        for layers in zip(*(self.branches[name].levels for name in self.modalities)):
+            x = grouped_forward(layers, x)
+            levels.append(split_branches(x, len(self.modalities)))
+        return [list(pyramid) for pyramid in zip(*levels)]
 
     def decode(self, branch_features: Sequence[Sequence[Tensor]], keep: Tensor) -> Tensor:
         """Logits from the branch pyramids, fusing only the branches ``keep [N, M]`` keeps."""
