@@ -68,11 +68,14 @@ class Row:
     fusion: str | None = None
     #: the phantom pre-training (a key of ``PRETRAIN``) the row starts from, or (scored) is
     init: str | None = None
+    #: the labelled cases that lack sequences (``partial/``) also train, in the folds their
+    #: source is not tested in (``train --partial``); the test cases are the same as every row's
+    partial: bool = False
 
     @property
     def group(self) -> str:
         """The folder (under OUT) of the row's runs: rows that share it share runs."""
-        return f"{self.fusion}-init" if self.init else str(self.fusion)
+        return (f"{self.fusion}-init" if self.init else str(self.fusion)) + ("-partial" if self.partial else "")
 
 
 #: a scored row's stand-in for its phantom pre-training run
@@ -87,9 +90,13 @@ ROWS: dict[str, Row] = {
     "hemis-mmpareto": Row("4 branches, HeMIS fusion, MMPareto", "mmpareto", "hemis"),
     "hemis-dropout": Row("4 branches, HeMIS fusion, sequence dropout", "modality_dropout", "hemis"),
     "slots-dropout": Row("4 branches, slot fusion, sequence dropout", "modality_dropout", "slots"),
-    "slots-cggm-paper": Row("4 branches, slot fusion, sequence dropout, CGGM (paper's rule)", "cggm-paper", "slots"),
-    "slots-cggm-deficit": Row("4 branches, slot fusion, sequence dropout, CGGM deficit variant", "cggm-deficit",
-                              "slots"),
+    "slots-none": Row("4 branches, slot fusion, joint training", "none", "slots"),
+    "slots-cggm-paper": Row("4 branches, slot fusion, CGGM (paper's rule)", "cggm-paper", "slots"),
+    "slots-dropout-partial": Row("4 branches, slot fusion, sequence dropout, + the FLAIR/T1ce-only cases",
+                                 "modality_dropout", "slots", partial=True),
+    "ef-dropout-partial": Row("early fusion + sequence dropout, + the FLAIR/T1ce-only cases (zero-filled)",
+                              "early_fusion_dropout", "mean", partial=True),
+    "slots-cggm-deficit": Row("4 branches, slot fusion, CGGM deficit variant (ours)", "cggm-deficit", "slots"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
@@ -124,9 +131,10 @@ PRESET = "cpu-real"
 
 
 def source_of(case_id: str) -> str:
-    """The institution of a BraTS 2018 training case id (``Brats18_TCIA01_201_1`` -> ``TCIA01``);
-    a case id of another form is its own source."""
-    match = re.match(r"Brats\d\d_([A-Za-z0-9]+)_", case_id)
+    """The institution of a BraTS 2018 training case id (``Brats18_TCIA01_201_1`` -> ``TCIA01``), or
+    the challenge of a BraTS 2015 copy of a 2013 case (``brats_2013_pat0001_1`` -> ``2013``, the
+    source of ``Brats18_2013_*``); a case id of another form is its own source."""
+    match = re.match(r"Brats\d\d_([A-Za-z0-9]+)_", case_id) or re.match(r"brats_(\d{4})_pat", case_id)
     return match.group(1) if match else case_id
 
 
@@ -173,6 +181,30 @@ def labelled_cases(folders: Sequence[Path]) -> list[Case]:
     return [found[case_id] for case_id in sorted(found)]
 
 
+def partial_cases(folders: Sequence[Path]) -> list[Case]:
+    """Every labelled case under ``folders`` that lacks a sequence (``partial/``), by case id."""
+    found: dict[str, Case] = {}
+    for folder in folders:
+        for layout in (name for name, spec in LAYOUTS.items() if spec.suffixes):
+            try:
+                cases = discover(folder, layout, partial=True).cases
+            except InconsistentCase:
+                continue
+            found.update({c.case_id: c for c in cases if c.label is not None and None in c.images})
+    return [found[case_id] for case_id in sorted(found)]
+
+
+def with_partial(split: dict, partial: Sequence[str]) -> dict:
+    """``split`` with the ``partial`` case ids added to the training cases of every fold whose
+    test cases come from none of their sources (a source is tested in one fold only)."""
+    folds = []
+    for fold in split["folds"]:
+        tested = {source_of(c) for c in fold["test"]}
+        extra = [c for c in partial if source_of(c) not in tested]
+        folds.append({**fold, "train": sorted(fold["train"] + extra)})
+    return {**split, "scheme": split["scheme"] + ", plus the cases that lack sequences in training", "folds": folds}
+
+
 def link_cases(cases: Sequence[Case], folder: Path) -> Path:
     """``folder/<case id>/<file>``: a link to each file of ``cases``, so that cases from several
     folders are one data folder for training and evaluation (links already there are kept)."""
@@ -189,7 +221,7 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
                   settings: dict | None = None) -> dict:
     """A row's settings on one fold: ``settings`` (``--set``), then the fold's split and the row's network."""
     own = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
-           "network.sequence_dropout": 0.0}
+           "network.sequence_dropout": 0.0, **({"data.partial": True} if row.partial else {})}
     if row.init:
         own["init"] = str(pretrain(out, row.init))
     return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}
@@ -220,6 +252,10 @@ def prepare(folders: Sequence[Path], out: Path, folds: int) -> tuple[Path, list[
     if split_file.exists() and json.loads(split_file.read_text())["folds"] != split["folds"]:
         raise SystemExit(f"error: {split_file}: made for other cases or folds; use another --out")
     save_split(split, split_file)
+    partial = partial_cases(folders)
+    if partial:
+        save_split(with_partial(split, [c.case_id for c in partial]), out / "split-partial.json")
+        link_cases([*cases, *partial], out / "cases-partial")
     return link_cases(cases, out / "cases"), [c.case_id for c in cases]
 
 
@@ -239,8 +275,12 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
                 model = pretrain(out, row.init) if row.method == PRETRAINED else Path(row.method)
                 score_model(model, data, split_file, fold, out / key / f"fold{fold}.json")
                 continue
-            compare(data, [row.method], seeds, out / row.group / f"fold{fold}", preset=PRESET,
-                    settings=fold_settings(split_file, fold, row, out, epochs, settings), subsets=True,
+            if row.partial and not (out / "split-partial.json").exists():
+                raise SystemExit(f"error: row {key} trains on the cases that lack sequences; --data has none")
+            row_data, row_split = (data.parent / "cases-partial", out / "split-partial.json") if row.partial \
+                else (data, split_file)
+            compare(row_data, [row.method], seeds, out / row.group / f"fold{fold}", preset=PRESET,
+                    settings=fold_settings(row_split, fold, row, out, epochs, settings), subsets=True,
                     checkpoint=CHECKPOINT)
 
 

@@ -148,30 +148,36 @@ def list_models(
 def check(
     data_dir: Annotated[Path, typer.Argument(help="folder with BraTS cases")],
     layout: LayoutOption = None,
+    partial: Annotated[bool, typer.Option(
+        help="a case that lacks sequences is a case (as train --partial reads it), not a problem")] = False,
 ) -> None:
     """Validate every case: files, shapes, affines, label values, voxel values.
 
     Exit status 0 when every case is fine, 2 otherwise.
     """
+    from brats_cggm import MODALITIES
     from brats_cggm.data.layouts import discover
     from brats_cggm.data.validation import inspect_case
+    from brats_cggm.training.cases import describe_sequences
 
-    found = discover(data_dir, layout)
+    found = discover(data_dir, layout, partial=partial)
     total = len(found.cases) + len(found.problems)
     table = Table(title=f"{total} case(s) in {data_dir} (layout {found.layout})")
-    for column in ("case", "shape", "spacing (mm)", "orientation", "labels", "problems"):
+    for column in ("case", "sequences", "shape", "spacing (mm)", "orientation", "labels", "problems"):
         table.add_column(column, overflow="fold", no_wrap=column == "case")
     problems = [str(p) for p in found.problems]
     bad_cases = len(found.problems)
     for problem in found.problems:
-        table.add_row(problem.path.name, "—", "—", "—", "—", "[red]1[/]")
+        table.add_row(problem.path.name, "—", "—", "—", "—", "—", "[red]1[/]")
     with progress_bar() as progress:
         for case in progress.track(found.cases, description="checking"):
             report = inspect_case(case)
             problems += [str(p) for p in report.problems]
             bad_cases += not report.ok
+            held = [m for m, p in zip(MODALITIES, case.images) if p is not None] if len(case.images) > 1 else MODALITIES
             table.add_row(
                 case.case_id,
+                "all four" if len(held) == len(MODALITIES) else ", ".join(held),
                 "x".join(map(str, report.shape)) if report.shape else "—",
                 "x".join(f"{s:.3g}" for s in report.spacing) if report.spacing else "—",
                 report.orientation or "—",
@@ -182,9 +188,12 @@ def check(
     for line in problems:
         console.print(f"[red]problem:[/] {line}", highlight=False, soft_wrap=True)
     if bad_cases:
+        if not partial and any("missing sequence" in p.problem for p in found.problems):
+            console.print("cases that lack sequences can train with `train --partial` (`check --partial` accepts them)")
         console.print(f"[bold red]{bad_cases} of {total} case(s) have problems[/] ({len(problems)} problem(s))")
         raise typer.Exit(2)
-    console.print(f"[bold green]all {total} case(s) are fine[/]")
+    console.print(f"[bold green]all {total} case(s) are fine[/]"
+                  + (f" ({describe_sequences(found.cases)})" if partial else ""))
 
 
 @app.command()
@@ -242,7 +251,8 @@ def train(
     preset: Annotated[str | None, typer.Option(help="starting configuration: cpu-small (default; phantoms, minutes), cpu-real (real scans at 2 mm, ~15-30 min) or gpu")] = None,
     balancer: Annotated[str | None, typer.Option(help="none, cggm, mmpareto, agm, mslr or gblending")] = None,
     balancer_option: BalancerOption = None,
-    cggm_preset: Annotated[str | None, typer.Option(help="CGGM variant: stable, paper or official")] = None,
+    cggm_preset: Annotated[str | None, typer.Option(
+        help="CGGM variant: stable, paper, official or deficit (ours: B from each head's deficit)")] = None,
     rho: Annotated[float | None, typer.Option(
         help="CGGM's rho (how strongly the modalities are rebalanced; = --set balancer.rho=V)")] = None,
     lam: Annotated[float | None, typer.Option(
@@ -258,6 +268,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     init: Annotated[Path | None, typer.Option(
         help="start from the network weights of another run (its best.pt) or checkpoint, e.g. phantom pre-training")] = None,
+    partial: Annotated[bool, typer.Option(
+        help="also train on cases that lack sequences (e.g. FLAIR and T1ce only): their absent sequences are "
+             "switched off (= --set data.partial=true)")] = False,
 ) -> None:
     """Train the segmentation network with a balancer (CGGM by default).
 
@@ -272,7 +285,7 @@ def train(
         "data.dir": str(data.resolve()) if data else None,  # absolute: resumable from anywhere
         "balancer.name": balancer, "balancer.preset": cggm_preset, "balancer.rho": rho, "balancer.lam": lam,
         "network.preset": network, "optim.epochs": epochs, "optim.lr": lr, "seed": seed, "device": device,
-        "init": str(init.resolve()) if init else None,
+        "init": str(init.resolve()) if init else None, "data.partial": True if partial else None,
         **balancer_settings(balancer_option, OWN_OPTIONS),
         **parse_settings(settings or []),
     }

@@ -68,10 +68,11 @@ def surface_hd95(prediction: Tensor, reference: Tensor, spacing: Sequence[float]
 
 
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, standard deviation (n - 1), median and count of every metric over cases."""
+    """Mean, standard deviation (n - 1), median and count of every metric over the cases that
+    have it (a head of a sequence a case lacks has no score there)."""
     summary: dict[str, dict[str, float]] = {}
-    for key in rows[0] if rows else ():
-        values = torch.tensor([row[key] for row in rows], dtype=torch.float64)
+    for key in dict.fromkeys(key for row in rows for key in row):
+        values = torch.tensor([row[key] for row in rows if key in row], dtype=torch.float64)
         summary[key] = {
             "mean": float(values.mean()),
             "std": float(values.std()) if len(values) > 1 else 0.0,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from brats_cggm import models
-from brats_cggm.compare import METHODS
+from brats_cggm.compare import CGGM_VARIANTS, METHODS
 from brats_cggm.network.fusion import FUSIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +27,18 @@ def test_the_source_is_read_from_the_case_id():
     assert real_cv.source_of("Brats18_TCIA01_201_1") == "TCIA01"
     assert real_cv.source_of("Brats18_2013_7_1") == "2013"
     assert real_cv.source_of("BraTS2021_00012") == "BraTS2021_00012"  # another form: its own source
+    assert real_cv.source_of("brats_2013_pat0001_1") == "2013"  # BraTS 2015's copy of a 2013 case
+
+
+def test_cases_that_lack_sequences_train_only_in_folds_that_do_not_test_their_source():
+    split = real_cv.source_folds(CASES, 3)
+    partial = ["brats_2013_pat0001_1", "brats_2013_pat0002_1"]
+    extended = real_cv.with_partial(split, partial)
+    for fold, more in zip(split["folds"], extended["folds"]):
+        assert more["test"] == fold["test"] and more["val"] == fold["val"]  # the same cases are scored
+        tests_2013 = "2013" in {real_cv.source_of(c) for c in fold["test"]}
+        assert more["train"] == sorted(fold["train"] + ([] if tests_2013 else partial))
+    assert sum(set(partial) <= set(f["train"]) for f in extended["folds"]) == 2
 
 
 def test_folds_split_by_source_and_every_case_is_tested_once():
@@ -49,7 +61,7 @@ def test_more_folds_than_sources_is_refused():
 def test_every_row_is_a_method_that_exists_and_rows_share_runs_only_when_identical():
     trained = {key: row for key, row in real_cv.ROWS.items() if row.fusion is not None}
     for row in trained.values():
-        assert row.method in METHODS and row.fusion in FUSIONS
+        assert row.method in {**METHODS, **CGGM_VARIANTS} and row.fusion in FUSIONS
         assert row.init is None or row.init in real_cv.PRETRAIN
     runs = [(row.group, row.method) for row in trained.values()]
     assert len(runs) == len(set(runs))  # no two rows write the same run folder
@@ -93,6 +105,7 @@ def test_every_labelled_full_case_is_found_under_a_parent_and_linked_into_one_fo
         real_cv.labelled_cases([tmp_path / "real", tmp_path / "real" / "labelled"])
     with pytest.raises(SystemExit, match="no labelled case"):
         real_cv.labelled_cases([tmp_path / "real" / "partial"])
+    assert [c.case_id for c in real_cv.partial_cases([tmp_path / "real"])] == ["BraTS2021_00002"]
 
 
 def test_the_default_rows_are_the_protocol_s_and_the_reference_is_the_shipped_recipe():

@@ -4,7 +4,8 @@ Every chain works on a data dict made by :func:`case_to_dict` (keys ``image``, `
 when the case has one, ``case_id``, ``scheme``, ``channels``) and starts with the same
 deterministic prefix, which a cached dataset computes once per case::
 
-    load -> channel first -> canonical channel order -> constant background to 0
+    load -> channel first -> a zero channel per missing sequence -> canonical channel order
+         -> constant background to 0
          -> orientation -> spacing
          -> labels renumbered to BraTS 2021 and split into [TC, WT, ET]
          -> crop to the image foreground -> z-score per channel on non-zero voxels
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import NibabelReader
+from monai.data import MetaTensor, NibabelReader
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -61,12 +62,16 @@ from brats_cggm.errors import BadInputFile, UserError
 def case_to_dict(case: Case) -> dict[str, Any]:
     """The MONAI data dict of ``case``: file paths as strings, plus what the chains need
     to know about its layout (``scheme`` of the label, ``channels`` of a 4-D file)."""
-    images = [str(p) for p in case.images]
+    images = [str(p) for p in case.images if p is not None]
     data: dict[str, Any] = {
-        "image": images if len(images) > 1 else images[0],
+        "image": images if len(case.images) > 1 else images[0],
         "case_id": case.case_id,
         "scheme": case.label_scheme,
-        "channels": list(case.channels) if len(images) == 1 else list(range(len(MODALITIES))),
+        "channels": list(case.channels) if len(case.images) == 1 else list(range(len(MODALITIES))),
+        # which sequences the case has (the modality mask of its patches): a case found with
+        # partial=True lacks some, and FillMissingSequencesd gives each a channel of zeros
+        "available": torch.tensor([p is not None for p in case.images] if len(case.images) > 1
+                                  else [True] * len(MODALITIES)),
     }
     if case.label is not None:
         data["label"] = str(case.label)
@@ -90,6 +95,29 @@ class CanonicalChannelsd(MapTransform):
                 raise BadInputFile(_source(image), f"has {image.shape[0]} image channels, expected {len(MODALITIES)}")
             if order != list(range(len(MODALITIES))):
                 d[key] = image[order]
+        return d
+
+
+class FillMissingSequencesd(MapTransform):
+    """Give each sequence a case lacks (``available`` false) a channel of zeros, in its place
+    in canonical order, so that every image has four channels; the modality mask switches it off."""
+
+    def __init__(self, keys, available_key: str = "available") -> None:
+        super().__init__(keys)
+        self.available_key = available_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        available = [bool(v) for v in d.get(self.available_key, ())]
+        if not available or all(available):
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != sum(available):
+                raise BadInputFile(_source(image), f"has {image.shape[0]} image channels, expected {sum(available)}")
+            present = iter(image)
+            channels = [next(present) if on else torch.zeros_like(image[0]) for on in available]
+            d[key] = MetaTensor(torch.stack([torch.as_tensor(c) for c in channels]), meta=image.meta)
         return d
 
 
@@ -217,6 +245,7 @@ def _prefix(cfg: PreprocessConfig, keys: list[str]) -> list:
     loading = [
         LoadImaged(keys, reader=ThreadSafeNibabelReader(), image_only=True),
         EnsureChannelFirstd(keys),
+        FillMissingSequencesd("image"),
         CanonicalChannelsd("image"),
     ]
     return loading + _geometry_and_intensity(cfg, keys)

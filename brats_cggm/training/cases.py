@@ -28,10 +28,12 @@ def select_cases(data: DataConfig) -> RunCases:
     """
     if data.dir is None:
         raise ConfigurationError("no data folder: give --data DIR (or data.dir in the configuration)")
-    found = discover(data.dir, data.layout)
+    found = discover(data.dir, data.layout, partial=data.partial)
     if found.problems:
         more = f" (and {len(found.problems) - 1} more problem(s); `brats-cggm check` lists them)" if len(found.problems) > 1 else ""
-        raise type(found.problems[0])(found.problems[0].path, found.problems[0].problem + more)
+        hint = ("; to train on cases that lack sequences, pass --partial"
+                if not data.partial and "missing sequence" in found.problems[0].problem else "")
+        raise type(found.problems[0])(found.problems[0].path, found.problems[0].problem + hint + more)
     by_id = {case.case_id: case for case in found.cases}
     if data.split is not None:
         split = load_split(data.split, known_ids=list(by_id))
@@ -45,6 +47,18 @@ def select_cases(data: DataConfig) -> RunCases:
     if missing:
         raise InconsistentCase(Path(data.dir), f"the split leaves no {missing[0]} cases")
     return RunCases([by_id[i] for i in fold["train"]], [by_id[i] for i in fold["val"]], split)
+
+
+def describe_sequences(cases: list[Case]) -> str:
+    """What the cases hold, e.g. ``8 with all four sequences, 5 with flair, t1ce``."""
+    from collections import Counter
+
+    from brats_cggm import MODALITIES
+
+    held = Counter(tuple(m for m, p in zip(MODALITIES, c.images) if p is not None) if len(c.images) > 1
+                   else tuple(MODALITIES) for c in cases)
+    return ", ".join(f"{n} with " + ("all four sequences" if len(names) == len(MODALITIES) else ", ".join(names))
+                     for names, n in sorted(held.items(), key=lambda item: (-len(item[0]), item[0])))
 
 
 def shard(cases: list[Case], rank: int, world_size: int, equal: bool) -> list[Case]:

@@ -37,6 +37,8 @@ from multimodal_general.resume import differences
 #: through the network's modality mask, MSLR as per-encoder learning rates, G-Blending with the
 #: heads' losses measured at validation; modality dropout is the network's sequence dropout
 SEGMENTATION_BALANCERS = ("none", "cggm", "mmpareto", "agm", "mslr", "gblending")
+#: the balancers that take a batch with a sequence absent (its head skipped, no term from it)
+PARTIAL_BALANCERS = ("none", "cggm")
 #: balancer options the trainer sets itself
 RESERVED_OPTIONS = {"criterion", "fused_last_layer", "unimodal_output", "task_kind", "applied_by_optimizer",
                     "applied_by_model", "accumulation_steps", "process_group"}
@@ -70,6 +72,10 @@ class DataConfig:
     cache: str = "memory"
     #: data-loader worker processes (0: load in the training process)
     num_workers: int = 0
+    #: train on cases that lack sequences too (their absent sequences are switched off through
+    #: the modality mask: no branch input, no head loss, no balancer term); false: such a case
+    #: is an error, as a missing file usually is
+    partial: bool = False
 
 
 @dataclass
@@ -171,6 +177,10 @@ class TrainConfig:
         }
         if self.balancer.name in REFUSED_BALANCERS:
             raise ConfigurationError(REFUSED_BALANCERS[self.balancer.name])
+        if d.partial and self.balancer.name not in PARTIAL_BALANCERS:
+            raise ConfigurationError(
+                f"balancer {self.balancer.name} cannot train on cases that lack sequences (data.partial); "
+                f"use {' or '.join(PARTIAL_BALANCERS)}")
         reserved = sorted(set(self.balancer.options) & RESERVED_OPTIONS)
         if reserved:
             raise ConfigurationError(f"balancer.options: {', '.join(reserved)} is set by the trainer")

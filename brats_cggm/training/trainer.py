@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from brats_cggm import MODALITIES
 from brats_cggm.data.dataset import make_dataset, make_loader
 from brats_cggm.data.splits import save_split
 from brats_cggm.data.transforms import train_transforms, val_transforms
@@ -41,7 +42,7 @@ from brats_cggm.errors import ConfigurationError, IncompatibleModel, UserError
 from brats_cggm.metrics import REGIONS, summarize
 from brats_cggm.network import MultiBranchUNet
 from brats_cggm.training import checkpoint
-from brats_cggm.training.cases import select_cases, shard
+from brats_cggm.training.cases import describe_sequences, select_cases, shard
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import TrainConfig
 from brats_cggm.training.distributed import Place
@@ -79,12 +80,21 @@ class FeatureNet(nn.Module):
         self.net = net
         self.responses = responses
 
-    def forward(self, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """``inputs``: the image, or ``{"image", "available"}`` (a batch of cases some of which lack
+        sequences). A sequence missing from any sample of the batch gets ``None`` features: the
+        balancer runs no head for it and takes no term from it."""
+        image, available = (inputs, None) if isinstance(inputs, Tensor) else (inputs["image"], inputs["available"])
         if self.responses is None:
-            return self.net.forward_with_features(image)
-        logits, pyramids = self.net.forward_with_pyramids(image)
-        self.responses.remember(pyramids)
-        return logits, self.net.features_by_name(pyramids)
+            logits, features = self.net.forward_with_features(image, available)
+        else:
+            logits, pyramids = self.net.forward_with_pyramids(image, available)
+            self.responses.remember(pyramids)
+            features = self.net.features_by_name(pyramids)
+        if available is not None:
+            everywhere = dict(zip(MODALITIES, available.bool().all(dim=0).tolist()))
+            features = {name: f if everywhere[name] else None for name, f in features.items()}
+        return logits, features
 
 
 class Trainer:
@@ -98,6 +108,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         cases = select_cases(config.data)
         self.cases = cases
+        if config.data.partial:
+            report(f"training cases: {describe_sequences(cases.train)}; validation: {describe_sequences(cases.val)}")
         pre = config.preprocessing
         self.train_set = make_dataset(
             shard(cases.train, place.rank, place.world_size, equal=True), train_transforms(pre),
@@ -155,9 +167,12 @@ class Trainer:
     def _train_epoch(self) -> None:
         epoch, started = self.state.epoch, time.perf_counter()
         # the losses and telemetry sums of the batches done before a resume
-        partial = self.state.extra.setdefault("epoch", {"losses": [], "sums": {}, "seconds": 0.0})
+        partial = self.state.extra.setdefault("epoch", {"losses": [], "sums": {}, "counts": {}, "seconds": 0.0})
         losses: list[float] = partial["losses"]
         sums: dict[str, float] = partial["sums"]
+        # steps that measured each quantity (a head of a sequence a case lacks measured nothing);
+        # a checkpoint from before the counts: every step measured everything
+        counts: dict[str, int] = partial.setdefault("counts", dict.fromkeys(sums, len(losses)))
         batches = self._batches(epoch) if self.state.batch < self.steps_per_epoch else iter(())
         task = self.progress.start(f"epoch {epoch + 1}/{self.config.optim.epochs}", self.steps_per_epoch,
                                    self.state.batch) if self.progress else None
@@ -167,7 +182,9 @@ class Trainer:
                 result = self._step(batch)
                 losses.append(result.loss)
                 for key, value in result.telemetry.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    if math.isfinite(value):
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
                 self.state.batch += 1
                 self.state.step += 1
                 self.logbook.step({"step": self.state.step, "epoch": epoch + 1, "loss": result.loss,
@@ -180,7 +197,7 @@ class Trainer:
             if task is not None:
                 self.progress.finish(task)
             partial["seconds"] += time.perf_counter() - started
-        row = self._epoch_row(epoch + 1, losses, sums, partial["seconds"])
+        row = self._epoch_row(epoch + 1, losses, {k: v / counts[k] for k, v in sums.items()}, partial["seconds"])
         self._validate_if_due(row, epoch + 1)
         self.logbook.epoch(row)
         self.state.extra.pop("epoch")
@@ -194,7 +211,10 @@ class Trainer:
         device = self.place.device
         image = batch["image"].to(device, non_blocking=True)
         target = batch["label"].to(device, non_blocking=True)
-        return train_step(self.model, self.parts, self.scaler, image, target,
+        available = batch.get("available")
+        inputs = image if available is None or bool(available.all()) else {
+            "image": image, "available": available.to(device, non_blocking=True)}
+        return train_step(self.model, self.parts, self.scaler, inputs, target,
                           autocast=self._autocast, check_loss=self._check_step)
 
     def _batches(self, epoch: int) -> Iterator[dict[str, Tensor]]:
@@ -318,13 +338,12 @@ class Trainer:
         self.parts.scheduler.load_state_dict(saved)
 
     # ------------------------------------------------------------------ output
-    def _epoch_row(self, epoch: int, losses: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
+    def _epoch_row(self, epoch: int, losses: list[float], means: dict[str, float], seconds: float) -> dict[str, Any]:
         n = max(len(losses), 1)
         row: dict[str, Any] = {"epoch": epoch, "step": self.state.step, "lr": self._lr(),
                                "train_loss": sum(losses) / n, "time_s": seconds, "step_s": seconds / n}
-        for key, total in sums.items():
-            name = key.replace("eps/", "head_dice/", 1)
-            row[name] = total / n
+        for key, mean in means.items():
+            row[key.replace("eps/", "head_dice/", 1)] = mean
         return row
 
     def _finish(self) -> dict[str, Any]:
@@ -372,7 +391,7 @@ def train_step(
     model: nn.Module,
     parts: Components,
     scaler: torch.amp.GradScaler,
-    image: Tensor,
+    image: Tensor | Mapping[str, Tensor],
     target: Tensor,
     autocast: Callable = nullcontext,
     check_loss: Callable[[Tensor], None] = lambda loss: None,

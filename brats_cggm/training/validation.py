@@ -10,18 +10,22 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from brats_cggm import MODALITIES
 from brats_cggm.metrics import REGIONS, region_metrics
 from multimodal_general.balance.metrics import hard_dice
 
 
-def window_predictor(net: nn.Module, heads: Mapping[str, nn.Module]):
+def window_predictor(net: nn.Module, heads: Mapping[str, nn.Module], available: Tensor | None = None):
     """``x -> (fused logits, head logits...)``: one pass through the branches serves the
-    fused network and every head (MONAI blends each output of the tuple separately)."""
+    fused network and every head (MONAI blends each output of the tuple separately).
+    ``available [M]``: the sequences the case has (the others switched off; pass only the heads
+    of those it has)."""
 
     def predict(image: Tensor) -> tuple[Tensor, ...]:
+        mask = None if available is None else available.to(image.device).expand(image.shape[0], -1)
         if not heads:
-            return (net(image),)
-        logits, features = net.forward_with_features(image)
+            return (net(image, mask),)
+        logits, features = net.forward_with_features(image, mask)
         return (logits, *(head(features[name]) for name, head in heads.items()))
 
     return predict
@@ -46,17 +50,22 @@ def validate_cases(
     with a ``criterion`` also the training loss of the whole case, ``loss`` (fused) and
     ``head_loss/<modality>`` (what G-Blending's weights are estimated from).
 
-    ``cases`` yields preprocessed data dicts (``image [4, ...]``, ``label [3, ...]``).
+    ``cases`` yields preprocessed data dicts (``image [4, ...]``, ``label [3, ...]``, and
+    ``available [4]`` when a case lacks sequences: they are switched off, and their heads have
+    no row).
     """
     was_training = [m.training for m in (net, *heads.values())]
     for module in (net, *heads.values()):
         module.eval()
     device = next(net.parameters()).device
-    predict = window_predictor(net, heads)
     rows = []
     try:
         for data in cases:
             image, label = data["image"], data["label"]
+            available = torch.as_tensor(data.get("available", [True] * image.shape[0])).bool()
+            names = [m for m, on in zip(MODALITIES, available.tolist()) if on]
+            case_heads = {name: head for name, head in heads.items() if name in names}
+            predict = window_predictor(net, case_heads, None if bool(available.all()) else available)
             with autocast():
                 outputs = sliding_window_inference(
                     torch.as_tensor(image)[None].to(device), roi_size, sw_batch_size, predict,
@@ -70,7 +79,7 @@ def validate_cases(
             row.update(region_metrics((outputs[0][0] > 0).cpu(), target[0].cpu() > 0.5, spacing, hd95=hd95))
             if criterion is not None:
                 row["loss"] = float(criterion(outputs[0], target))
-            for name, head_logits in zip(heads, outputs[1:]):
+            for name, head_logits in zip(case_heads, outputs[1:]):
                 row[f"head_dice/{name}"] = float(hard_dice(head_logits.float(), target)[0])
                 by_region = region_metrics((head_logits[0] > 0).cpu(), target[0].cpu() > 0.5, spacing, hd95=False)
                 row.update({f"head_region_dice/{name}/{r}": by_region[f"dice/{r}"] for r in REGIONS})

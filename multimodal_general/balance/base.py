@@ -207,7 +207,7 @@ class Balancer(nn.Module):
     # ------------------------------------------------------------------ loop API
     def extra_loss(
         self,
-        features: Mapping[str, Tensor],
+        features: Mapping[str, Tensor | None],
         output: Tensor,
         target: Tensor,
         task_loss: Tensor,
@@ -216,7 +216,9 @@ class Balancer(nn.Module):
 
         Args:
             features: each modality's encoder output ``h_i`` (with its graph): a tensor, or
-                a list of tensors (a feature pyramid) when its head reads several levels.
+                a list of tensors (a feature pyramid) when its head reads several levels;
+                ``None`` for a modality absent from this micro-batch's input (a case that lacks
+                it): its head is not run and it is not scored this step (:meth:`step_observed`).
             output: the fused prediction.
             target: the task target.
             task_loss: ``criterion(output, target)`` as the loop computed it.
@@ -244,7 +246,8 @@ class Balancer(nn.Module):
         average_gradients(self.heads.parameters(), self.process_group)
         telemetry = StepTelemetry(int(self.step_count), self.modality_names)
         if self.heads:
-            telemetry.per_modality["eps"] = self.step_utilization()
+            eps = self.step_utilization()
+            telemetry.per_modality["eps"] = torch.where(self.step_observed(), eps, torch.nan)
         telemetry.per_modality["grad_norm"] = self.encoder_grad_norms()
         self._modulate_gradients(telemetry)
         self._score_sum.zero_()
@@ -273,6 +276,7 @@ class Balancer(nn.Module):
         """Change encoder gradients in place; record what was done in ``telemetry``."""
 
     _step_utilization: Tensor | None = None
+    _step_observed: Tensor | None = None
 
     def step_utilization(self) -> Tensor:
         """``eps_i`` of the current step: each head's mean score over all micro-batches and
@@ -282,7 +286,14 @@ class Balancer(nn.Module):
             all_reduce_sum(stats, self.process_group)
             scores, counts = stats.chunk(2)
             self._step_utilization = scores / counts.clamp_min(1)
+            self._step_observed = counts > 0
         return self._step_utilization
+
+    def step_observed(self) -> Tensor:
+        """Which heads were scored in the current step: a modality whose features were ``None``
+        in every micro-batch (absent from the input) was not, and its ``eps_i`` means nothing."""
+        self.step_utilization()
+        return self._step_observed
 
     def encoder_grads(self, name: str) -> list[Tensor]:
         return [p.grad for p in self._encoder_params[name] if p.grad is not None]
@@ -310,6 +321,8 @@ class Balancer(nn.Module):
                 continue
             if name not in features:
                 raise RegistrationError(f"features has no entry for modality '{name}'")
+            if features[name] is None:  # absent from this micro-batch's input: no head, no score
+                continue
             prediction = self.heads[name](detached(features[name]))
             if prediction.shape != output.shape:
                 raise RegistrationError(

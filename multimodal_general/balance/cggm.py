@@ -175,7 +175,8 @@ class CGGM(Balancer):
         """Turn the step's utilization into ``d`` and ``B`` (once per optimizer step)."""
         if self._step_closed:
             return
-        eps = self.step_utilization()
+        # a modality absent from the step's input keeps its last value: no change, no signal
+        eps = torch.where(self.step_observed(), self.step_utilization(), self.previous_eps)
         if self.preset.guarded:
             self.ema_count += 1
             ema_update(self.ema_fast, eps.double(), self.fast_beta)
@@ -190,8 +191,8 @@ class CGGM(Balancer):
                 coefficients, usable = stable_coefficients(d, self.rho, self.min_signal)
         else:
             d = eps - self.previous_eps
-            self.previous_eps.copy_(eps)
             coefficients, usable = paper_coefficients(d, self.rho), torch.ones((), dtype=torch.bool)
+        self.previous_eps.copy_(eps)
         self.improvement.copy_(d)
         self.coefficients.copy_(coefficients)
         self.coefficients_usable.copy_(usable)
@@ -218,16 +219,23 @@ class CGGM(Balancer):
         """``L_gm`` from the cosines of ``g_F`` (differentiable) and the constant ``g_i``."""
         (g_fused,) = torch.autograd.grad(task_loss, self.fused_weight, create_graph=True)
         g_fused = g_fused.flatten().float()
+        # the modalities whose heads ran on this micro-batch (an absent one has no g_i)
+        present = [i for i, name in enumerate(self.modality_names) if name in self.head_losses]
         cosines = []
-        for name in self.modality_names:
+        for index in present:
+            name = self.modality_names[index]
             (g_head,) = torch.autograd.grad(
                 self.head_losses[name], self._head_weights[name], retain_graph=True
             )
             cosines.append(F.cosine_similarity(g_fused, g_head.flatten().float(), dim=0))
+        if not cosines:
+            return task_loss.new_zeros(())
         cosine = torch.stack(cosines)
-        b = self._direction_coefficients()
+        b = self._direction_coefficients()[present]
         loss = (b.abs() - b * cosine).mean()
-        self._cosine, self._direction_loss = cosine.detach(), loss.detach()
+        recorded = torch.full((len(self.modality_names),), torch.nan, device=cosine.device)
+        recorded[present] = cosine.detach()
+        self._cosine, self._direction_loss = recorded, loss.detach()
         return loss
 
     def _lagged_direction_loss(self) -> Tensor:
