@@ -63,11 +63,18 @@ NETWORKS: dict[str, tuple[str, dict, str]] = {
     "multi-branch-small": ("small", {}, "early-fusion-small"),
     "multi-branch-small-hemis": ("small", {"fusion": "hemis"}, "early-fusion-small"),
     "multi-branch-small-attention": ("small", {"fusion": "attention"}, "early-fusion-small"),
+    "multi-branch-small-slots": ("small", {"fusion": "slots"}, "early-fusion-small"),
+    # the same network, its four branches run as one grouped network (brats_cggm.network.grouped)
+    "multi-branch-small-slots-grouped": ("small", {"fusion": "slots", "grouped": True}, "early-fusion-small"),
+    "multi-branch-default-slots": ("default", {"fusion": "slots"}, "early-fusion"),
+    "multi-branch-default-slots-grouped": ("default", {"fusion": "slots", "grouped": True}, "early-fusion"),
     # design check: the default without the strided stem (every level at twice the resolution)
     "multi-branch-full-res-stem": ("default", {"strides": (1, 2, 2, 2)}, "early-fusion"),
 }
 DEFAULT_NETWORKS = ("early-fusion", "early-fusion-small", "multi-branch-default", "multi-branch-small",
-                    "multi-branch-small-hemis", "multi-branch-small-attention")
+                    "multi-branch-small-hemis", "multi-branch-small-attention", "multi-branch-small-slots",
+                    "multi-branch-small-slots-grouped", "multi-branch-default-slots",
+                    "multi-branch-default-slots-grouped")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -71,11 +71,14 @@ class Row:
     #: the labelled cases that lack sequences (``partial/``) also train, in the folds their
     #: source is not tested in (``train --partial``); the test cases are the same as every row's
     partial: bool = False
+    #: sequence dropout under a method that sets none of its own (CGGM with dropout)
+    sequence_dropout: float = 0.0
 
     @property
     def group(self) -> str:
         """The folder (under OUT) of the row's runs: rows that share it share runs."""
-        return (f"{self.fusion}-init" if self.init else str(self.fusion)) + ("-partial" if self.partial else "")
+        return ((f"{self.fusion}-init" if self.init else str(self.fusion)) + ("-partial" if self.partial else "")
+                + ("-dropout" if self.sequence_dropout else ""))
 
 
 #: a scored row's stand-in for its phantom pre-training run
@@ -96,7 +99,10 @@ ROWS: dict[str, Row] = {
                                  "modality_dropout", "slots", partial=True),
     "ef-dropout-partial": Row("early fusion + sequence dropout, + the FLAIR/T1ce-only cases (zero-filled)",
                               "early_fusion_dropout", "mean", partial=True),
-    "slots-cggm-deficit": Row("4 branches, slot fusion, CGGM deficit variant (ours)", "cggm-deficit", "slots"),
+    "slots-cggm-paper-dropout": Row("4 branches, slot fusion, sequence dropout, CGGM (paper's rule)", "cggm-paper",
+                                    "slots", sequence_dropout=0.25),
+    "slots-cggm-deficit-dropout": Row("4 branches, slot fusion, sequence dropout, CGGM deficit variant (ours)",
+                                      "cggm-deficit", "slots", sequence_dropout=0.25),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
@@ -221,7 +227,7 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
                   settings: dict | None = None) -> dict:
     """A row's settings on one fold: ``settings`` (``--set``), then the fold's split and the row's network."""
     own = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
-           "network.sequence_dropout": 0.0, **({"data.partial": True} if row.partial else {})}
+           "network.sequence_dropout": row.sequence_dropout, **({"data.partial": True} if row.partial else {})}
     if row.init:
         own["init"] = str(pretrain(out, row.init))
     return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}
