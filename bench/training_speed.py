@@ -94,13 +94,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "multi-branch small + CGGM paper",
         {"network.preset": "small", "balancer.name": "cggm", "balancer.preset": "paper"},
     ),
-    "mb-grouped-none": (
-        "multi-branch small, branches as one grouped network + none",
-        {"network.preset": "small", "balancer.name": "none", "network.overrides": {"grouped": True}},
-    ),
     "mb-slots-none": (
         "multi-branch small, slot fusion + none",
         {"network.preset": "small", "network.fusion": "slots", "balancer.name": "none"},
+    ),
+    "mb-slots-grouped-none": (
+        "multi-branch small, slot fusion, grouped branches + none",
+        {"network.preset": "small", "network.fusion": "slots", "balancer.name": "none",
+         "network.overrides": {"grouped": True}},
+    ),
+    "mb-slots-grouped-cggm-paper": (
+        "multi-branch small, slot fusion, grouped branches + CGGM paper",
+        {"network.preset": "small", "network.fusion": "slots", "balancer.name": "cggm", "balancer.preset": "paper",
+         "network.overrides": {"grouped": True}},
     ),
     "ef-small-none": (
         "early fusion (small widths) + none",

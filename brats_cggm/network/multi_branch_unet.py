@@ -56,8 +56,9 @@ class MultiBranchUNet(nn.Module):
             (their checkpoints; regions collapse, see :class:`FusedDecoder`).
         grouped: run the branches as one grouped network (one convolution call per layer for
             all branches, :mod:`brats_cggm.network.grouped`): the same function and the same
-            parameters as running them one by one, in fewer, larger calls. Off by default: on
-            2 CPU cores it was no faster (``bench/training_speed.py``, ``mb-grouped-none``).
+            parameters as running them one by one, in fewer, larger calls. Off by default: on 2 CPU
+            cores a training step took 1.02x (0.99-1.09) as long (``bench/training_speed.py``,
+            64^3, ``bench/results/training_speed_64.md``); it is there for GPUs.
 
     Shapes: ``image [N, M, D, H, W]``, ``modality_mask [N, M]`` (bool or 0/1, optional)
     -> logits ``[N, out_channels, D, H, W]``.
