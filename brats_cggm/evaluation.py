@@ -62,7 +62,9 @@ def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, spli
 
 
 def _discover(folder: Path, layout: str | None = None) -> list[Case]:
-    found = discover(folder, layout)
+    """The cases of ``folder``; one that lacks sequences is scored with those it has (a model
+    trained without sequence dropout refuses it, naming the case)."""
+    found = discover(folder, layout, partial=True)
     if found.problems:
         raise found.problems[0]
     return found.cases

@@ -149,3 +149,11 @@ def test_a_partial_folder_missing_every_sequence_is_still_an_error(mixed, tmp_pa
             path.unlink()
     with pytest.raises(InconsistentCase, match="missing sequence"):
         select_cases(tiny_config(data, data__partial=True).data)
+
+
+def test_evaluate_scores_cases_that_lack_sequences_with_those_they_have(mixed, tmp_path):
+    from brats_cggm.evaluation import evaluate_model
+
+    rows, summary, _ = evaluate_model(None, mixed, tmp_path / "scores")
+    assert len(rows) == 6 and summary["cases"] == 6
+    assert all(math.isfinite(row["dice/WT"]) for row in rows)
