@@ -73,6 +73,9 @@ class Row:
     partial: bool = False
     #: sequence dropout under a method that sets none of its own (CGGM with dropout)
     sequence_dropout: float = 0.0
+    #: (a ``partial`` row) the row it is without those cases: a fold that gains none of them (its
+    #: test cases share their source) trains exactly that row's run, which is reused
+    same_as: str | None = None
 
     @property
     def group(self) -> str:
@@ -96,9 +99,9 @@ ROWS: dict[str, Row] = {
     "slots-none": Row("4 branches, slot fusion, joint training", "none", "slots"),
     "slots-cggm-paper": Row("4 branches, slot fusion, CGGM (paper's rule)", "cggm-paper", "slots"),
     "slots-dropout-partial": Row("4 branches, slot fusion, sequence dropout, + the FLAIR/T1ce-only cases",
-                                 "modality_dropout", "slots", partial=True),
+                                 "modality_dropout", "slots", partial=True, same_as="slots-dropout"),
     "ef-dropout-partial": Row("early fusion + sequence dropout, + the FLAIR/T1ce-only cases (zero-filled)",
-                              "early_fusion_dropout", "mean", partial=True),
+                              "early_fusion_dropout", "mean", partial=True, same_as="ef-dropout"),
     "slots-cggm-paper-dropout": Row("4 branches, slot fusion, sequence dropout, CGGM (paper's rule)", "cggm-paper",
                                     "slots", sequence_dropout=0.25),
     "slots-cggm-deficit-dropout": Row("4 branches, slot fusion, sequence dropout, CGGM deficit variant (ours)",
@@ -283,6 +286,8 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
                 continue
             if row.partial and not (out / "split-partial.json").exists():
                 raise SystemExit(f"error: row {key} trains on the cases that lack sequences; --data has none")
+            if row.partial and reused_fold(out, key, fold, seeds, kept) is not None:
+                continue
             row_data, row_split = (data.parent / "cases-partial", out / "split-partial.json") if row.partial \
                 else (data, split_file)
             compare(row_data, [row.method], seeds, out / row.group / f"fold{fold}", preset=PRESET,
@@ -335,11 +340,28 @@ def collect(out: Path, rows: Sequence[str], folds: int, kept: Path, seeds: int =
         elif kept_file.exists():
             runs.append(json.loads(kept_file.read_text()))
             continue
+        elif row.partial and (reused := reused_fold(out, key, fold, seeds, kept)) is not None:
+            run = {**json.loads(reused[seed].read_text()), "reused_from": row.same_as}
         else:
             continue
         runs.append({**run, "method": key, "fold": fold})
         write_scores(kept_file, runs[-1])
     return runs
+
+
+def reused_fold(out: Path, key: str, fold: int, seeds: int, kept: Path | None) -> list[Path] | None:
+    """The kept files of ``ROWS[key].same_as`` on ``fold`` (one per seed) when the fold gains no
+    case that lacks sequences, so that the partial row's run there would be the very same run;
+    ``None`` otherwise (or when they are not all kept yet)."""
+    row = ROWS[key]
+    if kept is None or row.same_as is None:
+        return None
+    with_partial_fold = json.loads((out / "split-partial.json").read_text())["folds"][fold]
+    without = json.loads((out / "split.json").read_text())["folds"][fold]
+    if with_partial_fold["train"] != without["train"]:
+        return None
+    files = [kept / f"{row.same_as}-fold{fold}-seed{s}.json" for s in range(seeds)]
+    return files if all(f.exists() for f in files) else None
 
 
 def fit_check(run_dir: Path) -> dict[str, float]:
@@ -538,8 +560,10 @@ def main() -> None:
         raise SystemExit(f"error: {missing[0]}: no such folder of BraTS cases")
     data, cases = prepare(args.data, args.out, args.folds)
     if not args.table_only:
-        run_rows(data, args.out, rows, args.folds, args.epochs, args.seeds, parse_settings(args.settings),
-                 args.results / "real_cv_runs")
+        for key in rows:  # each row is scored and kept as soon as it is trained
+            run_rows(data, args.out, [key], args.folds, args.epochs, args.seeds, parse_settings(args.settings),
+                     args.results / "real_cv_runs")
+            collect(args.out, [key], args.folds, args.results / "real_cv_runs", args.seeds)
     command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
                + "".join(f" --set {item}" for item in args.settings))

@@ -174,3 +174,19 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     check_inference_choices(out, results, card)
     shutil.rmtree(out)  # another machine: the table again from the kept files alone
     assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))
+
+
+def test_a_partial_row_reuses_the_run_of_a_fold_that_gains_no_partial_case(tmp_path):
+    split = real_cv.source_folds(CASES, 3)
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    (tmp_path / "split-partial.json").write_text(json.dumps(real_cv.with_partial(split, ["brats_2013_pat0001_1"])))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    row = real_cv.ROWS["slots-dropout-partial"]
+    for fold in range(3):
+        (kept / f"{row.same_as}-fold{fold}-seed0.json").write_text("{}")
+    tested_2013 = [k for k, f in enumerate(split["folds"]) if "2013" in {real_cv.source_of(c) for c in f["test"]}]
+    for fold in range(3):
+        reused = real_cv.reused_fold(tmp_path, "slots-dropout-partial", fold, 1, kept)
+        assert (reused is not None) == (fold in tested_2013), fold
+    assert real_cv.reused_fold(tmp_path, "slots-dropout-partial", tested_2013[0], 2, kept) is None  # seed 1 not kept
