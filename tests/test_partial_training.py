@@ -157,3 +157,30 @@ def test_evaluate_scores_cases_that_lack_sequences_with_those_they_have(mixed, t
     rows, summary, _ = evaluate_model(None, mixed, tmp_path / "scores")
     assert len(rows) == 6 and summary["cases"] == 6
     assert all(math.isfinite(row["dice/WT"]) for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_on_mixed_cases_end_identical(mixed, tmp_path):
+    """torchrun, 2 ranks: a step where one rank's case lacks T1 and T2 and the other's has them
+    must still average the heads' gradients over the same tensors on both (else the all-reduce
+    fails or the ranks drift apart)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from training_cases import REPO, TINY, differences, nested, subprocess_env
+
+    config = tmp_path / "tiny.yaml"
+    values = {**TINY, "data.dir": str(mixed), "data.partial": True, "optim.epochs": 2, "balancer.name": "cggm"}
+    config.write_text(yaml.safe_dump(nested(values), sort_keys=False))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).with_name("training_cases.py")), "train", "--config", str(config), "--out", str(run)]
+    done = subprocess.run(command, check=False, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ranks = [torch.load(run / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for part in ("net", "balancer", "optimizer"):
+        found = differences(ranks[0][part], ranks[1][part], part)
+        assert not found, "ranks ended different:\n" + "\n".join(found[:20])

@@ -21,9 +21,20 @@ def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Te
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], group=None) -> None:
-    """What DDP does for modules it wraps: every rank ends with the mean gradient."""
+    """What DDP does for modules it wraps: every rank ends with the mean gradient. A parameter
+    that has a gradient on some ranks only (a head of a sequence that one rank's batch lacks)
+    takes zeros on the others, so that every rank reduces the same tensors; one that has none
+    anywhere keeps none (the optimizer leaves it alone)."""
     if not is_distributed(group):
         return
+    params = list(params)
+    if not params:
+        return
+    holders = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(holders, op=dist.ReduceOp.SUM, group=group)
+    for p, count in zip(params, holders.tolist()):
+        if count and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
