@@ -23,9 +23,10 @@ WORK=${WORK:-runs/real_cv_paired}
 RESULTS=${RESULTS:-$WORK/results}
 OUT=${OUT:-brats_cggm/models/brats_cggm_real.onnx}
 VARIANT=${VARIANT:-small-islands}
-ROW=ef-dropout-init
+ROW=${ROW:-ef-dropout-init}  # models/train_fourbranch_model.sh sets another row, OUT and DESCRIPTION
+RUN_DIR=$("$BIN/python" -c "import sys; sys.path.insert(0, 'bench'); from real_cv import ROWS; r = ROWS['$ROW']; print(f'{r.group}/FOLD/runs/{r.method}-seed0')")
 
-"$BIN/python" bench/real_cv.py --data "$DATA" --out "$WORK" --results "$RESULTS" --rows "$ROW" --card "$ROW"
+"$BIN/python" bench/real_cv.py --data "$DATA" --out "$WORK" --results "$RESULTS" --rows "$ROW" --reference "$ROW" --card "$ROW"
 "$BIN/python" bench/inference_choices.py --protocol "$WORK" --row "$ROW" --results "$RESULTS" --card "$VARIANT"
 "$BIN/python" - "$RESULTS" <<'EOF'
 import json, sys
@@ -36,10 +37,11 @@ chosen = json.loads((results / "real_cv_card.json").read_text())["inference"]
 (results / "tta").write_text("--tta" if chosen["tta"] else "--no-tta")
 EOF
 CASES=$(find "$WORK/cases" -mindepth 1 -maxdepth 1 -type d | wc -l)
+DESCRIPTION=${DESCRIPTION:-"Three early-fusion U-Nets (8-16-32-64, 2 mm), one per fold of @CASES@ labelled real BraTS cases (each trained on about two thirds of them after pre-training on 30 calibrated phantoms, with sequence dropout so any non-empty subset of the four sequences works), averaged."}
 RUNS=()
-for fold in 0 1 2; do RUNS+=(--run "$WORK/mean-init/fold$fold/runs/early_fusion_dropout-seed0"); done
+for fold in 0 1 2; do RUNS+=(--run "$WORK/${RUN_DIR/FOLD/fold$fold}"); done
 POSTPROCESSING=()
 [ "$(cat "$RESULTS/postprocessing.json")" = "{}" ] || POSTPROCESSING=(--postprocessing "$RESULTS/postprocessing.json")
 "$BIN/brats-cggm" export "${RUNS[@]}" --checkpoint last --out "$OUT" --parity-cases 1 \
     --evaluation "$RESULTS/real_cv_card.json" "${POSTPROCESSING[@]}" "$(cat "$RESULTS/tta")" \
-    --description "Three early-fusion U-Nets (8-16-32-64, 2 mm), one per fold of $CASES labelled real BraTS cases (each trained on about two thirds of them after pre-training on 30 calibrated phantoms, with sequence dropout so any non-empty subset of the four sequences works), averaged. Research use only; NOT for clinical use."
+    --description "${DESCRIPTION//@CASES@/$CASES} Research use only; NOT for clinical use."
