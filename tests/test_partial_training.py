@@ -16,7 +16,12 @@ from typer.testing import CliRunner
 from brats_cggm import MODALITIES, cli
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
-from brats_cggm.data.transforms import PreprocessConfig, case_to_dict, train_transforms, val_transforms
+from brats_cggm.data.transforms import (
+    PreprocessConfig,
+    case_to_dict,
+    train_transforms,
+    val_transforms,
+)
 from brats_cggm.errors import ConfigurationError, InconsistentCase
 from brats_cggm.training import Trainer
 from brats_cggm.training.cases import describe_sequences, select_cases
@@ -184,3 +189,20 @@ def test_two_processes_on_mixed_cases_end_identical(mixed, tmp_path):
     for part in ("net", "balancer", "optimizer"):
         found = differences(ranks[0][part], ranks[1][part], part)
         assert not found, "ranks ended different:\n" + "\n".join(found[:20])
+
+
+def test_the_train_command_takes_partial(mixed, tmp_path, capsys):
+    import yaml
+    from training_cases import TINY, in_process, nested
+
+    def brats_cggm(*argv) -> tuple[int, str, str]:
+        return in_process(capsys, *argv)
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(nested({**TINY, "optim.epochs": 1}), sort_keys=False))
+    code, _, err = brats_cggm("train", "--config", config, "--data", mixed, "--out", tmp_path / "a")
+    assert code == 2 and err.startswith("error: ") and "pass --partial" in err, err
+    code, out, err = brats_cggm("train", "--config", config, "--data", mixed, "--out", tmp_path / "b", "--partial")
+    assert code == 0, out + err
+    assert "with flair, t1ce" in out.replace("\n", " ")
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["data"]["partial"] is True

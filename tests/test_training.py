@@ -38,6 +38,7 @@ from training_cases import (
     assert_same_training_state,
     differences,
     error_line,
+    in_process,
     load_last,
     nested,
     read_csv,
@@ -50,14 +51,19 @@ from training_cases import (
     without_timing,
 )
 
-from brats_cggm import cli
 from brats_cggm.data.dataset import make_dataset
 from brats_cggm.data.layouts import discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import PreprocessConfig, val_transforms
 from brats_cggm.errors import ConfigurationError
 from brats_cggm.metrics import REGIONS
-from brats_cggm.training import TRAINING_PRESETS, Interrupted, Trainer, TrainingDiverged, resolve_config
+from brats_cggm.training import (
+    TRAINING_PRESETS,
+    Interrupted,
+    Trainer,
+    TrainingDiverged,
+    resolve_config,
+)
 from brats_cggm.training import trainer as trainer_module
 from multimodal_general.balance import BalancerSpec
 
@@ -538,21 +544,6 @@ def cli_run(phantoms, tmp_path_factory):
     run = folder / "run"
     result = run_cli("train", "--config", config, "--out", run, "--epochs", "1", *CGGM_OPTIONS)
     return SimpleNamespace(run=run, config=config, result=result)
-
-
-def in_process(capsys, *argv: str) -> tuple[int, str, str]:
-    """``brats-cggm ARGV`` in this process: (exit status, stdout, stderr)."""
-    saved = sys.argv
-    sys.argv = ["brats-cggm", *map(str, argv)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("command, words", [("train", ("--resume", "--config", "--set")),

@@ -205,3 +205,20 @@ def _ddp_worker(argv: list[str]) -> int:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     sys.exit(_ddp_worker(sys.argv[1:]))
+
+
+def in_process(capsys, *argv: Any) -> tuple[int, str, str]:
+    """``brats-cggm ARGV`` in this process: (exit status, stdout, stderr)."""
+    from brats_cggm import cli
+
+    saved = sys.argv
+    sys.argv = ["brats-cggm", *map(str, argv)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -55,7 +55,13 @@ from monai.transforms import (
 from brats_cggm import MODALITIES
 from brats_cggm.data.labels import SCHEMES
 from brats_cggm.data.layouts import Case
-from brats_cggm.data.preprocessing import ARTEFACTS, NOISE_FLOOR, NORMALIZATION, PreprocessConfig, constant_background
+from brats_cggm.data.preprocessing import (
+    ARTEFACTS,
+    NOISE_FLOOR,
+    NORMALIZATION,
+    PreprocessConfig,
+    constant_background,
+)
 from brats_cggm.errors import BadInputFile, UserError
 
 

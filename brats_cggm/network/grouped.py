@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from brats_cggm.errors import ConfigurationError
 
 #: layers that act on each channel alone, with no state of their own
-_PER_CHANNEL = (nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout, nn.Dropout3d)
+_PER_CHANNEL = (nn.Identity, nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout, nn.Dropout3d)
 
 
 def grouped_forward(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ def grouped_forward(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
         for layers in zip(*(list(m.children()) for m in modules), strict=True):
             x = grouped_forward(layers, x)
         return x
-    if isinstance(first, nn.Identity) or isinstance(first, _PER_CHANNEL):
+    if isinstance(first, _PER_CHANNEL):
         return first(x)
     if isinstance(first, nn.InstanceNorm3d) and not first.affine and not first.track_running_stats:
         return F.instance_norm(x, eps=first.eps)  # per channel: the module would warn about its width
