@@ -6,7 +6,7 @@ segments cases with no ``--model``:
 
 >>> from brats_cggm import models
 >>> [m.name for m in models.available()]
-['brats_cggm_phantom_demo', 'brats_cggm_real']
+['brats_cggm_fourbranch', 'brats_cggm_phantom_demo', 'brats_cggm_real']
 >>> models.default().name                     # what predict, evaluate and the app use
 'brats_cggm_real'
 >>> models.resolve("brats_cggm_phantom_demo")  # a name or a path -> the file to load
