@@ -156,9 +156,8 @@ def check(
     Exit status 0 when every case is fine, 2 otherwise.
     """
     from brats_cggm import MODALITIES
-    from brats_cggm.data.layouts import discover
+    from brats_cggm.data.layouts import describe_sequences, discover
     from brats_cggm.data.validation import inspect_case
-    from brats_cggm.training.cases import describe_sequences
 
     found = discover(data_dir, layout, partial=partial)
     total = len(found.cases) + len(found.problems)

@@ -13,7 +13,7 @@ from brats_cggm import models
 from brats_cggm.errors import IncompatibleModel
 from brats_cggm.inference.card import read_onnx
 
-SHIPPED = {"brats_cggm_real", "brats_cggm_phantom_demo"}
+SHIPPED = {"brats_cggm_real", "brats_cggm_fourbranch", "brats_cggm_phantom_demo"}
 
 
 def test_every_shipped_model_has_a_card_that_its_file_carries():
@@ -63,7 +63,7 @@ def test_resolve_takes_a_name_a_path_or_nothing(tmp_path, monkeypatch):
 
 def test_an_unknown_name_is_one_line_naming_the_shipped_models(monkeypatch):
     with pytest.raises(IncompatibleModel, match=r"^bogus: no such file, and no shipped model has that name "
-                                                r"\(shipped: brats_cggm_phantom_demo, brats_cggm_real\)$"):
+                                                r"\(shipped: brats_cggm_fourbranch, brats_cggm_phantom_demo, brats_cggm_real\)$"):
         models.resolve("bogus")
     code, output = cli("predict", "--model", "bogus", "--input", "nowhere", "--out", "nowhere")
     assert code == 2 and "no shipped model has that name" in output and "Traceback" not in output

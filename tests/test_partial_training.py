@@ -14,7 +14,7 @@ from training_cases import CPU, EARLY_FUSION, read_csv, read_metrics, tiny_confi
 from typer.testing import CliRunner
 
 from brats_cggm import MODALITIES, cli
-from brats_cggm.data.layouts import discover
+from brats_cggm.data.layouts import describe_sequences, discover
 from brats_cggm.data.phantom import write_phantoms
 from brats_cggm.data.transforms import (
     PreprocessConfig,
@@ -24,7 +24,7 @@ from brats_cggm.data.transforms import (
 )
 from brats_cggm.errors import ConfigurationError, InconsistentCase
 from brats_cggm.training import Trainer
-from brats_cggm.training.cases import describe_sequences, select_cases
+from brats_cggm.training.cases import select_cases
 from brats_cggm.training.components import build_components
 from brats_cggm.training.trainer import FeatureNet, train_step
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,3 +221,11 @@ def _msd_channels(manifest: Path, names: dict[int, str]) -> tuple[int, ...]:
     if missing:
         raise BadInputFile(manifest, f"'modality' lacks {', '.join(missing)}")
     return tuple(by_modality[m] for m in MODALITIES)
+
+
+def describe_sequences(cases: list[Case]) -> str:
+    """What the cases hold, e.g. ``8 with all four sequences, 5 with flair, t1ce``."""
+    held = Counter(tuple(m for m, p in zip(MODALITIES, c.images) if p is not None) if len(c.images) > 1
+                   else tuple(MODALITIES) for c in cases)
+    return ", ".join(f"{n} with " + ("all four sequences" if len(names) == len(MODALITIES) else ", ".join(names))
+                     for names, n in sorted(held.items(), key=lambda item: (-len(item[0]), item[0])))

@@ -49,18 +49,6 @@ def select_cases(data: DataConfig) -> RunCases:
     return RunCases([by_id[i] for i in fold["train"]], [by_id[i] for i in fold["val"]], split)
 
 
-def describe_sequences(cases: list[Case]) -> str:
-    """What the cases hold, e.g. ``8 with all four sequences, 5 with flair, t1ce``."""
-    from collections import Counter
-
-    from brats_cggm import MODALITIES
-
-    held = Counter(tuple(m for m, p in zip(MODALITIES, c.images) if p is not None) if len(c.images) > 1
-                   else tuple(MODALITIES) for c in cases)
-    return ", ".join(f"{n} with " + ("all four sequences" if len(names) == len(MODALITIES) else ", ".join(names))
-                     for names, n in sorted(held.items(), key=lambda item: (-len(item[0]), item[0])))
-
-
 def shard(cases: list[Case], rank: int, world_size: int, equal: bool) -> list[Case]:
     """The cases process ``rank`` of ``world_size`` reads (each caches only its own).
 

@@ -36,13 +36,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from brats_cggm import MODALITIES
 from brats_cggm.data.dataset import make_dataset, make_loader
+from brats_cggm.data.layouts import describe_sequences
 from brats_cggm.data.splits import save_split
 from brats_cggm.data.transforms import train_transforms, val_transforms
 from brats_cggm.errors import ConfigurationError, IncompatibleModel, UserError
 from brats_cggm.metrics import REGIONS, summarize
 from brats_cggm.network import MultiBranchUNet
 from brats_cggm.training import checkpoint
-from brats_cggm.training.cases import describe_sequences, select_cases, shard
+from brats_cggm.training.cases import select_cases, shard
 from brats_cggm.training.components import Components, build_components
 from brats_cggm.training.config import TrainConfig
 from brats_cggm.training.distributed import Place
