@@ -698,6 +698,17 @@ def _volume_table(done: list[dict], out: Path) -> Table:
     return table
 
 
+def skip_transformers() -> None:
+    """Keep MONAI from importing Hugging Face transformers in this process.
+
+    ``import monai`` imports all its networks, TransCheX's BERT among them, whenever
+    transformers is installed (the ``food`` extra): 2-3 s more at the start of every command
+    that touches MONAI, even one that only reports a bad file. No brats-cggm command uses
+    transformers; MONAI treats the blocked import as the package being absent. Only the
+    console script calls this (its own process): in-process callers keep transformers."""
+    sys.modules.setdefault("transformers", None)
+
+
 def join_size_values(argv: list[str]) -> list[str]:
     """``--size 96 128 80`` → ``--size 96x128x80`` (a Typer option takes one value)."""
     out, i = [], 0
@@ -719,6 +730,7 @@ def main() -> None:
     # machine (load 5) spinning threads made training steps take 1.1-22 s instead of
     # 0.8-1.2 s (bench/training_speed.py with and without OMP_WAIT_POLICY=PASSIVE).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    skip_transformers()
     sys.argv[1:] = join_size_values(sys.argv[1:])
     try:
         run_app(app)

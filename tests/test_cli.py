@@ -33,6 +33,17 @@ def test_info_reports_the_stack():
     assert "torch" in result.stdout and "CUDA devices" in result.stdout
 
 
+def test_the_console_script_keeps_monai_from_importing_transformers():
+    """MONAI imports TransCheX's BERT at every start when transformers is installed (2-3 s);
+    the brats-cggm process blocks it, and MONAI's networks still import and build."""
+    result = run("import sys; sys.argv=['x', 'info']; from brats_cggm.cli import main\n"
+                 "try:\n    main()\nexcept SystemExit:\n    pass\n"
+                 "import monai.networks.nets as nets\n"
+                 "print(sys.modules['transformers'], nets.BasicUNet(3, 4, 3, (2, 2, 2, 2, 2, 2)).__class__.__name__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["None", "BasicUNet"], result.stdout[-500:]
+
+
 def test_unknown_command_exits_2_without_traceback():
     result = run("import sys; sys.argv=['x', 'bogus']; from brats_cggm.cli import main; main()")
     assert result.returncode == 2
