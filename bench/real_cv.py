@@ -76,12 +76,16 @@ class Row:
     #: (a ``partial`` row) the row it is without those cases: a fold that gains none of them (its
     #: test cases share their source) trains exactly that row's run, which is reused
     same_as: str | None = None
+    #: an ablation's own settings over the method's (``--set`` names), and the name its runs'
+    #: folder gets for them
+    ablation: tuple[tuple[str, object], ...] = ()
+    ablation_name: str = ""
 
     @property
     def group(self) -> str:
         """The folder (under OUT) of the row's runs: rows that share it share runs."""
         return ((f"{self.fusion}-init" if self.init else str(self.fusion)) + ("-partial" if self.partial else "")
-                + ("-dropout" if self.sequence_dropout else ""))
+                + ("-dropout" if self.sequence_dropout else "") + (f"-{self.ablation_name}" if self.ablation else ""))
 
 
 #: a scored row's stand-in for its phantom pre-training run
@@ -106,6 +110,9 @@ ROWS: dict[str, Row] = {
                                     "slots", sequence_dropout=0.25),
     "slots-cggm-deficit-dropout": Row("4 branches, slot fusion, sequence dropout, CGGM deficit variant (ours)",
                                       "cggm-deficit", "slots", sequence_dropout=0.25),
+    "slots-cggm-deficit-dropout-nodir": Row("the same, CGGM deficit variant without the direction term (lam 0)",
+                                            "cggm-deficit", "slots", sequence_dropout=0.25,
+                                            ablation=(("balancer.lam", 0.0),), ablation_name="lam0"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
@@ -230,7 +237,8 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
                   settings: dict | None = None) -> dict:
     """A row's settings on one fold: ``settings`` (``--set``), then the fold's split and the row's network."""
     own = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
-           "network.sequence_dropout": row.sequence_dropout, **({"data.partial": True} if row.partial else {})}
+           "network.sequence_dropout": row.sequence_dropout, **({"data.partial": True} if row.partial else {}),
+           **dict(row.ablation)}
     if row.init:
         own["init"] = str(pretrain(out, row.init))
     return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}

@@ -176,6 +176,17 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))
 
 
+def test_an_ablation_row_trains_in_a_folder_of_its_own_with_its_settings(tmp_path):
+    from brats_cggm.training.config import resolve_config
+
+    row, base = real_cv.ROWS["slots-cggm-deficit-dropout-nodir"], real_cv.ROWS["slots-cggm-deficit-dropout"]
+    assert row.method == base.method and row.group != base.group
+    settings = real_cv.fold_settings(tmp_path / "split.json", 0, row, tmp_path, None)
+    config = resolve_config("cpu-real", None, {**settings, "balancer.name": "cggm", "balancer.preset": "deficit"})
+    assert config.balancer.lam == 0 and config.network.fusion == "slots"
+    assert "balancer.lam" not in real_cv.fold_settings(tmp_path / "split.json", 0, base, tmp_path, None)
+
+
 def test_a_partial_row_reuses_the_run_of_a_fold_that_gains_no_partial_case(tmp_path):
     split = real_cv.source_folds(CASES, 3)
     (tmp_path / "split.json").write_text(json.dumps(split))
