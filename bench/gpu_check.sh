@@ -57,8 +57,10 @@ if [ "$DRY" = 1 ]; then
     if [ -z "$PY" ]; then
         if [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
     fi
-    (cd "$REPO" && "$PY" -c "import torch, monai, onnxruntime, onnxscript, brats_cggm" 2>/dev/null) \
-        || die "$PY cannot import torch, monai, onnxruntime, onnxscript and brats_cggm: run 'make install', or pass --python"
+    # found, not imported: importing MONAI here would add seconds that gpu_check.py spends again
+    (cd "$REPO" && "$PY" -c "import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('torch', 'monai', 'onnxruntime', 'onnxscript', 'brats_cggm')))" 2>/dev/null) \
+        || die "$PY lacks one of torch, monai, onnxruntime, onnxscript and brats_cggm: run 'make install', or pass --python"
     exec "$PY" "$REPO/bench/gpu_check.py" --dry-run --out "$OUT" "${PASS[@]}"
 fi
 

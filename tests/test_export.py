@@ -122,19 +122,21 @@ def test_a_file_name_without_onnx_suffix_is_refused(trained, tmp_path):
 def test_export_command(trained, tmp_path):
     out, rules = tmp_path / "cli.onnx", tmp_path / "rules.json"
     rules.write_text(json.dumps({"WT": {"min_ml": 1, "max_distance_mm": 20}, "small_et_ml": 0.5}))
-    done = run_cli("export", "--run", str(trained), "--out", str(out), "--parity-cases", "0",
-                   "--postprocessing", str(rules))
-    assert done.returncode == 0, done.stderr
-    assert out.exists() and card_path(out).exists() and "max |p_onnx - p_torch|" in done.stdout.replace("\n", " ")
+    code, text = cli("export", "--run", trained, "--out", out, "--parity-cases", "0", "--postprocessing", rules)
+    assert code == 0, text
+    assert out.exists() and card_path(out).exists() and "max |p_onnx - p_torch|" in text
     assert Segmenter.load(out).card["postprocessing"] == {"connectivity": 26, "WT": {"min_ml": 1.0, "max_distance_mm": 20.0},
                                                           "small_et_ml": 0.5}
     rules.write_text(json.dumps({"WT": {"min_ml": 1, "radius_mm": 20}}))
-    refused = run_cli("export", "--run", str(trained), "--out", str(tmp_path / "y.onnx"), "--postprocessing", str(rules))
-    assert refused.returncode == 2 and "rules.json: postprocessing.WT must be an object of" in error_line(refused)
+    code, text = cli("export", "--run", trained, "--out", tmp_path / "y.onnx", "--postprocessing", rules)
+    assert code == 2 and "rules.json: postprocessing.WT must be an object of" in text and "Traceback" not in text
     assert not (tmp_path / "y.onnx").exists()
+    code, text = cli("export", "--run", tmp_path / "nothing", "--out", tmp_path / "x.onnx")
+    assert code == 2 and "checkpoint is missing" in text
+    assert not (tmp_path / "x.onnx").exists()
+    # the console script itself: the same one-line error from its own process
     missing = run_cli("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.onnx"))
     assert missing.returncode == 2 and "checkpoint is missing" in error_line(missing)
-    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_an_ensemble_graph_gives_the_logit_of_its_members_mean_probability():

@@ -65,7 +65,7 @@ def test_the_real_check_refuses_a_machine_without_a_gpu(tmp_path):
     (["--bogus"], "unknown option '--bogus'"),
     (["--out"], "--out needs a value"),
     (["--dry-run", "--epochs", "0"], "--epochs must be a whole number of at least 1, not '0'"),
-    (["--dry-run", "--python", "/nonexistent/python"], "/nonexistent/python cannot import torch"),
+    (["--dry-run", "--python", "/nonexistent/python"], "/nonexistent/python lacks one of torch"),
     (["--find-links", "/nonexistent"], "--find-links /nonexistent: no such folder"),
 ])
 def test_bad_options_get_one_line_and_exit_2(args, message):
