@@ -42,14 +42,16 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
     torch.set_num_threads(1)
 
-#: the files that took longest under ``make test`` (20-65 s each on 2 shared cores), longest
+#: the files that took longest under ``make test`` (15-65 s each on 2 shared cores), longest
 #: first: handed out first to the workers. Only the order depends on this list; a file
 #: missing from it just runs later, in pytest's order. The torch-free install waits on
 #: the package index more than it computes: started first, it overlaps the other worker.
 LONGEST_FIRST = (
-    "test_torch_free_install.py", "test_training.py", "test_app.py", "test_raw_chain.py", "test_numpy_chain.py",
-    "test_export.py", "test_gpu_check.py", "test_fusion.py", "test_brats_compare.py",
-    "test_evaluate_subsets.py", "test_shipped_model.py", "test_distributed.py",
+    "test_torch_free_install.py", "test_training.py", "test_fusion.py", "test_export.py", "test_app.py",
+    "test_gpu_check.py", "test_numpy_chain.py", "test_raw_chain.py", "test_inference_speed_bench.py",
+    "test_real_files_cli.py", "test_network_fit.py", "test_training_speed_bench.py", "test_shipped_model.py",
+    "test_evaluate_subsets.py", "test_general_tasks.py", "test_app_raw.py", "test_real_cv_bench.py",
+    "test_phantom.py", "test_brats_compare.py", "test_distributed.py",
 )
 
 
