@@ -13,6 +13,9 @@ Variants (``--variants``), built with :func:`build_components` from
   four auxiliary heads are still trained on detached features, as in the trainer);
 * ``mb-cggm-stable`` / ``mb-cggm-paper``: the same network with CGGM, preset ``stable`` /
   ``paper``;
+* ``mb-slots-none`` / ``mb-slots-noheads``: slot fusion, joint training with the heads and
+  without them (``network.heads: false``: the same network trajectory, no telemetry);
+* ``mb-slots-grouped-*``: slot fusion with the branches as one grouped network;
 * ``ef-small-none``: the early-fusion baseline at the widths of ``small`` (channels
   8-16-32-64, strides 2-2-2, one residual unit; ``early-fusion-small`` of
   ``bench/network_speed.py``), balancer ``none`` (it has no branches to balance).
@@ -97,6 +100,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "mb-slots-none": (
         "multi-branch small, slot fusion + none",
         {"network.preset": "small", "network.fusion": "slots", "balancer.name": "none"},
+    ),
+    "mb-slots-noheads": (
+        "multi-branch small, slot fusion + none, no auxiliary heads",
+        {"network.preset": "small", "network.fusion": "slots", "balancer.name": "none", "network.heads": False},
     ),
     "mb-slots-grouped-none": (
         "multi-branch small, slot fusion, grouped branches + none",

@@ -512,6 +512,26 @@ def test_early_fusion_trains_without_a_balancer(phantoms, tmp_path):
     assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "dice.png"}
 
 
+def test_joint_training_without_heads_trains_the_same_network(phantoms, tmp_path):
+    """Under balancer none the heads train on detached features and only report: without them
+    (network.heads false) the four-branch network's weights come out the same, with sequence
+    dropout on; the run has no head telemetry. Other balancers refuse it."""
+    weights = {}
+    for heads in (True, False):
+        run = tmp_path / f"heads-{heads}"
+        config = tiny_config(phantoms, balancer__name="none", network__heads=heads, network__fusion="slots",
+                             network__sequence_dropout=0.5, optim__epochs=1)
+        Trainer(config, run, CPU, report=quiet).fit()
+        saved = load_last(run)
+        weights[heads] = saved["modules"]["net"]
+        assert ("balancer" in saved["modules"]) == heads
+        assert any(k.startswith("head_dice/") for k in read_metrics(run)[0]) == heads
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.allclose(weights[True][k], weights[False][k], atol=1e-6) for k in weights[True])
+    with pytest.raises(ConfigurationError, match="network.heads false works with balancer none only"):
+        tiny_config(phantoms, balancer__name="cggm", network__heads=False)
+
+
 @pytest.mark.parametrize("network, fusion", [("early_fusion", None), ("small", "hemis")])
 def test_the_cpu_real_preset_builds_either_network(network, fusion):
     """cpu-real's HeMIS fusion goes to the four-branch network; early fusion has no branches."""

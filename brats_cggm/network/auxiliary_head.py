@@ -75,15 +75,19 @@ def make_auxiliary_heads(
 ) -> dict[str, tuple[AuxiliaryHead, nn.Conv3d]]:
     """One :class:`AuxiliaryHead` per branch of ``net``, as ``{name: (head, head's last
     layer)}``, on ``net``'s device. The heads are separate modules: they are not in
-    ``net.state_dict()`` and never exported; a balancer owns and checkpoints them."""
+    ``net.state_dict()`` and never exported; a balancer owns and checkpoints them.
+
+    Their initialisation draws from torch's random stream and then puts it back, so what the
+    run draws afterwards (sequence dropout's masks) is the same with heads or without them."""
     device = net.output_conv.weight.device
     heads = {}
-    for name in net.modalities:
-        head = AuxiliaryHead(
-            net.channels, net.strides, net.out_channels, net.head_channels,
-            width_divisor=width_divisor, act=net.act, norm=net.norm,
-        ).to(device)
-        heads[name] = (head, head.output_conv)
+    with torch.random.fork_rng(devices=[]):
+        for name in net.modalities:
+            head = AuxiliaryHead(
+                net.channels, net.strides, net.out_channels, net.head_channels,
+                width_divisor=width_divisor, act=net.act, norm=net.norm,
+            ).to(device)
+            heads[name] = (head, head.output_conv)
     return heads
 
 

@@ -57,7 +57,7 @@ class RegionLoss(nn.Module):
 class Components:
     net: nn.Module
     criterion: RegionLoss
-    #: None for a network without per-sequence branches (early fusion)
+    #: None for a network without per-sequence branches (early fusion) or without heads (network.heads false)
     balancer: Balancer | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -118,6 +118,8 @@ def _balancer(config: TrainConfig, net: nn.Module, criterion: nn.Module,
                 f"balancer '{b.name}' acts on per-sequence encoders, and the "
                 f"'{config.network.preset}' network has none; use balancer none with it"
             )
+        return None
+    if not config.network.heads:  # joint training without the heads' telemetry (check() refuses others)
         return None
     heads = make_auxiliary_heads(net)
     return b.build(

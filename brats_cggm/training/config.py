@@ -88,6 +88,10 @@ class NetworkConfig:
     fusion: str = "mean"
     #: constructor arguments that replace the preset's (e.g. ``channels: [8, 16, 32, 64]``)
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: train a per-sequence auxiliary head beside each branch (multi-branch presets). Balancers
+    #: need them; under balancer ``none`` they train on detached features and only report each
+    #: sequence's Dice, so ``false`` trains the same network at a lower cost per step
+    heads: bool = True
 
 
 @dataclass
@@ -181,6 +185,10 @@ class TrainConfig:
             raise ConfigurationError(
                 f"balancer {self.balancer.name} cannot train on cases that lack sequences (data.partial); "
                 f"use {' or '.join(PARTIAL_BALANCERS)}")
+        if not self.network.heads and self.balancer.name != "none":
+            raise ConfigurationError(
+                f"balancer {self.balancer.name} measures each sequence with its auxiliary head; "
+                "network.heads false works with balancer none only")
         reserved = sorted(set(self.balancer.options) & RESERVED_OPTIONS)
         if reserved:
             raise ConfigurationError(f"balancer.options: {', '.join(reserved)} is set by the trainer")
