@@ -223,6 +223,59 @@ def test_deficit_scales_each_encoder_by_its_heads_deficit_from_the_first_step():
             assert torch.allclose(param.grad, old * b[i])
 
 
+def cggm_steps(scale_by: str, optimizer: str, steps: int = 3):
+    """The encoders' weights after ``steps`` balanced steps of deficit CGGM (``lam`` 0), B
+    applied as ``scale_by`` says; the rates as the loop sets them, and each step's B."""
+    model, balancer, criterion = make_setup(3, preset="deficit", lam=0.0, rho=1.0, scale_by=scale_by)
+    groups = balancer.param_groups(0.1)
+    for group, name in zip(groups, balancer.modality_names):
+        group["modality"] = name
+    in_encoders = {id(p) for g in groups for p in g["params"]}
+    groups.append({"params": [p for p in model.parameters() if id(p) not in in_encoders]})
+    groups.append({"params": list(balancer.parameters())})
+    make = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+    opt = make(groups, lr=0.1, **({"weight_decay": 0.0} if optimizer == "sgd" else {}))
+    coefficients, rates = [], []
+    for step in range(steps):
+        inputs, target = make_batch(3, seed=step)
+        _, telemetry = balanced_step(model, balancer, (opt,), criterion, inputs, target, base_lr=0.1)
+        coefficients.append(telemetry.per_modality["B"])
+        rates.append([g["lr"] for g in opt.param_groups[:3]])
+    return {n: [p.detach().clone() for p in model.encoders[n].parameters()] for n in balancer.modality_names}, \
+        coefficients, rates
+
+
+def test_b_as_learning_rate_is_the_paper_step_under_sgd_and_survives_adamw():
+    """scale_by="learning_rate": the encoder groups' rates are B times the base rate at every
+    step. Under plain SGD that is exactly the step of scaled gradients; under AdamW, where the
+    first step's update does not depend on a gradient scale, only the rate makes B act."""
+    by_grad, b_grad, rates_grad = cggm_steps("gradient", "sgd")
+    by_rate, b_rate, rates = cggm_steps("learning_rate", "sgd")
+    assert all(torch.allclose(x, y) for x, y in zip(b_grad, b_rate))
+    assert all(not torch.allclose(b, torch.ones(3)) for b in b_rate)
+    assert all(r == pytest.approx([0.1 * float(v) for v in b]) for r, b in zip(rates, b_rate))
+    assert rates_grad == [[0.1] * 3] * 3  # the paper's mode leaves the rates alone
+    for name in by_grad:
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(by_grad[name], by_rate[name]))
+    start, _, _ = cggm_steps("gradient", "adamw", steps=0)
+    adam_grad, _, _ = cggm_steps("gradient", "adamw", steps=1)
+    adam_rate, (b,), _ = cggm_steps("learning_rate", "adamw", steps=1)
+    for i, name in enumerate(start):
+        moved_grad = torch.cat([(a - s).flatten() for a, s in zip(adam_grad[name], start[name])]).abs().max()
+        moved_rate = torch.cat([(a - s).flatten() for a, s in zip(adam_rate[name], start[name])]).abs().max()
+        assert float(moved_rate / moved_grad) == pytest.approx(float(b[i]), rel=1e-3)
+
+
+def test_an_unknown_scale_by_is_refused_and_a_loop_that_sets_no_rates_is_stopped():
+    with pytest.raises(Exception, match="scale_by must be one of gradient, learning_rate"):
+        make_setup(2, scale_by="weights")
+    model, balancer, criterion = make_setup(2, preset="deficit", scale_by="learning_rate")
+    opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.1)
+    balanced_step(model, balancer, (opt,), criterion, *make_batch(2))
+    with pytest.raises(Exception, match="needs a loop that applies its lr_scales"):
+        balanced_step(model, balancer, (opt,), criterion, *make_batch(2))
+
+
 def test_joint_training_reports_heads_and_leaves_gradients_alone():
     model, cggm, criterion = make_setup(2)
     modalities = [m for m in _modalities_of(model, cggm)]

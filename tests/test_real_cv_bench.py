@@ -185,6 +185,11 @@ def test_an_ablation_row_trains_in_a_folder_of_its_own_with_its_settings(tmp_pat
     config = resolve_config("cpu-real", None, {**settings, "balancer.name": "cggm", "balancer.preset": "deficit"})
     assert config.balancer.lam == 0 and config.network.fusion == "slots"
     assert "balancer.lam" not in real_cv.fold_settings(tmp_path / "split.json", 0, base, tmp_path, None)
+    lr_row = real_cv.ROWS["slots-cggm-deficit-dropout-lr"]
+    settings = real_cv.fold_settings(tmp_path / "split.json", 0, lr_row, tmp_path, None)
+    config = resolve_config("cpu-real", None, {**settings, "balancer.name": "cggm", "balancer.preset": "deficit"})
+    assert config.balancer.options == {"scale_by": "learning_rate"} and config.balancer.lam == 0
+    assert len({row.group for row in (row, base, lr_row)}) == 3
 
 
 def test_a_partial_row_reuses_the_run_of_a_fold_that_gains_no_partial_case(tmp_path):

@@ -512,6 +512,23 @@ def test_early_fusion_trains_without_a_balancer(phantoms, tmp_path):
     assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "dice.png"}
 
 
+def test_cggm_can_apply_b_as_each_encoders_learning_rate(phantoms, tmp_path):
+    """balancer.options.scale_by learning_rate: each branch encoder is a param group of its own
+    whose rate is B times the network's (the schedule's factor included), set at every step."""
+    run = tmp_path / "run"
+    config = tiny_config(phantoms, balancer__name="cggm", balancer__preset="deficit",
+                         balancer__options={"scale_by": "learning_rate"}, optim__epochs=1)
+    Trainer(config, run, CPU, report=quiet).fit()
+    groups = load_last(run)["optimizer"]["param_groups"]
+    rates = {g["modality"]: g["lr"] for g in groups if "modality" in g}
+    assert sorted(rates) == sorted(MODALITIES)
+    last = read_csv(run / "telemetry.csv")[-1]
+    network_rate = groups[len(MODALITIES)]["lr"]  # the rest of the network, after the encoders
+    for name, rate in rates.items():
+        assert rate == pytest.approx(float(last[f"B/{name}"]) * network_rate, rel=1e-4), name
+    assert len(set(rates.values())) > 1
+
+
 def test_joint_training_without_heads_trains_the_same_network(phantoms, tmp_path):
     """Under balancer none the heads train on detached features and only report: without them
     (network.heads false) the four-branch network's weights come out the same, with sequence

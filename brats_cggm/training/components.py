@@ -63,6 +63,8 @@ class Components:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     #: AGM's mono-modal responses (the training forward pass feeds it); None for other balancers
     responses: MonoModalResponses | None = None
+    #: the network's learning rate before any per-encoder factor (``optim.lr``)
+    base_lr: float | None = None
 
     def modules(self) -> dict[str, nn.Module]:
         """What a checkpoint saves (the heads live in the balancer)."""
@@ -82,13 +84,14 @@ def build_components(config: TrainConfig, total_steps: int, device: torch.device
         groups.append({"params": list(balancer.parameters()), "lr": config.optim.head_lr or config.optim.lr})
     optimizer = _optimizer(config, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim.schedule, total_steps))
-    return Components(net, criterion, balancer, optimizer, scheduler, responses)
+    return Components(net, criterion, balancer, optimizer, scheduler, responses, config.optim.lr)
 
 
 def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> list[dict]:
-    """The network's param groups: one, or for MSLR one per branch encoder (tagged with its
-    ``modality``, rate ``scale * lr``) and one for the rest."""
-    if not isinstance(balancer, MSLR):
+    """The network's param groups: one, or for a balancer that sets learning rates (MSLR, CGGM
+    with ``scale_by: learning_rate``) one per branch encoder (tagged with its ``modality``, rate
+    ``scale * lr``) and one for the rest."""
+    if balancer is None or (not isinstance(balancer, MSLR) and balancer.lr_scales() is None):
         return [{"params": list(net.parameters())}]
     groups = balancer.param_groups(lr)
     for group, name in zip(groups, balancer.modality_names):

@@ -403,7 +403,8 @@ def train_step(
     schedule's step. ``check_loss`` sees the total loss before backward (the trainer stops on
     NaN there). The telemetry adds each head's loss to the balancer's."""
     task_loss, step = balanced_step(model, parts.balancer, (parts.optimizer,), parts.criterion, image, target,
-                                    scaler=scaler, autocast=autocast, check_loss=check_loss)
+                                    scaler=scaler, autocast=autocast, check_loss=check_loss,
+                                    base_lr=parts.base_lr, scheduler=parts.scheduler)
     telemetry = {}
     if parts.balancer is not None:
         head_losses = parts.balancer.head_losses

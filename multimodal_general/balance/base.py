@@ -262,6 +262,13 @@ class Balancer(nn.Module):
         (e.g. new scales or weights) or ``None``."""
         return None
 
+    def param_groups(self, lr: float, **group_options) -> list[dict]:
+        """One optimizer param group per encoder, ``lr`` times its :meth:`lr_scales` factor
+        (1 when the balancer sets none)."""
+        scales = self.lr_scales() or {}
+        return [{"params": list(self._encoder_params[name]), "lr": lr * scales.get(name, 1.0), **group_options}
+                for name in self.modality_names]
+
     def lr_scales(self) -> dict[str, float] | None:
         """Per-modality factors of each encoder's learning rate that the loop applies to its
         optimizer (param groups tagged ``"modality"``); ``None`` (default): the balancer sets no

@@ -42,6 +42,10 @@ from multimodal_general.balance.telemetry import StepTelemetry
 from multimodal_general.errors import ConfigurationError
 
 
+#: how CGGM's coefficients act on an encoder (``scale_by``)
+SCALE_BY = ("gradient", "learning_rate")
+
+
 @dataclass(frozen=True)
 class CGGMPreset:
     """How one variant of CGGM computes ``d``, ``B`` and ``L_gm``."""
@@ -114,6 +118,12 @@ class CGGM(Balancer):
         lam: weight of the direction loss ``L_gm`` (paper: 0.05-0.2).
         fast_beta, slow_beta: EMA factors of the ``stable`` trend estimate of ``d``.
         min_signal: ``stable`` leaves gradients untouched when ``sum max(d, 0)`` is below it.
+        scale_by: how ``B_i`` acts on encoder i: ``gradient`` (the paper's: its gradients are
+            multiplied by ``B_i``) or ``learning_rate`` (gradients left alone; the loop sets the
+            encoder's rate to ``B_i`` times the base rate from :meth:`lr_scales`, before each
+            optimizer step). Under Adam/AdamW a gradient scale that changes slowly is normalised
+            away per parameter, a learning rate is not; under plain SGD without momentum or
+            weight decay the two are the same step.
     """
 
     name = "cggm"
@@ -131,12 +141,17 @@ class CGGM(Balancer):
         fast_beta: float = 0.9,
         slow_beta: float = 0.99,
         min_signal: float = 1e-6,
+        scale_by: str = "gradient",
         **common: Unpack[CommonOptions],
     ) -> None:
         super().__init__(modalities, **common)
         check_cggm_settings(preset, rho, lam)
         if not 0 <= fast_beta < slow_beta < 1:
             raise ConfigurationError("CGGM needs 0 <= fast_beta < slow_beta < 1")
+        if scale_by not in SCALE_BY:
+            raise ConfigurationError(f"CGGM's scale_by must be one of {', '.join(SCALE_BY)}; got '{scale_by}'")
+        self.scale_by = scale_by
+        self._rates_taken = True  # learning_rate mode: the loop read lr_scales() since the last step
         self.preset = CGGM_PRESETS[preset]
         self.rho, self.lam = float(rho), float(lam)
         self.fast_beta, self.slow_beta, self.min_signal = fast_beta, slow_beta, min_signal
@@ -265,9 +280,25 @@ class CGGM(Balancer):
         self._cosine, self._direction_loss = cosine.detach(), loss.detach()
 
     # ------------------------------------------------------------- magnitude
+    def lr_scales(self) -> dict[str, float] | None:
+        """``{name: B_i}`` when ``scale_by`` is ``learning_rate`` (the loop makes them the
+        encoders' learning-rate factors for this step), else ``None``."""
+        if self.scale_by != "learning_rate":
+            return None
+        self._rates_taken = True
+        return dict(zip(self.modality_names, self.coefficients.tolist()))
+
     def _modulate_gradients(self, telemetry: StepTelemetry) -> None:
+        if self.scale_by == "learning_rate":
+            if not self._rates_taken:
+                raise ConfigurationError(
+                    "CGGM with scale_by learning_rate needs a loop that applies its lr_scales() at every "
+                    "step (balanced_step with base_lr); this one did not")
+            self._rates_taken = False
         self._close_step()
         for index, name in enumerate(self.modality_names):
+            if self.scale_by == "learning_rate":
+                break  # the loop applies B through lr_scales()
             for grad in self.encoder_grads(name):
                 grad.mul_(self.coefficients[index].to(grad.dtype))
         if self.preset.lagged_direction:

@@ -30,6 +30,8 @@ def balanced_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     check_loss: Callable[[Tensor], None] | None = None,
+    base_lr: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
 ) -> tuple[Tensor, StepTelemetry | None]:
     """One optimizer step: forward, task loss + balancer terms, backward, modulation, step.
 
@@ -43,6 +45,10 @@ def balanced_step(
       the gradients unscaled before ``modulate``, so the balancer sees true gradients;
     * ``autocast``: a context (e.g. ``torch.autocast``) for the forward pass and the losses;
     * ``check_loss``: sees each (micro-)batch's total loss before backward (e.g. to stop on NaN);
+    * ``base_lr`` (with the ``scheduler``, if any): after ``modulate``, before the optimizer
+      steps, the first optimizer's encoder groups get the balancer's per-step
+      :meth:`~multimodal_general.balance.base.Balancer.lr_scales` (:func:`apply_encoder_rates`;
+      CGGM with ``scale_by="learning_rate"``);
     * gradient accumulation: with ``balancer.accumulation_steps = k > 1`` the batch is split
       into ``k`` micro-batches along dimension 0, each loss divided by ``k``; ``modulate``
       and the optimizers run once, on the accumulated gradients.
@@ -68,6 +74,8 @@ def balanced_step(
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
     telemetry = balancer.modulate() if balancer is not None else None
+    if balancer is not None and base_lr is not None:
+        apply_encoder_rates(optimizers[0], balancer.lr_scales(), base_lr, scheduler)
     for optimizer in optimizers:
         if scaler is not None:
             scaler.step(optimizer)
