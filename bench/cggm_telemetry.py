@@ -24,7 +24,7 @@ from multimodal_general.runs.plots import MODALITY_PALETTE, column, read_metrics
 #: the B axis (the paper's unguarded rule has epochs far outside it, which are noted on the panel)
 B_RANGE = (-2.0, 4.0)
 #: the rows drawn: CGGM (B and heads) and joint training with the same fusion (heads only)
-DEFAULT_ROWS = ("slots-cggm-paper-dropout", "slots-cggm-deficit-dropout", "slots-cggm-deficit-dropout-nodir", "slots-dropout")
+DEFAULT_ROWS = ("slots-cggm-paper-dropout", "slots-cggm-deficit-dropout", "slots-cggm-deficit-dropout-nodir", "slots-cggm-deficit-dropout-lr", "slots-dropout")
 
 
 def row_runs(protocol: Path, key: str, folds: int) -> list[list[dict]]:
