@@ -30,7 +30,7 @@ from brats_cggm.network import (
 )
 from brats_cggm.training.config import NetworkConfig, TrainConfig
 from brats_cggm.training.mono_modal import MonoModalResponses
-from multimodal_general.balance import MSLR, Balancer
+from multimodal_general.balance import Balancer
 
 
 class RegionLoss(nn.Module):
@@ -91,7 +91,7 @@ def _network_groups(net: nn.Module, balancer: Balancer | None, lr: float) -> lis
     """The network's param groups: one, or for a balancer that sets learning rates (MSLR, CGGM
     with ``scale_by: learning_rate``) one per branch encoder (tagged with its ``modality``, rate
     ``scale * lr``) and one for the rest."""
-    if balancer is None or (not isinstance(balancer, MSLR) and balancer.lr_scales() is None):
+    if balancer is None or balancer.lr_scales() is None:  # MSLR is built applied_by_optimizer: it sets them
         return [{"params": list(net.parameters())}]
     groups = balancer.param_groups(lr)
     for group, name in zip(groups, balancer.modality_names):

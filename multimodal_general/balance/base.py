@@ -263,11 +263,15 @@ class Balancer(nn.Module):
         return None
 
     def param_groups(self, lr: float, **group_options) -> list[dict]:
-        """One optimizer param group per encoder, ``lr`` times its :meth:`lr_scales` factor
-        (1 when the balancer sets none)."""
-        scales = self.lr_scales() or {}
+        """One optimizer param group per encoder, ``lr`` times its :meth:`_group_scales` factor."""
+        scales = self._group_scales()
         return [{"params": list(self._encoder_params[name]), "lr": lr * scales.get(name, 1.0), **group_options}
                 for name in self.modality_names]
+
+    def _group_scales(self) -> dict[str, float]:
+        """The rate factors :meth:`param_groups` starts the encoders at: :meth:`lr_scales`, 1
+        for a balancer that sets none."""
+        return self.lr_scales() or {}
 
     def lr_scales(self) -> dict[str, float] | None:
         """Per-modality factors of each encoder's learning rate that the loop applies to its

@@ -296,11 +296,10 @@ class CGGM(Balancer):
                     "step (balanced_step with base_lr); this one did not")
             self._rates_taken = False
         self._close_step()
-        for index, name in enumerate(self.modality_names):
-            if self.scale_by == "learning_rate":
-                break  # the loop applies B through lr_scales()
-            for grad in self.encoder_grads(name):
-                grad.mul_(self.coefficients[index].to(grad.dtype))
+        if self.scale_by == "gradient":  # else the loop applies B through lr_scales()
+            for index, name in enumerate(self.modality_names):
+                for grad in self.encoder_grads(name):
+                    grad.mul_(self.coefficients[index].to(grad.dtype))
         if self.preset.lagged_direction:
             self._record_weight_direction_loss()
         telemetry.per_modality["d"] = self.improvement.clone()

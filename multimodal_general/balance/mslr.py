@@ -80,13 +80,10 @@ class MSLR(Balancer):
     def scale_of(self, name: str) -> float:
         return float(self.scales[self.modality_names.index(name)])
 
-    def param_groups(self, lr: float, **group_options) -> list[dict]:
-        """One optimizer param group per encoder with ``lr = scale * lr`` (for Adam-type
-        optimizers or weight decay; then build the balancer with scales at 1)."""
-        return [
-            {"params": list(self._encoder_params[name]), "lr": lr * self.scale_of(name), **group_options}
-            for name in self.modality_names
-        ]
+    def _group_scales(self) -> dict[str, float]:
+        """:meth:`param_groups` gives each encoder ``lr = scale * lr`` (for Adam-type optimizers
+        or weight decay; then build the balancer with scales at 1), applied by the loop or not."""
+        return {name: self.scale_of(name) for name in self.modality_names}
 
     def update_from_validation(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Adapt the scales from each modality's validation metric (higher is better);
