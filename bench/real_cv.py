@@ -122,6 +122,14 @@ ROWS: dict[str, Row] = {
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
                            "mean", init="early_fusion"),
+    # network.heads false: under joint training the heads are telemetry only, and the network
+    # trains to the same weights without them (tests/test_training.py), at half the step time
+    "slots-dropout-init": Row("phantom pre-training, then 4 branches, slot fusion, sequence dropout", "modality_dropout",
+                              "slots", init="slots", ablation=(("network.heads", False),), ablation_name="noheads"),
+    "slots-dropout-partial-init": Row("phantom pre-training, then 4 branches, slot fusion, sequence dropout, "
+                                      "+ the FLAIR/T1ce-only cases", "modality_dropout", "slots", init="slots",
+                                      partial=True, same_as="slots-dropout-init",
+                                      ablation=(("network.heads", False),), ablation_name="noheads"),
     # no real training: the phantom-trained demo model (3 mm, mean fusion, old phantoms), and
     # the pre-training run (calibrated phantoms, the cpu-real recipe), scored on every test fold
     "phantom-only": Row("phantom-only demo model (no real training)", "brats_cggm_phantom_demo"),
@@ -137,13 +145,15 @@ CHECKPOINT = "last"
 PHANTOMS = ("--cases", "30", "--size", "96", "--seed", "0")
 PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validation.every=20")
 #: the networks a phantom pre-training exists for
-PRETRAIN = ("hemis", "early_fusion")
+PRETRAIN = ("hemis", "slots", "early_fusion")
 
 
 def pretrain_options(network: str) -> list[str]:
     """``brats-cggm train`` options of the phantom pre-training of ``network`` (of ``PRETRAIN``)."""
     if network == "hemis":
         return ["--set", "network.fusion=hemis"]
+    if network == "slots":  # no auxiliary heads: the same network, half the step time
+        return ["--set", "network.fusion=slots", "--set", "network.heads=false"]
     from brats_cggm.compare import early_fusion_overrides
 
     widths = early_fusion_overrides(PRESET, {})  # those compare's early-fusion rows train at
