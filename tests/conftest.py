@@ -47,11 +47,12 @@ if XDIST_WORKER:
 #: missing from it just runs later, in pytest's order. The torch-free install waits on
 #: the package index more than it computes: started first, it overlaps the other worker.
 LONGEST_FIRST = (
-    "test_torch_free_install.py", "test_training.py", "test_fusion.py", "test_export.py", "test_app.py",
-    "test_gpu_check.py", "test_numpy_chain.py", "test_raw_chain.py", "test_inference_speed_bench.py",
-    "test_real_files_cli.py", "test_network_fit.py", "test_training_speed_bench.py", "test_shipped_model.py",
-    "test_evaluate_subsets.py", "test_general_tasks.py", "test_app_raw.py", "test_real_cv_bench.py",
-    "test_phantom.py", "test_brats_compare.py", "test_distributed.py",
+    "test_torch_free_install.py", "test_training.py", "test_app.py", "test_gpu_check.py", "test_export.py",
+    "test_raw_chain.py", "test_numpy_chain.py", "test_inference_speed_bench.py", "test_network_fit.py",
+    "test_real_files_cli.py", "test_general_tasks.py", "test_training_speed_bench.py", "test_app_raw.py",
+    "test_brats_compare.py", "test_network.py", "test_raw_real.py", "test_phantom.py", "test_real_cv_bench.py",
+    "test_evaluate_subsets.py", "test_fusion.py", "test_shipped_model.py", "test_partial_training.py",
+    "test_cli.py", "test_distributed.py",
 )
 
 

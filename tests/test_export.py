@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from inference_cases import cli, strings
-from training_cases import error_line, run_cli
 
 from brats_cggm import models
 from brats_cggm.errors import ConfigurationError
@@ -119,14 +118,9 @@ def test_a_file_name_without_onnx_suffix_is_refused(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_export_command(trained, tmp_path):
-    out, rules = tmp_path / "cli.onnx", tmp_path / "rules.json"
-    rules.write_text(json.dumps({"WT": {"min_ml": 1, "max_distance_mm": 20}, "small_et_ml": 0.5}))
-    code, text = cli("export", "--run", trained, "--out", out, "--parity-cases", "0", "--postprocessing", rules)
-    assert code == 0, text
-    assert out.exists() and card_path(out).exists() and "max |p_onnx - p_torch|" in text
-    assert Segmenter.load(out).card["postprocessing"] == {"connectivity": 26, "WT": {"min_ml": 1.0, "max_distance_mm": 20.0},
-                                                          "small_et_ml": 0.5}
+def test_export_command_errors_are_one_line_and_write_nothing(trained, tmp_path):
+    """(The command's successful export: test_several_runs_export_as_one_ensemble_model.)"""
+    rules = tmp_path / "rules.json"
     rules.write_text(json.dumps({"WT": {"min_ml": 1, "radius_mm": 20}}))
     code, text = cli("export", "--run", trained, "--out", tmp_path / "y.onnx", "--postprocessing", rules)
     assert code == 2 and "rules.json: postprocessing.WT must be an object of" in text and "Traceback" not in text
@@ -134,9 +128,6 @@ def test_export_command(trained, tmp_path):
     code, text = cli("export", "--run", tmp_path / "nothing", "--out", tmp_path / "x.onnx")
     assert code == 2 and "checkpoint is missing" in text
     assert not (tmp_path / "x.onnx").exists()
-    # the console script itself: the same one-line error from its own process
-    missing = run_cli("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.onnx"))
-    assert missing.returncode == 2 and "checkpoint is missing" in error_line(missing)
 
 
 def test_an_ensemble_graph_gives_the_logit_of_its_members_mean_probability():
@@ -155,9 +146,16 @@ def test_an_ensemble_graph_gives_the_logit_of_its_members_mean_probability():
 
 
 def test_several_runs_export_as_one_ensemble_model(trained, exported, tmp_path):
-    out = tmp_path / "ensemble.onnx"
-    code, text = cli("export", "--run", trained, "--run", trained, "--out", out, "--parity-cases", "0", "--tta")
+    """The export command (one export: each costs ~10 s): two runs, test-time augmentation
+    and the clean-up rules of a file, all in the card."""
+    out, rules = tmp_path / "ensemble.onnx", tmp_path / "rules.json"
+    rules.write_text(json.dumps({"WT": {"min_ml": 1, "max_distance_mm": 20}, "small_et_ml": 0.5}))
+    code, text = cli("export", "--run", trained, "--run", trained, "--out", out, "--parity-cases", "0", "--tta",
+                     "--postprocessing", rules)
     assert code == 0, text
+    assert card_path(out).exists() and "max |p_onnx - p_torch|" in text
+    assert Segmenter.load(out).card["postprocessing"] == {"connectivity": 26, "WT": {"min_ml": 1.0, "max_distance_mm": 20.0},
+                                                          "small_et_ml": 0.5}
     card, single = Segmenter.load(out).card, exported[1]
     assert card["inference"]["tta"] is True and single["inference"]["tta"] is False and Segmenter.load(out).tta
     members = card["training"]["ensemble"]["members"]

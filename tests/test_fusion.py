@@ -117,11 +117,48 @@ def test_the_mean_fusion_has_no_parameters_so_older_checkpoints_still_load():
     assert any(key.startswith("fusions") for key in tiny("hemis").state_dict())
 
 
-@pytest.mark.parametrize("name", FUSIONS)
-def test_every_fusion_exports_to_onnx_and_agrees_with_torch_on_masked_batches(name):
-    from brats_cggm.export import InferenceGraph, _parity, _to_onnx
+class SideBySide(torch.nn.Module):
+    """The networks' logits side by side: one export (a third cheaper than one per network)
+    in which every network keeps its own output channels, so parity holds for each."""
 
-    graph = InferenceGraph(tiny(name)).eval()
-    model = _to_onnx(graph, (16, 16, 16), graph.nets[0].divisor)
-    parity = _parity(graph, model, (16, 16, 16), [image(1, (16, 16, 16), seed=4)[0].numpy()])
-    assert parity["max_abs_diff_probabilities"] <= 1e-4  # one sequence off in the random batch
+    def __init__(self, nets):
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+
+    def forward(self, image, modality_mask):
+        return torch.cat([net(image, modality_mask) for net in self.nets], dim=1)
+
+
+def exported_fusions_disagreement(dynamic: bool) -> float:
+    """Every fusion's tiny network exported side by side: the largest difference of the
+    probabilities of ONNX Runtime and torch, all sequences on and one switched off (one batch
+    of two samples when ``dynamic``, else two of one)."""
+    import onnxruntime as ort
+
+    from brats_cggm.export import _to_onnx
+
+    graph = SideBySide([tiny(name) for name in FUSIONS]).eval()
+    model = _to_onnx(graph, (16, 16, 16), graph.nets[0].divisor, dynamic=dynamic)
+    assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 3 * len(FUSIONS)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    images, masks = image(2, (16, 16, 16), seed=4), torch.tensor([[1.0, 1, 1, 1], [1, 0, 1, 1]])
+    batches = [(images, masks)] if dynamic else [(images[i:i + 1], masks[i:i + 1]) for i in range(2)]
+    worst = 0.0
+    for batch, mask in batches:
+        with torch.no_grad():
+            expected = torch.sigmoid(graph(batch, mask))
+        (logits,) = session.run(None, {"image": batch.numpy(), "modality_mask": mask.numpy()})
+        worst = max(worst, float((torch.sigmoid(torch.from_numpy(logits)) - expected).abs().max()))
+    return worst
+
+
+def test_every_fusion_exports_to_onnx_and_agrees_with_torch():
+    """At a fixed input shape: every fusion's operators (the dynamic shapes of mean fusion are
+    exported by conftest's tiny export and the GPU check's dry run; ~5x cheaper)."""
+    assert exported_fusions_disagreement(dynamic=False) <= 1e-4
+
+
+@pytest.mark.slow
+def test_every_fusion_exports_with_dynamic_shapes_and_agrees_with_torch_on_masked_batches():
+    """As shipped: any batch and spatial size (~35 s on one core)."""
+    assert exported_fusions_disagreement(dynamic=True) <= 1e-4

@@ -37,7 +37,6 @@ from training_cases import (
     all_finite,
     assert_same_training_state,
     differences,
-    error_line,
     in_process,
     load_last,
     nested,
@@ -651,12 +650,12 @@ def test_resume_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and "config.yaml" in err, err
 
 
-def test_evaluate_command_scores_the_validation_cases(cli_run):
+def test_evaluate_command_scores_the_validation_cases(cli_run, capsys):
     assert cli_run.result.returncode == 0, cli_run.result.stderr
-    result = run_cli("evaluate", "--run", cli_run.run)
-    assert result.returncode == 0, result.stdout + result.stderr
+    code, out, err = in_process(capsys, "evaluate", "--run", cli_run.run)
+    assert code == 0, out + err
     for word in ("TC", "WT", "ET", "Dice", "HD95", "2 val case(s)"):
-        assert word in result.stdout, result.stdout
+        assert word in out, out
     val = sorted(json.loads((cli_run.run / "split.json").read_text())["folds"][0]["val"])
     folder = cli_run.run / "evaluation" / "val"
     rows = read_csv(folder / "cases.csv")
@@ -680,10 +679,10 @@ def test_evaluate_train_split_is_a_fit_check_on_the_training_cases(cli_run):
     assert folder == cli_run.run / "evaluation" / "train"
 
 
-def test_evaluate_test_split_without_held_out_cases_is_an_error(cli_run):
+def test_evaluate_test_split_without_held_out_cases_is_an_error(cli_run, capsys):
     assert cli_run.result.returncode == 0, cli_run.result.stderr
-    line = error_line(run_cli("evaluate", "--run", cli_run.run, "--split", "test"))
-    assert "no test cases" in line
+    code, _, err = in_process(capsys, "evaluate", "--run", cli_run.run, "--split", "test")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no test cases" in err, err
     assert not (cli_run.run / "evaluation" / "test").exists()
 
 
