@@ -118,6 +118,14 @@ ROWS: dict[str, Row] = {
                                          ablation=(("balancer.lam", 0.0),
                                                    ("balancer.options", {"scale_by": "learning_rate"})),
                                          ablation_name="lam0-lr"),
+    # the candidate for the default (issue 24's gate): everything that helped the four-branch network,
+    # with CGGM's magnitude term where AdamW cannot normalise it away (B as each encoder's rate)
+    "slots-cggm-deficit-lr-partial-init": Row("phantom pre-training, then 4 branches, slot fusion, sequence dropout, "
+                                              "CGGM deficit, lam 0, B as learning rate, + the FLAIR/T1ce-only cases",
+                                              "cggm-deficit", "slots", init="slots", partial=True, sequence_dropout=0.25,
+                                              ablation=(("balancer.lam", 0.0),
+                                                        ("balancer.options", {"scale_by": "learning_rate"})),
+                                              ablation_name="lam0-lr"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
