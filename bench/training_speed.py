@@ -120,6 +120,33 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"network.preset": "early_fusion", "network.overrides": SMALL_EARLY_FUSION, "balancer.name": "none"},
     ),
 }
+#: issue 24's candidate screen (2c), declared before any run, for the four-branch network (slot
+#: fusion, joint training, no heads) and early fusion: C1 today's widths, C2 twice as wide, C3 one
+#: level deeper, C4 C1 on patches 1.5x as large. ``patch_scale``: the variant's patch is that many
+#: times ``--patch`` (rounded to a multiple of 16); ``min_patch``: the smallest ``--patch`` it runs at
+#: (C3's five levels).
+SLOTS = {"network.preset": "small", "network.fusion": "slots", "balancer.name": "none", "network.heads": False}
+EARLY = {"network.preset": "early_fusion", "balancer.name": "none"}
+WIDE, DEEP = [16, 32, 64, 128], [8, 16, 32, 64, 128]
+SCREEN: dict[str, tuple[str, dict]] = {
+    "screen-slots-c1": ("C1: 4 branches 8-16-32-64, slots, no heads", SLOTS),
+    "screen-slots-c2": ("C2: 4 branches 16-32-64-128", {**SLOTS, "network.overrides": {
+        "channels": WIDE, "head_channels": 16}}),
+    "screen-slots-c3": ("C3: 4 branches 8-16-32-64-128", {**SLOTS, "network.overrides": {
+        "channels": DEEP, "strides": [2] * 5}, "min_patch": 64}),
+    "screen-slots-c4": ("C4: C1 on 1.5x patches", {**SLOTS, "patch_scale": 1.5}),
+    "screen-ef-c1": ("C1: early fusion 8-16-32-64", {**EARLY, "network.overrides": SMALL_EARLY_FUSION}),
+    "screen-ef-c2": ("C2: early fusion 16-32-64-128", {**EARLY, "network.overrides": {
+        **SMALL_EARLY_FUSION, "channels": WIDE}}),
+    "screen-ef-c3": ("C3: early fusion 8-16-32-64-128", {**EARLY, "network.overrides": {
+        **SMALL_EARLY_FUSION, "channels": DEEP, "strides": [2] * 4}, "min_patch": 64}),
+    "screen-ef-c4": ("C4: C1 on 1.5x patches", {**EARLY, "network.overrides": SMALL_EARLY_FUSION, "patch_scale": 1.5}),
+}
+VARIANTS.update(SCREEN)
+#: the screen's budget: this many epochs of the reference candidate, in wall time
+SCREEN_REFERENCE, SCREEN_EPOCHS = "screen-slots-c1", 150
+#: what a variant's entry holds besides configuration overrides
+NOT_SETTINGS = ("patch_scale", "min_patch")
 BASELINE = "mb-none"
 EARLY_FUSION = "ef-small-none"
 QUICK = {"patch": 32, "repeats": 2, "warmup": 1}
@@ -137,8 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="patches per step (default 2: cpu-small's 1 case x 2 samples)")
     parser.add_argument("--repeats", type=int, help=f"timed rounds (default {FULL['repeats']})")
     parser.add_argument("--warmup", type=int, help=f"untimed rounds first (default {FULL['warmup']})")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in SCREEN),
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but screen-*)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                         help="tuned (default, as the trainer): glibc keeps freed memory (keep_freed_memory); "
@@ -168,17 +195,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         # the small multi-branch network halves 4 times after its strided stem, and instance
         # norm needs more than one voxel at the bottom
         parser.error("--patch must be a multiple of 16 and at least 32")
+    small = [v for v in (*args.variants, *([args.one] if args.one else [])) if args.patch < VARIANTS[v][1].get("min_patch", 0)]
+    if small:
+        parser.error(f"--patch {args.patch} is too small for {', '.join(small)} (five levels: 64 or more)")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     return args
 
 
 # ------------------------------------------------------------------------- building
+def variant_patch(label: str, patch: int) -> int:
+    """The cubic patch size of ``label`` at ``--patch patch``."""
+    scale = VARIANTS[label][1].get("patch_scale", 1)
+    return patch if scale == 1 else 16 * round(patch * scale / 16)
+
+
 def build(label: str, patch: int, total_steps: int = 10_000) -> Components:
     """The components of a variant on the CPU, with the same initial weights every time."""
-    _, overrides = VARIANTS[label]
+    overrides = {k: v for k, v in VARIANTS[label][1].items() if k not in NOT_SETTINGS}
     config = resolve_config("cpu-small", overrides={
-        **overrides, "preprocess.patch_size": [patch] * 3, "device": "cpu", "optim.amp": "off",
+        **overrides, "preprocess.patch_size": [variant_patch(label, patch)] * 3, "device": "cpu", "optim.amp": "off",
     })
     torch.manual_seed(config.seed)
     return build_components(config, total_steps, torch.device("cpu"))
@@ -224,11 +260,13 @@ def time_steps(args: argparse.Namespace, log) -> tuple[dict[str, dict], list[lis
     order_log: list[list[str]] = []
     for round_index in range(args.warmup + args.repeats):
         timed = round_index >= args.warmup
-        batch = make_batch(args.patch, args.batch, seed=round_index)
+        batches = {size: make_batch(size, args.batch, seed=round_index)
+                   for size in {variant_patch(label, args.patch) for label in labels}}
         shift = round_index % len(labels)
         order = labels[shift:] + labels[:shift]
         seconds = {}
         for label in order:
+            batch = batches[variant_patch(label, args.patch)]
             start = time.perf_counter()
             steppers[label](batch)
             seconds[label] = time.perf_counter() - start
@@ -255,7 +293,7 @@ def measure_memory_here(args: argparse.Namespace) -> dict:
     had grown larger reports the parent's peak (every variant read 577 MiB that way).
     """
     stepper = Stepper(build(args.one, args.patch))
-    batch = make_batch(args.patch, args.batch, seed=0)
+    batch = make_batch(variant_patch(args.one, args.patch), args.batch, seed=0)
     reset = reset_peak_memory()
     before = memory_kib("VmRSS")
     if before is None:
@@ -330,7 +368,19 @@ def markdown(payload: dict) -> str:
         "(with the interpreter, torch, MONAI, weights and batch)."
     )
     lines += ["", note]
+    budget = [row for row in payload["rows"] if row.get("screen_epochs")]
+    if budget:
+        lines += ["", f"Screen budget (issue 24, 2c): epochs in the wall time of {SCREEN_EPOCHS} epochs of "
+                      f"{SCREEN_REFERENCE}, from the paired ratios: "
+                  + ", ".join(f"{row['variant']} {row['screen_epochs']}" for row in budget) + "."]
     return "\n".join(lines) + "\n"
+
+
+def screen_epochs(measured: dict[str, dict], label: str) -> int | None:
+    """``label``'s epochs at the screen's equal wall time (``None`` outside the screen, or
+    without its reference in the run)."""
+    ratio = paired_ratio(measured, label, SCREEN_REFERENCE) if label in SCREEN else None
+    return round(SCREEN_EPOCHS / ratio["median"]) if ratio else None
 
 
 def _load(values: Sequence[float]) -> str:
@@ -360,10 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for label in args.variants:
         row = {"variant": label, "description": VARIANTS[label][0], "overrides": VARIANTS[label][1],
+               "patch": variant_patch(label, args.patch),
                **measured[label], "median_step_s": statistics.median(measured[label]["step_s"]),
                "ratio_vs_baseline": paired_ratio(measured, label, BASELINE),
                "ratio_vs_early_fusion": paired_ratio(measured, label, EARLY_FUSION),
-               "memory": memory.get(label)}
+               "screen_epochs": screen_epochs(measured, label), "memory": memory.get(label)}
         rows.append(row)
     payload = {
         **provenance("monai"),
