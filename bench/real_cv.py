@@ -35,6 +35,14 @@ from those weights (``--init``), with the same real-data budget as every other r
     python bench/real_cv.py --data ../shared/data/real --out runs/real_cv_paired
     python bench/real_cv.py --data ../shared/data/real --rows ef-dropout-init,ef --seeds 2
     python bench/real_cv.py --data ../shared/data/real --table-only
+
+The candidate screen (issue 24, 2c): the ``screen-*`` rows (C1-C4 for four branches and early
+fusion) trained on each outer fold's training cases only (``OUT/split-inner.json``: split again
+by source, its first fold), each for its epochs at equal wall time from a side-by-side timing:
+
+    python bench/training_speed.py --patch 64 --variants screen-slots-c1,...,screen-ef-c4 \
+        --out bench/results/training_speed_screen.json
+    python bench/real_cv.py --data ../shared/data/real --screen
 """
 
 from __future__ import annotations
@@ -145,6 +153,28 @@ ROWS: dict[str, Row] = {
                               PRETRAINED, init="hemis"),
 }
 #: the rows of the protocol now; the shipped recipe is the reference of the paired columns
+#: issue 24's candidate screen (2c), declared before any run: C1 today's widths, C2 twice as
+#: wide, C3 one level deeper, C4 C1 on 96^3 patches; each for the four-branch network (slot
+#: fusion, sequence dropout, joint training without the heads: the same network at its cost)
+#: and for early fusion (compare derives its widths from the same ``network.overrides``).
+#: bench/training_speed.py's ``screen-*`` variants are the same networks (a test checks it).
+CANDIDATES: dict[str, tuple[tuple[str, object], ...]] = {
+    "c1": (),
+    "c2": (("network.overrides", {"channels": [16, 32, 64, 128], "head_channels": 16}),),
+    "c3": (("network.overrides", {"channels": [8, 16, 32, 64, 128], "strides": [2, 2, 2, 2, 2]}),),
+    "c4": (("preprocess.patch_size", [96, 96, 96]),),
+}
+SCREEN_ROWS = {
+    **{f"screen-slots-{c}": Row(f"{c.upper()}: 4 branches, slots, dropout, no heads", "modality_dropout", "slots",
+                                ablation=(("network.heads", False), *settings), ablation_name=f"screen-{c}")
+       for c, settings in CANDIDATES.items()},
+    **{f"screen-ef-{c}": Row(f"{c.upper()}: early fusion, dropout", "early_fusion_dropout", "mean",
+                             ablation=(("network.heads", False), *settings), ablation_name=f"screen-{c}")
+       for c, settings in CANDIDATES.items()},
+}
+ROWS.update(SCREEN_ROWS)
+#: the screen's split: each outer fold's training cases only, split again by source
+INNER_SPLIT = "split-inner.json"
 DEFAULT_ROWS = ("ef-dropout-init", "ef", "ef-dropout")
 REFERENCE = "ef-dropout-init"
 #: a fixed budget: every run's last checkpoint is scored (no selection on a single validation case)
@@ -244,6 +274,49 @@ def with_partial(split: dict, partial: Sequence[str]) -> dict:
     return {**split, "scheme": split["scheme"] + ", plus the cases that lack sequences in training", "folds": folds}
 
 
+def inner_split(split: dict, folds: int = 3) -> dict:
+    """The candidate screen's split: inner fold k holds outer fold k's training (and watched)
+    cases only, split by source as the protocol splits (its first inner fold): no outer test
+    case is trained on, watched or scored."""
+    inner = []
+    for fold in split["folds"]:
+        inner.append(source_folds(fold["val"] + fold["train"], folds)["folds"][0])
+    return {"seed": 0, "scheme": f"inner split of each outer fold's training cases ({folds} folds by source, the first)",
+            "folds": inner}
+
+
+def screen_epochs(budget: Path) -> dict[str, int]:
+    """``{screen row: epochs}`` at equal wall time, from a bench/training_speed.py JSON that timed the
+    ``screen-*`` variants side by side."""
+    if not budget.is_file():
+        raise SystemExit(f"error: {budget}: no such file (run bench/training_speed.py --patch 64 --variants "
+                         f"{','.join(SCREEN_ROWS)} --out {budget})")
+    rows = json.loads(budget.read_text())["rows"]
+    epochs = {row["variant"]: row.get("screen_epochs") for row in rows}
+    missing = sorted(key for key in SCREEN_ROWS if not epochs.get(key))
+    if missing:
+        raise SystemExit(f"error: {budget}: no equal-time epochs for {', '.join(missing)} "
+                         f"(run bench/training_speed.py --patch 64 --variants {','.join(SCREEN_ROWS)})")
+    return {key: epochs[key] for key in SCREEN_ROWS}
+
+
+def screen_lines(runs: list[dict], row_epochs: dict[str, int] | None) -> str:
+    """The screen's outcome: per network, the candidate with the highest mean Dice (the three
+    regions, over its inner test cases of every fold), and each row's epochs."""
+    import statistics
+
+    lines = ["", "Screen (inner test cases only; the outer test cases were never seen):"]
+    for net in ("slots", "ef"):
+        means = {key: statistics.fmean(r["test_dice/mean"] for r in runs if r["method"] == key)
+                 for key in SCREEN_ROWS if key.startswith(f"screen-{net}-") and any(r["method"] == key for r in runs)}
+        if means:
+            best = max(means, key=means.get)
+            lines.append(f"- {net}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) + f"; chosen: **{best}**")
+    if row_epochs:
+        lines.append("- epochs at equal wall time: " + ", ".join(f"{k} {v}" for k, v in row_epochs.items()))
+    return "\n".join(lines) + "\n"
+
+
 def link_cases(cases: Sequence[Case], folder: Path) -> Path:
     """``folder/<case id>/<file>``: a link to each file of ``cases``, so that cases from several
     folders are one data folder for training and evaluation (links already there are kept)."""
@@ -300,12 +373,15 @@ def prepare(folders: Sequence[Path], out: Path, folds: int) -> tuple[Path, list[
 
 
 def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None, seeds: int = 1,
-             settings: dict | None = None, kept: Path | None = None) -> None:
+             settings: dict | None = None, kept: Path | None = None, split_name: str = "split.json",
+             row_epochs: dict[str, int] | None = None) -> None:
     """Train (or reuse) every row x fold x seed at a fixed budget, and score it on its test fold;
-    a row x fold whose every seed is already kept in ``kept`` (committed) is not trained again."""
+    a row x fold whose every seed is already kept in ``kept`` (committed) is not trained again.
+    ``split_name``: the split file under ``out`` (the screen's inner split); ``row_epochs``: a
+    row's own epochs (the screen's equal wall time) over ``epochs``."""
     from brats_cggm.compare import compare
 
-    split_file = out / "split.json"
+    split_file = out / split_name
     for key in rows:  # row by row over the folds: each finished row is complete
         row = ROWS[key]
         for fold in range(folds):
@@ -322,8 +398,8 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
             row_data, row_split = (data.parent / "cases-partial", out / "split-partial.json") if row.partial \
                 else (data, split_file)
             compare(row_data, [row.method], seeds, out / row.group / f"fold{fold}", preset=PRESET,
-                    settings=fold_settings(row_split, fold, row, out, epochs, settings), subsets=True,
-                    checkpoint=CHECKPOINT)
+                    settings=fold_settings(row_split, fold, row, out, (row_epochs or {}).get(key, epochs), settings),
+                    subsets=True, checkpoint=CHECKPOINT)
 
 
 def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path) -> None:
@@ -500,8 +576,8 @@ def table_markdown(table: list[dict], runs: list[dict], folds: int, cases: Seque
 
 
 def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str,
-                reference: str, cases: Sequence[str]) -> str:
-    """real_cv.md|csv|json|png: per row, mean ± std over the runs done and the paired per-case
+                reference: str, cases: Sequence[str], name: str = "real_cv") -> str:
+    """NAME.md|csv|json|png: per row, mean ± std over the runs done and the paired per-case
     difference to the ``reference`` row."""
     from brats_cggm.compare import aggregate, flat_paired, paired_rows, plot, plot_paired
     from multimodal_general.experiments.harness import results_csv
@@ -513,16 +589,16 @@ def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path
     paired = paired_rows(runs, done, reference)
     markdown = table_markdown(table, runs, folds, cases, command, paired, reference)
     results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results / "real_cv.md", markdown)
-    atomic_write_text(results / "real_cv.csv", results_csv([{**r, **flat_paired(paired.get(r["method"], {}))}
+    atomic_write_text(results / f"{name}.md", markdown)
+    atomic_write_text(results / f"{name}.csv", results_csv([{**r, **flat_paired(paired.get(r["method"], {}))}
                                                             for r in table]))
-    atomic_write_text(results / "real_cv.json", json.dumps(
+    atomic_write_text(results / f"{name}.json", json.dumps(
         json_safe({"command": command, "provenance": provenance("torch", "monai"), "checkpoint": CHECKPOINT,
                    "cases": list(cases), "reference": reference, "rows": table, "paired": paired, "runs": runs}),
         indent=1, default=str) + "\n")
-    plot(results / "real_cv.png", table, unit="runs")
+    plot(results / f"{name}.png", table, unit="runs")
     if paired:
-        plot_paired(results / "real_cv_paired.png", paired, reference, lambda key: ROWS[key].label)
+        plot_paired(results / f"{name}_paired.png", paired, reference, lambda key: ROWS[key].label)
     return markdown
 
 
@@ -578,28 +654,49 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="write the table from the runs that are done")
     parser.add_argument("--card", metavar="ROW", help="also write RESULTS/real_cv_card.json, the row's figures for a "
                         "model card (brats-cggm export --evaluation)")
+    parser.add_argument("--screen", action="store_true",
+                        help="issue 24's candidate screen: the screen-* rows on each outer fold's training cases "
+                             "only (OUT/split-inner.json), at equal wall time (--budget); RESULTS/real_cv_screen.*")
+    parser.add_argument("--budget", type=Path, default=Path("bench/results/training_speed_screen.json"),
+                        help="bench/training_speed.py's JSON of the screen-* variants: each row's epochs")
     args = parser.parse_args()
+    if args.screen:
+        args.rows = args.rows if args.rows != ",".join(DEFAULT_ROWS) else ",".join(SCREEN_ROWS)
+        args.reference = args.reference if args.reference != REFERENCE else "screen-slots-c1"
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
     if args.reference not in rows:
         parser.error(f"--reference {args.reference} is not one of the rows ({', '.join(rows)})")
+    if any((key in SCREEN_ROWS) != args.screen for key in rows):
+        parser.error("the screen-* rows run with --screen, and --screen runs only them")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         raise SystemExit(f"error: {missing[0]}: no such folder of BraTS cases")
     data, cases = prepare(args.data, args.out, args.folds)
+    name, split_name, row_epochs = "real_cv", "split.json", None
+    if args.screen:
+        name, split_name = "real_cv_screen", INNER_SPLIT
+        save_split(inner_split(json.loads((args.out / "split.json").read_text())), args.out / INNER_SPLIT)
+        row_epochs = None if args.epochs or args.table_only else screen_epochs(args.budget)
+    kept = args.results / f"{name}_runs"
     if not args.table_only:
         for key in rows:  # each row is scored and kept as soon as it is trained
             run_rows(data, args.out, [key], args.folds, args.epochs, args.seeds, parse_settings(args.settings),
-                     args.results / "real_cv_runs")
-            collect(args.out, [key], args.folds, args.results / "real_cv_runs", args.seeds)
+                     kept, split_name, row_epochs)
+            collect(args.out, [key], args.folds, kept, args.seeds)
     command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
+               + (f" --screen --budget {args.budget}" if args.screen else "")
                + "".join(f" --set {item}" for item in args.settings))
-    runs = collect(args.out, rows, args.folds, args.results / "real_cv_runs", args.seeds)
-    print(write_table(runs, rows, args.folds, args.results, command, args.reference, cases))
+    runs = collect(args.out, rows, args.folds, kept, args.seeds)
+    markdown = write_table(runs, rows, args.folds, args.results, command, args.reference, cases, name)
+    if args.screen:
+        markdown += screen_lines(runs, row_epochs)
+        atomic_write_text(args.results / f"{name}.md", markdown)
+    print(markdown)
     if args.card:
         card = card_summary(args.out, args.card, args.folds, command)
         atomic_write_text(args.results / "real_cv_card.json", json.dumps(card, indent=1) + "\n")

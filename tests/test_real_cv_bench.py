@@ -206,3 +206,63 @@ def test_a_partial_row_reuses_the_run_of_a_fold_that_gains_no_partial_case(tmp_p
         reused = real_cv.reused_fold(tmp_path, "slots-dropout-partial", fold, 1, kept)
         assert (reused is not None) == (fold in tested_2013), fold
     assert real_cv.reused_fold(tmp_path, "slots-dropout-partial", tested_2013[0], 2, kept) is None  # seed 1 not kept
+
+
+# ------------------------------------------------------------------ the candidate screen (issue 24, 2c)
+def test_the_screen_splits_each_outer_fold_s_training_cases_only():
+    outer = real_cv.source_folds(CASES, 3)
+    inner = real_cv.inner_split(outer)
+    for fold, screen in zip(outer["folds"], inner["folds"]):
+        seen = set(screen["train"]) | set(screen["val"]) | set(screen["test"])
+        assert seen == set(fold["train"]) | set(fold["val"])  # every outer training case, and no outer test case
+        assert screen["test"] and screen["train"]
+        sources = {real_cv.source_of(c) for c in screen["test"]}
+        assert not sources & {real_cv.source_of(c) for c in screen["train"] + screen["val"]}
+
+
+def test_the_screen_rows_are_the_speed_benchmark_s_candidates():
+    """The networks and patches real_cv trains (through compare's method overrides) are those
+    bench/training_speed.py times for the budget."""
+    from brats_cggm.compare import method_overrides
+    from brats_cggm.training.components import network_from_config
+    from brats_cggm.training.config import resolve_config
+
+    spec = importlib.util.spec_from_file_location("training_speed", REPO / "bench" / "training_speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    assert list(real_cv.SCREEN_ROWS) == list(speed.SCREEN)
+    for key, row in real_cv.SCREEN_ROWS.items():
+        shared = {"network.fusion": row.fusion, **dict(row.ablation)}
+        config = resolve_config("cpu-real", None, method_overrides(row.method, shared, "cpu-real"))
+        net, timed = network_from_config(config.network), speed.build(key, 64)
+        assert type(net) is type(timed.net) and net.channels == timed.net.channels, key
+        assert net.strides == timed.net.strides and not config.network.heads, key
+        assert list(config.preprocessing.patch_size) == [speed.variant_patch(key, 64)] * 3, key
+        assert config.network.sequence_dropout == 0.25 and config.balancer.name == "none", key
+
+
+def test_the_screen_trains_each_row_on_the_inner_split_for_its_equal_time_epochs(tmp_path, monkeypatch):
+    import brats_cggm.compare
+
+    split = real_cv.source_folds(CASES, 3)
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    (tmp_path / real_cv.INNER_SPLIT).write_text(json.dumps(real_cv.inner_split(split)))
+    calls = []
+    monkeypatch.setattr(brats_cggm.compare, "compare",
+                        lambda data, methods, seeds, out, **options: calls.append((methods, out, options["settings"])))
+    rows, epochs = ["screen-slots-c2", "screen-ef-c4"], {"screen-slots-c2": 40, "screen-ef-c4": 120}
+    real_cv.run_rows(tmp_path / "cases", tmp_path, rows, 3, None, split_name=real_cv.INNER_SPLIT, row_epochs=epochs)
+    assert [(methods, out.relative_to(tmp_path).as_posix()) for methods, out, _ in calls] == [
+        (["modality_dropout"], f"slots-screen-c2/fold{k}") for k in range(3)] + [
+        (["early_fusion_dropout"], f"mean-screen-c4/fold{k}") for k in range(3)]
+    for (methods, _, settings), key in zip(calls, [r for r in rows for _ in range(3)]):
+        assert settings["data.split"] == str((tmp_path / real_cv.INNER_SPLIT).resolve())
+        assert settings["optim.epochs"] == epochs[key] and settings["network.heads"] is False
+
+    budget = tmp_path / "speed.json"
+    budget.write_text(json.dumps({"rows": [{"variant": k, "screen_epochs": 100 + i}
+                                           for i, k in enumerate(real_cv.SCREEN_ROWS)]}))
+    assert real_cv.screen_epochs(budget)["screen-ef-c4"] == 107
+    budget.write_text(json.dumps({"rows": [{"variant": "screen-slots-c1", "screen_epochs": 150}]}))
+    with pytest.raises(SystemExit, match="no equal-time epochs for screen-ef-c1"):
+        real_cv.screen_epochs(budget)
