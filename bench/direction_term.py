@@ -115,11 +115,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     lines = [f"```\npython bench/direction_term.py {' '.join(map(str, args.runs))} --batches {args.batches}\n```", ""]
+    from multimodal_general.errors import UserError
+
     for run_dir in args.runs:
         for fresh in (True, False):
-            label = f"{run_dir.name} ({run_dir.parents[1].name}): " + (
+            label = f"{run_dir.name} ({run_dir.resolve().parents[1].name}): " + (
                 "at initialisation (run's final B)" if fresh else f"checkpoint {args.checkpoint}")
-            lines += table(label, measure(run_dir, args.checkpoint, args.batches, fresh))
+            try:
+                rows = measure(run_dir, args.checkpoint, args.batches, fresh)
+            except UserError as error:
+                raise SystemExit(f"error: {error}") from None
+            lines += table(label, rows)
     text = "\n".join(lines)
     print(text)
     if args.out:
