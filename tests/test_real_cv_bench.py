@@ -172,6 +172,12 @@ def test_a_tiny_protocol_run_keeps_per_case_rows_pairs_rows_and_resumes(tmp_path
     assert card["dice"]["WT"] == pytest.approx(sum(dice) / 4, abs=1e-4)
     assert card["estimate"]["dice/WT"]["low"] <= card["dice"]["WT"] <= card["estimate"]["dice/WT"]["high"]
     check_inference_choices(out, results, card)
+    # the screen scores its rows without the subsets: the table holds dashes there
+    from brats_cggm.compare import SUBSET_KEYS
+
+    bare = [{k: v for k, v in r.items() if k not in SUBSET_KEYS and k != "worst_subset"} for r in runs]
+    screen_table = real_cv.write_table(bare, rows, 2, tmp_path / "screen", "cmd", "ef", cases, "real_cv_screen")
+    assert "Worst subset of each run: not scored." in screen_table and (tmp_path / "screen" / "real_cv_screen.md").exists()
     shutil.rmtree(out)  # another machine: the table again from the kept files alone
     assert real_cv.collect(out, rows, 2, results / "real_cv_runs") == json.loads(json.dumps(runs))
 
@@ -249,9 +255,11 @@ def test_the_screen_trains_each_row_on_the_inner_split_for_its_equal_time_epochs
     (tmp_path / real_cv.INNER_SPLIT).write_text(json.dumps(real_cv.inner_split(split)))
     calls = []
     monkeypatch.setattr(brats_cggm.compare, "compare",
-                        lambda data, methods, seeds, out, **options: calls.append((methods, out, options["settings"])))
+                        lambda data, methods, seeds, out, **options: calls.append((methods, out, options["settings"]))
+                        if not options["subsets"] else pytest.fail("the screen scores no subsets"))
     rows, epochs = ["screen-slots-c2", "screen-ef-c4"], {"screen-slots-c2": 40, "screen-ef-c4": 120}
-    real_cv.run_rows(tmp_path / "cases", tmp_path, rows, 3, None, split_name=real_cv.INNER_SPLIT, row_epochs=epochs)
+    real_cv.run_rows(tmp_path / "cases", tmp_path, rows, 3, None, split_name=real_cv.INNER_SPLIT, row_epochs=epochs,
+                     subsets=False)
     assert [(methods, out.relative_to(tmp_path).as_posix()) for methods, out, _ in calls] == [
         (["modality_dropout"], f"slots-screen-c2/fold{k}") for k in range(3)] + [
         (["early_fusion_dropout"], f"mean-screen-c4/fold{k}") for k in range(3)]
