@@ -231,9 +231,13 @@ def score_run(run_dir: Path, method: str, seed: int, test_data: Path | None, dev
     validated = [r for r in rows if "val_dice/mean" in r]
     scored = (next(r for r in rows if r["epoch"] == summary["best_epoch"]) if checkpoint == "best" else validated[-1])
     test_dice = {r: test["metrics"][f"dice/{r}"]["mean"] for r in REGIONS}
+    cases = read_cases(evaluated.with_name("cases.csv"))
+    if subsets and evaluated.with_name("subsets.csv").exists():
+        per_case = case_subset_means(evaluated.with_name("subsets.csv"))
+        cases = [{**row, **per_case.get(row["case_id"], {})} for row in cases]
     return {
         "method": method, "seed": seed, "best_epoch": summary["best_epoch"], "checkpoint": checkpoint,
-        "test_cases": test["cases"], "cases": read_cases(evaluated.with_name("cases.csv")),
+        "test_cases": test["cases"], "cases": cases,
         **{f"test_dice/{r}": value for r, value in test_dice.items()},
         "test_dice/mean": statistics.fmean(test_dice.values()),
         **{f"test_hd95/{r}": test["metrics"][f"hd95/{r}"]["mean"] for r in REGIONS},
@@ -256,6 +260,23 @@ def read_cases(path: Path) -> list[dict[str, Any]]:
     (NaN where a cell is empty)."""
     with path.open(newline="") as handle:
         return [{k: v if k == "case_id" else float(v or "nan") for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def case_subset_means(path: Path) -> dict[str, dict[str, float]]:
+    """Per case of an evaluation's ``subsets.csv``: its Dice per region averaged over the subsets
+    (``subsets_dice/<region>``) and the mean of the three (``subsets_dice/mean``), so that the
+    15-subset average can be paired case by case like any per-case metric."""
+    by_case: dict[str, list[dict[str, float]]] = {}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            by_case.setdefault(row["case_id"], []).append({f"dice/{r}": float(row[f"dice/{r}"] or "nan") for r in REGIONS})
+    means = {}
+    for case_id, rows in by_case.items():
+        finite = {r: [row[f"dice/{r}"] for row in rows if math.isfinite(row[f"dice/{r}"])] for r in REGIONS}
+        region = {r: statistics.fmean(values) if values else math.nan for r, values in finite.items()}
+        means[case_id] = {**{f"subsets_dice/{r}": v for r, v in region.items()},
+                          "subsets_dice/mean": statistics.fmean(region.values())}
+    return means
 
 
 #: the 15-subset columns of a run scored with ``subsets``

@@ -165,6 +165,25 @@ def test_scoring_with_subsets_adds_their_average_and_the_worst_one(comparison):
     rows = aggregate([run], ["early_fusion"])
     assert all(key in rows[0] for key in SUBSET_KEYS)
     assert "15-subset WT" in markdown(rows, "cmd", root / "test")
+    # each case carries its own 15-subset average, to be paired case by case
+    for case in run["cases"]:
+        assert 0 <= case["subsets_dice/mean"] <= 1
+    mean_of_cases = sum(case["subsets_dice/WT"] for case in run["cases"]) / len(run["cases"])
+    assert mean_of_cases == pytest.approx(run["subsets_dice/WT"], abs=1e-6)
+
+
+def test_each_case_s_subset_average_is_over_its_subsets_and_its_finite_scores(tmp_path):
+    from brats_cggm.compare import case_subset_means
+
+    table = tmp_path / "subsets.csv"
+    table.write_text("case_id,subset,dice/TC,dice/WT,dice/ET\n"
+                     "a,flair,0.2,0.6,\n"  # no ET score for this subset
+                     "a,t1,0.4,0.8,0.3\n"
+                     "b,flair,1.0,1.0,1.0\n")
+    means = case_subset_means(table)
+    assert means["a"] == pytest.approx({"subsets_dice/TC": 0.3, "subsets_dice/WT": 0.7, "subsets_dice/ET": 0.3,
+                                        "subsets_dice/mean": (0.3 + 0.7 + 0.3) / 3})
+    assert means["b"]["subsets_dice/mean"] == 1.0
 
 
 def test_early_fusion_with_sequence_dropout_is_a_method_of_its_own():
