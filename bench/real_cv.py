@@ -153,7 +153,6 @@ ROWS: dict[str, Row] = {
     "phantom-calibrated": Row("calibrated phantoms only, 4 branches, cpu-real recipe (no real training)",
                               PRETRAINED, init="hemis"),
 }
-#: the rows of the protocol now; the shipped recipe is the reference of the paired columns
 #: issue 24's candidate screen (2c), declared before any run: C1 today's widths, C2 twice as
 #: wide, C3 one level deeper, C4 C1 on 96^3 patches; each for the four-branch network (slot
 #: fusion, sequence dropout, joint training without the heads: the same network at its cost)
@@ -176,6 +175,7 @@ SCREEN_ROWS = {
 ROWS.update(SCREEN_ROWS)
 #: the screen's split: each outer fold's training cases only, split again by source
 INNER_SPLIT = "split-inner.json"
+#: the rows of the protocol now; the shipped recipe is the reference of the paired columns
 DEFAULT_ROWS = ("ef-dropout-init", "ef", "ef-dropout")
 REFERENCE = "ef-dropout-init"
 #: a fixed budget: every run's last checkpoint is scored (no selection on a single validation case)
@@ -301,18 +301,25 @@ def screen_epochs(budget: Path) -> dict[str, int]:
     return {key: epochs[key] for key in SCREEN_ROWS}
 
 
-def screen_lines(runs: list[dict], row_epochs: dict[str, int] | None) -> str:
-    """The screen's outcome: per network, the candidate with the highest mean Dice (the three
-    regions, over its inner test cases of every fold), and each row's epochs."""
+def screen_lines(runs: list[dict], row_epochs: dict[str, int] | None, folds: int = 3) -> str:
+    """The screen's outcome: per network, each candidate's mean Dice (the three regions, over
+    its inner test cases of every fold) and, once every candidate has all ``folds``, the one
+    with the highest; each row's epochs."""
     import statistics
 
     lines = ["", "Screen (inner test cases only; the outer test cases were never seen):"]
     for net in ("slots", "ef"):
-        means = {key: statistics.fmean(r["test_dice/mean"] for r in runs if r["method"] == key)
-                 for key in SCREEN_ROWS if key.startswith(f"screen-{net}-") and any(r["method"] == key for r in runs)}
-        if means:
-            best = max(means, key=means.get)
-            lines.append(f"- {net}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) + f"; chosen: **{best}**")
+        keys = [key for key in SCREEN_ROWS if key.startswith(f"screen-{net}-")]
+        done = {key: [r for r in runs if r["method"] == key] for key in keys}
+        means = {key: statistics.fmean(statistics.fmean(case[f"dice/{g}"] for g in ("TC", "WT", "ET"))
+                                       for r in mine for case in r["cases"])
+                 for key, mine in done.items() if mine}
+        if not means:
+            continue
+        complete = all(len({r["fold"] for r in mine}) == folds for mine in done.values())
+        verdict = f"chosen: **{max(means, key=means.get)}**" if complete else "not every candidate has all folds yet"
+        lines.append(f"- {net}: " + ", ".join(f"{k} {v:.3f} ({len(done[k])} folds)" for k, v in means.items())
+                     + f"; {verdict}")
     if row_epochs:
         lines.append("- epochs at equal wall time: " + ", ".join(f"{k} {v}" for k, v in row_epochs.items()))
     return "\n".join(lines) + "\n"

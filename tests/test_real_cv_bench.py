@@ -274,3 +274,16 @@ def test_the_screen_trains_each_row_on_the_inner_split_for_its_equal_time_epochs
     budget.write_text(json.dumps({"rows": [{"variant": "screen-slots-c1", "screen_epochs": 150}]}))
     with pytest.raises(SystemExit, match="no equal-time epochs for screen-ef-c1"):
         real_cv.screen_epochs(budget)
+
+
+def test_the_screen_chooses_a_candidate_only_once_every_candidate_has_every_fold():
+    def run(key, fold, dice):
+        return {"method": key, "fold": fold, "cases": [{"dice/TC": dice, "dice/WT": dice, "dice/ET": dice}]}
+
+    runs = [run("screen-slots-c1", f, 0.5) for f in range(3)] + [run("screen-slots-c2", 0, 0.9)]
+    assert "not every candidate has all folds yet" in real_cv.screen_lines(runs, None)
+    runs += [run(f"screen-slots-c{c}", f, 0.1 * c) for c in (2, 3, 4) for f in range(3) if (c, f) != (2, 0)]
+    lines = real_cv.screen_lines(runs, {"screen-slots-c1": 150})
+    # c2: (0.9 + 0.2 + 0.2) / 3 over its cases; c1 0.5 is the highest
+    assert "screen-slots-c2 0.433 (3 folds)" in lines and "chosen: **screen-slots-c1**" in lines
+    assert "- ef:" not in lines and "screen-slots-c1 150" in lines
