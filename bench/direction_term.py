@@ -38,8 +38,10 @@ def parts_of(net: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
 
 def measure(run_dir: Path, checkpoint: str, batches: int, fresh: bool, seed: int = 0,
             lam: float | None = None) -> list[dict]:
-    """Per part: task and direction gradient norms (summed over ``batches`` batches of the
-    run's batch size, each its own gradient) and their cosine; ``lam`` replaces the run's."""
+    """Per part: the norms of the task's and the direction term's gradients and their cosine,
+    over ``batches`` training batches as the run drew them (``optim.batch_size`` cases, each
+    its ``num_samples`` patches): each batch its own gradient, the batches' gradients taken
+    together as one vector. ``lam`` replaces the run's."""
     from monai.utils import set_determinism
 
     from brats_cggm.data.layouts import discover
@@ -71,7 +73,7 @@ def measure(run_dir: Path, checkpoint: str, batches: int, fresh: bool, seed: int
     generator = torch.Generator().manual_seed(seed)
     for _ in range(batches):
         picks = torch.randperm(len(cases), generator=generator)[:size].tolist()
-        samples = [chain(case_to_dict(cases[i]))[0] for i in picks]
+        samples = [patch for i in picks for patch in chain(case_to_dict(cases[i]))]
         image = torch.stack([torch.as_tensor(s["image"]) for s in samples]).float()
         label = torch.stack([torch.as_tensor(s["label"]) for s in samples]).float()
         output, features = model(image)
