@@ -451,8 +451,9 @@ def collect(out: Path, rows: Sequence[str], folds: int, kept: Path, seeds: int =
         if row.fusion is None and seed == 0 and scored_model.exists():
             run = json.loads(scored_model.read_text())
         elif row.fusion is not None and (run_dir / "summary.json").exists():
-            run = {**score_run(run_dir, row.method, seed, None, "cpu", print, True, CHECKPOINT),
-                   **telemetry_means(run_dir), **fit_check(run_dir)}
+            screen = key in SCREEN_ROWS  # scored with all sequences only, and no fit check
+            run = {**score_run(run_dir, row.method, seed, None, "cpu", print, not screen, CHECKPOINT),
+                   **telemetry_means(run_dir), **({} if screen else fit_check(run_dir))}
         elif kept_file.exists():
             runs.append(json.loads(kept_file.read_text()))
             continue

@@ -287,3 +287,20 @@ def test_the_screen_chooses_a_candidate_only_once_every_candidate_has_every_fold
     # c2: (0.9 + 0.2 + 0.2) / 3 over its cases; c1 0.5 is the highest
     assert "screen-slots-c2 0.433 (3 folds)" in lines and "chosen: **screen-slots-c1**" in lines
     assert "- ef:" not in lines and "screen-slots-c1 150" in lines
+
+
+def test_a_screen_run_is_scored_with_all_sequences_only_and_without_a_fit_check(tmp_path, monkeypatch):
+    import brats_cggm.compare
+
+    row = real_cv.ROWS["screen-ef-c2"]
+    run_dir = tmp_path / row.group / "fold0" / "runs" / f"{row.method}-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "telemetry.csv").write_text("step,epoch,loss\n1,1,0.5\n")  # joint training: no CGGM columns
+    asked = []
+    monkeypatch.setattr(brats_cggm.compare, "score_run", lambda run, method, seed, test, device, report, subsets, ckpt:
+                        asked.append(subsets) or {"method": method, "cases": []})
+    monkeypatch.setattr(real_cv, "fit_check", lambda run: pytest.fail("the screen has no fit check"))
+    runs = real_cv.collect(tmp_path, ["screen-ef-c2"], 1, tmp_path / "kept")
+    assert asked == [False] and [r["method"] for r in runs] == ["screen-ef-c2"]
+    assert (tmp_path / "kept" / "screen-ef-c2-fold0-seed0.json").exists()
