@@ -42,8 +42,10 @@ SPLITS = ("val", "test", "train", "all")
 
 
 def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, split: str) -> list[Case]:
-    """``val``: the run's validation cases; ``test``: cases of the folder the run's split
-    does not name (never seen in training or model selection); ``train``: the cases it trained
+    """``val``: the run's validation cases; ``test``: the fold's ``test`` cases when its split
+    names them (a nested split's inner test cases: the folder may hold cases kept for later),
+    else the cases of the folder the run's split does not name (never seen in training or model
+    selection); ``train``: the cases it trained
     on (a fit check: a network that cannot segment those has a problem no other case will
     hide); ``all``: every case."""
     folder = data_dir or (Path(config.data.dir) if config.data.dir else None)
@@ -54,7 +56,7 @@ def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, spli
     used = set(fold["train"]) | set(fold["val"])
     chosen = {
         "val": [c for c in cases if c.case_id in set(fold["val"])],
-        "test": [c for c in cases if c.case_id not in used],
+        "test": [c for c in cases if (c.case_id in set(fold["test"]) if "test" in fold else c.case_id not in used)],
         "train": [c for c in cases if c.case_id in set(fold["train"])],
         "all": cases,
     }[split]

@@ -686,6 +686,20 @@ def test_evaluate_test_split_without_held_out_cases_is_an_error(cli_run, capsys)
     assert not (cli_run.run / "evaluation" / "test").exists()
 
 
+def test_evaluate_test_split_is_the_test_cases_a_split_names_else_every_unnamed_case(phantoms, tmp_path):
+    """A nested split (the candidate screen's inner folds) names its test cases: the folder's
+    other cases (the outer test fold) are not scored; a split without test cases scores every
+    case it does not name."""
+    from brats_cggm.evaluation import choose_cases
+
+    ids = sorted(c.case_id for c in discover(phantoms).cases)
+    config = tiny_config(phantoms)
+    for fold, expected in (({"train": ids[:2], "val": ids[2:3], "test": ids[3:4]}, ids[3:4]),
+                           ({"train": ids[:2], "val": ids[2:3]}, ids[3:])):
+        (tmp_path / "split.json").write_text(json.dumps({"seed": 0, "folds": [fold]}))
+        assert [c.case_id for c in choose_cases(tmp_path, config, None, "test")] == expected
+
+
 # --------------------------------------------------------------- 5. SIGKILL
 @pytest.mark.slow  # 40-70 s; the in-process resume tests above cover the same checkpoints cheaply
 def test_sigkill_then_resume_equals_an_uninterrupted_run(phantoms, tmp_path):
