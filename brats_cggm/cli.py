@@ -396,8 +396,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(
         help="where a model's results go (default: evaluation/<model name>); a run's go to RUN/evaluation/<split>")] = None,
     split: Annotated[str | None, typer.Option(
-        help="a run's val (its validation cases, the default), test (cases it never saw), train (the cases it "
-             "trained on: a fit check) or all")] = None,
+        help="a run's val (its validation cases, the default), test (the test cases its split names, else every "
+             "case it never saw), train (the cases it trained on: a fit check) or all")] = None,
     checkpoint: Annotated[str, typer.Option(help="a run's best or last")] = "best",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     subsets: Annotated[bool, typer.Option(
