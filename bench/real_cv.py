@@ -381,18 +381,18 @@ def prepare(folders: Sequence[Path], out: Path, folds: int) -> tuple[Path, list[
 
 
 def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int | None, seeds: int = 1,
-             settings: dict | None = None, kept: Path | None = None, split_name: str = "split.json",
-             row_epochs: dict[str, int] | None = None, subsets: bool = True) -> None:
+             settings: dict | None = None, kept: Path | None = None,
+             row_epochs: dict[str, int] | None = None) -> None:
     """Train (or reuse) every row x fold x seed at a fixed budget, and score it on its test fold;
     a row x fold whose every seed is already kept in ``kept`` (committed) is not trained again.
-    ``split_name``: the split file under ``out`` (the screen's inner split); ``row_epochs``: a
-    row's own epochs (the screen's equal wall time) over ``epochs``; ``subsets`` false: the test
-    cases are scored with all their sequences only (the screen: 16 times fewer inferences)."""
+    ``row_epochs``: a row's own epochs (the screen's equal wall time) over ``epochs``. A screen
+    row trains on the inner split and is scored with all sequences only (16 times fewer
+    inferences)."""
     from brats_cggm.compare import compare
 
-    split_file = out / split_name
     for key in rows:  # row by row over the folds: each finished row is complete
-        row = ROWS[key]
+        row, screen = ROWS[key], key in SCREEN_ROWS
+        split_file = out / (INNER_SPLIT if screen else "split.json")
         for fold in range(folds):
             if kept is not None and all((kept / f"{key}-fold{fold}-seed{s}.json").exists() for s in range(seeds)):
                 continue
@@ -408,7 +408,7 @@ def run_rows(data: Path, out: Path, rows: Sequence[str], folds: int, epochs: int
                 else (data, split_file)
             compare(row_data, [row.method], seeds, out / row.group / f"fold{fold}", preset=PRESET,
                     settings=fold_settings(row_split, fold, row, out, (row_epochs or {}).get(key, epochs), settings),
-                    subsets=subsets, checkpoint=CHECKPOINT)
+                    subsets=not screen, checkpoint=CHECKPOINT)
 
 
 def score_model(model: Path, data: Path, split_file: Path, fold: int, out: Path) -> None:
@@ -657,8 +657,10 @@ def main() -> None:
                         help="folders of BraTS cases, or a parent of several (every labelled full case is used)")
     parser.add_argument("--out", type=Path, default=Path("runs/real_cv_paired"))
     parser.add_argument("--results", type=Path, default=Path("bench/results"))
-    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
-    parser.add_argument("--reference", default=REFERENCE, help="the row every other is compared to, case by case")
+    parser.add_argument("--rows", help=f"comma-separated, from {', '.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; "
+                        "with --screen every screen-* row)")
+    parser.add_argument("--reference", help=f"the row every other is compared to, case by case (default: {REFERENCE}; "
+                        "with --screen screen-slots-c1)")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row and fold (0, 1, ...)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the preset's)")
@@ -673,9 +675,8 @@ def main() -> None:
     parser.add_argument("--budget", type=Path, default=Path("bench/results/training_speed_screen.json"),
                         help="bench/training_speed.py's JSON of the screen-* variants: each row's epochs")
     args = parser.parse_args()
-    if args.screen:
-        args.rows = args.rows if args.rows != ",".join(DEFAULT_ROWS) else ",".join(SCREEN_ROWS)
-        args.reference = args.reference if args.reference != REFERENCE else "screen-slots-c1"
+    args.rows = args.rows or ",".join(SCREEN_ROWS if args.screen else DEFAULT_ROWS)
+    args.reference = args.reference or ("screen-slots-c1" if args.screen else REFERENCE)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
@@ -689,16 +690,16 @@ def main() -> None:
     if missing:
         raise SystemExit(f"error: {missing[0]}: no such folder of BraTS cases")
     data, cases = prepare(args.data, args.out, args.folds)
-    name, split_name, row_epochs = "real_cv", "split.json", None
+    name, row_epochs = "real_cv", None
     if args.screen:
-        name, split_name = "real_cv_screen", INNER_SPLIT
+        name = "real_cv_screen"
         save_split(inner_split(json.loads((args.out / "split.json").read_text())), args.out / INNER_SPLIT)
         row_epochs = None if args.epochs or args.table_only else screen_epochs(args.budget)
     kept = args.results / f"{name}_runs"
     if not args.table_only:
         for key in rows:  # each row is scored and kept as soon as it is trained
             run_rows(data, args.out, [key], args.folds, args.epochs, args.seeds, parse_settings(args.settings),
-                     kept, split_name, row_epochs, subsets=not args.screen)
+                     kept, row_epochs)
             collect(args.out, [key], args.folds, kept, args.seeds)
     command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")

@@ -53,13 +53,10 @@ def choose_cases(run_dir: Path, config: TrainConfig, data_dir: Path | None, spli
         raise ConfigurationError("no data folder: give --data DIR")
     cases = _discover(folder, config.data.layout if data_dir is None else None)
     fold = load_split(run_dir / "split.json")["folds"][config.data.fold]
-    used = set(fold["train"]) | set(fold["val"])
-    chosen = {
-        "val": [c for c in cases if c.case_id in set(fold["val"])],
-        "test": [c for c in cases if (c.case_id in set(fold["test"]) if "test" in fold else c.case_id not in used)],
-        "train": [c for c in cases if c.case_id in set(fold["train"])],
-        "all": cases,
-    }[split]
+    unnamed = {c.case_id for c in cases} - set(fold["train"]) - set(fold["val"])
+    wanted = {"val": set(fold["val"]), "test": set(fold["test"]) if "test" in fold else unnamed,
+              "train": set(fold["train"])}
+    chosen = cases if split == "all" else [c for c in cases if c.case_id in wanted[split]]
     return _labelled(chosen, folder, f"no {split} cases of this run in the folder")
 
 

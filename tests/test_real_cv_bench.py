@@ -258,8 +258,7 @@ def test_the_screen_trains_each_row_on_the_inner_split_for_its_equal_time_epochs
                         lambda data, methods, seeds, out, **options: calls.append((methods, out, options["settings"]))
                         if not options["subsets"] else pytest.fail("the screen scores no subsets"))
     rows, epochs = ["screen-slots-c2", "screen-ef-c4"], {"screen-slots-c2": 40, "screen-ef-c4": 120}
-    real_cv.run_rows(tmp_path / "cases", tmp_path, rows, 3, None, split_name=real_cv.INNER_SPLIT, row_epochs=epochs,
-                     subsets=False)
+    real_cv.run_rows(tmp_path / "cases", tmp_path, rows, 3, None, row_epochs=epochs)
     assert [(methods, out.relative_to(tmp_path).as_posix()) for methods, out, _ in calls] == [
         (["modality_dropout"], f"slots-screen-c2/fold{k}") for k in range(3)] + [
         (["early_fusion_dropout"], f"mean-screen-c4/fold{k}") for k in range(3)]
