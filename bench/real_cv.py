@@ -89,12 +89,22 @@ class Row:
     #: folder gets for them
     ablation: tuple[tuple[str, object], ...] = ()
     ablation_name: str = ""
+    #: the screen's chosen candidate (a key of ``CANDIDATES``) the row's network is built as: its
+    #: settings join the row's, its phantom pre-training is built the same, and the row trains for
+    #: that candidate's epochs at equal wall time (``--budget``); "" is today's network
+    candidate: str = ""
 
     @property
     def group(self) -> str:
         """The folder (under OUT) of the row's runs: rows that share it share runs."""
         return ((f"{self.fusion}-init" if self.init else str(self.fusion)) + ("-partial" if self.partial else "")
-                + ("-dropout" if self.sequence_dropout else "") + (f"-{self.ablation_name}" if self.ablation else ""))
+                + ("-dropout" if self.sequence_dropout else "") + (f"-{self.ablation_name}" if self.ablation else "")
+                + (f"-{self.candidate}" if self.candidate else ""))
+
+    @property
+    def screen_row(self) -> str:
+        """The screen row of the row's network (its candidate's budget)."""
+        return f"screen-{'ef' if self.method.startswith('early_fusion') else 'slots'}-{self.candidate}"
 
 
 #: a scored row's stand-in for its phantom pre-training run
@@ -135,6 +145,19 @@ ROWS: dict[str, Row] = {
                                               ablation=(("balancer.lam", 0.0),
                                                         ("balancer.options", {"scale_by": "learning_rate"})),
                                               ablation_name="lam0-lr"),
+    # the screen's choice for the four-branch network (C3, one level deeper), through the outer
+    # protocol: the best recipe without CGGM, and the default's candidate (issue 24's gate)
+    "slots-c3-dropout-partial-init": Row("C3 (one level deeper): phantom pre-training, then 4 branches, slot fusion, "
+                                         "sequence dropout, + the FLAIR/T1ce-only cases", "modality_dropout", "slots",
+                                         init="slots", partial=True, ablation=(("network.heads", False),),
+                                         ablation_name="noheads", candidate="c3"),
+    "slots-c3-cggm-deficit-lr-partial-init": Row("C3: phantom pre-training, then 4 branches, slot fusion, sequence "
+                                                 "dropout, CGGM deficit, lam 0, B as learning rate, + the FLAIR/T1ce-only "
+                                                 "cases", "cggm-deficit", "slots", init="slots", partial=True,
+                                                 sequence_dropout=0.25,
+                                                 ablation=(("balancer.lam", 0.0),
+                                                           ("balancer.options", {"scale_by": "learning_rate"})),
+                                                 ablation_name="lam0-lr", candidate="c3"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
@@ -187,16 +210,23 @@ PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validatio
 PRETRAIN = ("hemis", "slots", "early_fusion")
 
 
-def pretrain_options(network: str) -> list[str]:
-    """``brats-cggm train`` options of the phantom pre-training of ``network`` (of ``PRETRAIN``)."""
-    if network == "hemis":
-        return ["--set", "network.fusion=hemis"]
-    if network == "slots":  # no auxiliary heads: the same network, half the step time
-        return ["--set", "network.fusion=slots", "--set", "network.heads=false"]
-    from brats_cggm.compare import early_fusion_overrides
+def pretrain_options(network: str, candidate: str = "") -> list[str]:
+    """``brats-cggm train`` options of the phantom pre-training of ``network`` (of ``PRETRAIN``),
+    built as the screen's ``candidate`` when one is named."""
+    settings = dict(CANDIDATES[candidate]) if candidate else {}
+    if network == "early_fusion":
+        from brats_cggm.compare import early_fusion_overrides
 
-    widths = early_fusion_overrides(PRESET, {})  # those compare's early-fusion rows train at
-    return ["--network", "early_fusion", "--set", f"network.overrides={json.dumps(widths)}"]
+        # the widths compare's early-fusion rows train at (the candidate's, when it names some)
+        settings["network.overrides"] = early_fusion_overrides(PRESET, settings)
+    own = [item for name, value in settings.items() for item in ("--set", f"{name}={json.dumps(value)}")]
+    if network == "hemis":
+        return ["--set", "network.fusion=hemis", *own]
+    if network == "slots":  # no auxiliary heads: the same network, half the step time
+        return ["--set", "network.fusion=slots", "--set", "network.heads=false", *own]
+    return ["--network", "early_fusion", *own]
+
+
 PRESET = "cpu-real"
 
 
@@ -342,24 +372,25 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
     """A row's settings on one fold: ``settings`` (``--set``), then the fold's split and the row's network."""
     own = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
            "network.sequence_dropout": row.sequence_dropout, **({"data.partial": True} if row.partial else {}),
-           **dict(row.ablation)}
+           **dict(row.ablation), **dict(CANDIDATES[row.candidate] if row.candidate else ())}
     if row.init:
-        own["init"] = str(pretrain(out, row.init))
+        own["init"] = str(pretrain(out, row.init, row.candidate))
     return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}
 
 
-def pretrain(out: Path, network: str) -> Path:
-    """OUT/phantom-pretrain-<network>: the phantom-only network (trained once, then reused)."""
+def pretrain(out: Path, network: str, candidate: str = "") -> Path:
+    """OUT/phantom-pretrain-<network>[-<candidate>]: the phantom-only network (trained once, then
+    reused), built as the screen's ``candidate`` when one is named."""
     import subprocess
     import sys
 
-    run = out / f"{PRETRAINED}-{network}"
+    run = out / (f"{PRETRAINED}-{network}" + (f"-{candidate}" if candidate else ""))
     if not (run / "summary.json").exists():
         cli = [str(Path(sys.executable).with_name("brats-cggm"))]
         if not (out / "phantoms").is_dir():
             subprocess.run([*cli, "phantom", "--out", str(out / "phantoms"), *PHANTOMS], check=True)
         subprocess.run([*cli, "train", "--data", str(out / "phantoms"), "--out", str(run), *PRETRAIN_RECIPE,
-                        *pretrain_options(network)], check=True)
+                        *pretrain_options(network, candidate)], check=True)
     return run
 
 
@@ -695,6 +726,9 @@ def main() -> None:
         name = "real_cv_screen"
         save_split(inner_split(json.loads((args.out / "split.json").read_text())), args.out / INNER_SPLIT)
         row_epochs = None if args.epochs or args.table_only else screen_epochs(args.budget)
+    elif any(ROWS[key].candidate for key in rows) and not (args.epochs or args.table_only):
+        budget = screen_epochs(args.budget)  # a chosen candidate trains for its equal-wall-time epochs
+        row_epochs = {key: budget[ROWS[key].screen_row] for key in rows if ROWS[key].candidate}
     kept = args.results / f"{name}_runs"
     if not args.table_only:
         for key in rows:  # each row is scored and kept as soon as it is trained
@@ -703,7 +737,8 @@ def main() -> None:
             collect(args.out, [key], args.folds, kept, args.seeds)
     command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
-               + (f" --screen --budget {args.budget}" if args.screen else "")
+               + (" --screen" if args.screen else "")
+               + (f" --budget {args.budget}" if args.screen or any(ROWS[key].candidate for key in rows) else "")
                + "".join(f" --set {item}" for item in args.settings))
     runs = collect(args.out, rows, args.folds, kept, args.seeds)
     markdown = write_table(runs, rows, args.folds, args.results, command, args.reference, cases, name)

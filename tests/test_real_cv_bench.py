@@ -275,6 +275,34 @@ def test_the_screen_trains_each_row_on_the_inner_split_for_its_equal_time_epochs
         real_cv.screen_epochs(budget)
 
 
+def test_a_candidate_row_trains_the_chosen_network_from_a_pre_training_built_the_same(tmp_path, monkeypatch):
+    import subprocess
+
+    from brats_cggm.compare import method_overrides
+    from brats_cggm.training.config import resolve_config
+    from multimodal_general.cli_support import parse_settings
+
+    runs = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: runs.append(cmd))
+    (tmp_path / "phantoms").mkdir()
+    row = real_cv.ROWS["slots-c3-cggm-deficit-lr-partial-init"]
+    settings = real_cv.fold_settings(tmp_path / "split.json", 0, row, tmp_path, None)
+    assert settings["init"] == str(tmp_path / "phantom-pretrain-slots-c3")
+    network = dict(real_cv.CANDIDATES["c3"])["network.overrides"]
+    config = resolve_config("cpu-real", None, method_overrides("cggm-deficit", settings, "cpu-real"))
+    assert config.network.overrides == network and config.balancer.lam == 0 and config.network.fusion == "slots"
+    # the pre-training is the same network (no heads), so its weights load into the row's
+    sets = [item for item in runs[-1][runs[-1].index("--set"):] if item != "--set"]
+    pretraining = resolve_config("cpu-real", None, parse_settings(sets))
+    assert pretraining.network.fusion == "slots" and pretraining.network.heads is False
+    assert pretraining.network.overrides == network
+    # early fusion's candidate: the widths compare derives for it, in its pre-training too
+    options = real_cv.pretrain_options("early_fusion", "c3")
+    assert json.loads(options[-1].split("=", 1)[1])["channels"] == network["channels"]
+    assert row.group != real_cv.ROWS["slots-cggm-deficit-lr-partial-init"].group and row.screen_row == "screen-slots-c3"
+    assert real_cv.ROWS["slots-c3-dropout-partial-init"].screen_row == "screen-slots-c3"
+
+
 def test_the_screen_chooses_a_candidate_only_once_every_candidate_has_every_fold():
     def run(key, fold, dice):
         return {"method": key, "fold": fold, "cases": [{"dice/TC": dice, "dice/WT": dice, "dice/ET": dice}]}
