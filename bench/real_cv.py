@@ -158,6 +158,9 @@ ROWS: dict[str, Row] = {
                                                  ablation=(("balancer.lam", 0.0),
                                                            ("balancer.options", {"scale_by": "learning_rate"})),
                                                  ablation_name="lam0-lr", candidate="c3"),
+    # the screen's choice for early fusion (C2, twice as wide; 0.0003 ahead of C1) through the outer protocol
+    "ef-c2-dropout-init": Row("C2 (twice as wide): phantom pre-training, then early fusion + sequence dropout",
+                              "early_fusion_dropout", "mean", init="early_fusion", candidate="c2"),
     "hemis-dropout-init": Row("phantom pre-training, then 4 branches, HeMIS fusion, sequence dropout",
                               "modality_dropout", "hemis", init="hemis"),
     "ef-dropout-init": Row("phantom pre-training, then early fusion + sequence dropout", "early_fusion_dropout",
