@@ -213,6 +213,16 @@ PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validatio
 PRETRAIN = ("hemis", "slots", "early_fusion")
 
 
+def widths(key: str) -> str:
+    """The encoder widths of row ``key``'s network, e.g. ``8-16-32-64`` (a model card's description)."""
+    from brats_cggm.network import NETWORK_PRESETS
+    from brats_cggm.training import resolve_config
+
+    row = ROWS[key]
+    network = resolve_config(PRESET, None, dict(CANDIDATES[row.candidate]) if row.candidate else {}).network
+    return "-".join(map(str, {**NETWORK_PRESETS[network.preset].options, **network.overrides}["channels"]))
+
+
 def pretrain_options(network: str, candidate: str = "") -> list[str]:
     """``brats-cggm train`` options of the phantom pre-training of ``network`` (of ``PRETRAIN``),
     built as the screen's ``candidate`` when one is named."""

@@ -301,6 +301,8 @@ def test_a_candidate_row_trains_the_chosen_network_from_a_pre_training_built_the
     assert json.loads(options[-1].split("=", 1)[1])["channels"] == network["channels"]
     assert row.group != real_cv.ROWS["slots-cggm-deficit-lr-partial-init"].group and row.screen_row == "screen-slots-c3"
     assert real_cv.ROWS["slots-c3-dropout-partial-init"].screen_row == "screen-slots-c3"
+    assert real_cv.widths("slots-c3-cggm-deficit-lr-partial-init") == "8-16-32-64-128"
+    assert real_cv.widths("slots-cggm-paper-dropout") == "8-16-32-64"  # the preset's (the card's description)
     ef = real_cv.ROWS["ef-c2-dropout-init"]
     settings = real_cv.fold_settings(tmp_path / "split.json", 0, ef, tmp_path, None)
     assert ef.screen_row == "screen-ef-c2" and settings["init"] == str(tmp_path / "phantom-pretrain-early_fusion-c2")
