@@ -632,6 +632,37 @@ def table_markdown(table: list[dict], runs: list[dict], folds: int, cases: Seque
     return "\n".join(lines + fit_lines(runs) + telemetry_lines(runs)) + "\n"
 
 
+#: issue 24's gate for a four-branch default: against the best other row, each region's paired
+#: 95 % lower bound at least this, and the 15-subset average's paired interval above zero
+GATE_LOWER = -0.02
+
+
+def gate_lines(runs: list[dict], candidate: str, rows: Sequence[str]) -> list[str]:
+    """Whether ``candidate`` meets the gate against the best other row of ``rows`` (the highest
+    mean Dice of the three regions with all sequences; screen rows aside), with each check's figures."""
+    from brats_cggm.compare import aggregate, paired_rows
+    from multimodal_general.experiments.paired import interval_cell
+
+    others = [key for key in rows if key != candidate and key not in SCREEN_ROWS
+              and any(run["method"] == key for run in runs)]
+    if not others or not any(run["method"] == candidate for run in runs):
+        return ["", f"Gate: {candidate} and another row must both be scored."]
+    means = {row["method"]: row["test_dice/mean"][0] for row in aggregate(runs, others)}
+    best = max(others, key=means.get)
+    paired = paired_rows(runs, [candidate], best)[candidate]
+    checks = [(f"{region}: lower bound ≥ {GATE_LOWER}", paired[f"dice/{region}"],
+               paired[f"dice/{region}"]["low"] >= GATE_LOWER) for region in ("WT", "TC", "ET")]
+    subsets = paired.get("subsets_dice/mean")
+    checks.append(("15-subset average (mean of the regions): interval above 0", subsets,
+                   bool(subsets and subsets["n"] and subsets["low"] > 0)))
+    lines = ["", (f"Gate for {ROWS[candidate].label} as the default, against the best other row ({ROWS[best].label}, "
+                  f"mean Dice of the three regions {means[best]:.3f}), paired case by case: "
+                  + ("**met**" if all(ok for *_, ok in checks) else "**not met**")), ""]
+    lines += [f"- {name}: {interval_cell(d) if d and d['n'] else 'not scored'} — {'met' if ok else 'not met'}"
+              for name, d, ok in checks]
+    return lines
+
+
 def write_table(runs: list[dict], rows: Sequence[str], folds: int, results: Path, command: str,
                 reference: str, cases: Sequence[str], name: str = "real_cv") -> str:
     """NAME.md|csv|json|png: per row, mean ± std over the runs done and the paired per-case
@@ -711,6 +742,8 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for every run, e.g. --set validation.every=50 (repeatable)")
     parser.add_argument("--table-only", action="store_true", help="write the table from the runs that are done")
+    parser.add_argument("--gate", metavar="ROW", help="also say whether ROW meets issue 24's gate for the default "
+                        "against the best other of --rows")
     parser.add_argument("--card", metavar="ROW", help="also write RESULTS/real_cv_card.json, the row's figures for a "
                         "model card (brats-cggm export --evaluation)")
     parser.add_argument("--screen", action="store_true",
@@ -725,6 +758,8 @@ def main() -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+    if args.gate and args.gate not in rows:
+        parser.error(f"--gate {args.gate} is not one of the rows ({', '.join(rows)})")
     if args.reference not in rows:
         parser.error(f"--reference {args.reference} is not one of the rows ({', '.join(rows)})")
     if any((key in SCREEN_ROWS) != args.screen for key in rows):
@@ -757,6 +792,9 @@ def main() -> None:
     markdown = write_table(runs, rows, args.folds, args.results, command, args.reference, cases, name)
     if args.screen:
         markdown += screen_lines(runs, row_epochs)
+    if args.gate:
+        markdown += "\n".join(gate_lines(runs, args.gate, rows)) + "\n"
+    if args.screen or args.gate:
         atomic_write_text(args.results / f"{name}.md", markdown)
     print(markdown)
     if args.card:

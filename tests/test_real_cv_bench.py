@@ -338,3 +338,27 @@ def test_a_screen_run_is_scored_with_all_sequences_only_and_without_a_fit_check(
     runs = real_cv.collect(tmp_path, ["screen-ef-c2"], 1, tmp_path / "kept")
     assert asked == [False] and [r["method"] for r in runs] == ["screen-ef-c2"]
     assert (tmp_path / "kept" / "screen-ef-c2-fold0-seed0.json").exists()
+
+
+def test_the_gate_pairs_the_candidate_with_the_best_other_row_and_needs_every_check():
+    """Known answers from the committed kept rows: the best four-branch row misses the gate on
+    TC, ET and the 15-subset average; the reference shifted up by 0.05 on every case meets it."""
+    kept = REPO / "bench" / "results" / "real_cv_runs"
+    rows = ["ef", "ef-dropout-init", "slots-dropout-partial-init"]
+    runs = [json.loads((kept / f"{key}-fold{fold}-seed0.json").read_text()) for key in rows for fold in range(3)]
+    lines = real_cv.gate_lines(runs, "slots-dropout-partial-init", rows)
+    assert "against the best other row (phantom pre-training, then early fusion" in lines[1]
+    assert "**not met**" in lines[1] and sum(line.endswith("— not met") for line in lines) == 4
+
+    def shifted(run: dict, by: float) -> dict:
+        def up(values: dict) -> dict:
+            return {k: v + by if k.startswith(("dice/", "subsets_dice/")) else v for k, v in values.items()}
+        return {**up(run), "method": "slots-dropout", "cases": [up(case) for case in run["cases"]]}
+
+    better = [shifted(run, 0.05) for run in runs if run["method"] == "ef-dropout-init"]
+    lines = real_cv.gate_lines(runs + better, "slots-dropout", [*rows, "slots-dropout"])
+    assert "**met**" in lines[1] and sum(line.endswith("— met") for line in lines) == 4
+    assert "+0.050 [+0.050, +0.050]" in lines[3]
+    # a candidate 0.03 below on every case misses every region (lower bound < -0.02)
+    worse = [shifted(run, -0.03) for run in runs if run["method"] == "ef-dropout-init"]
+    assert "**not met**" in real_cv.gate_lines(runs + worse, "slots-dropout", [*rows, "slots-dropout"])[1]
