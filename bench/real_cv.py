@@ -387,7 +387,7 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
            "network.sequence_dropout": row.sequence_dropout, **({"data.partial": True} if row.partial else {}),
            **dict(row.ablation), **dict(CANDIDATES[row.candidate] if row.candidate else ())}
     if row.init:
-        own["init"] = str(pretrain(out, row.init, row.candidate))
+        own["init"] = str(pretrain(out, row.init, row.candidate).resolve())
     return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}
 
 

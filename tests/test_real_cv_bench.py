@@ -287,7 +287,7 @@ def test_a_candidate_row_trains_the_chosen_network_from_a_pre_training_built_the
     (tmp_path / "phantoms").mkdir()
     row = real_cv.ROWS["slots-c3-cggm-deficit-lr-partial-init"]
     settings = real_cv.fold_settings(tmp_path / "split.json", 0, row, tmp_path, None)
-    assert settings["init"] == str(tmp_path / "phantom-pretrain-slots-c3")
+    assert settings["init"] == str((tmp_path / "phantom-pretrain-slots-c3").resolve())
     network = dict(real_cv.CANDIDATES["c3"])["network.overrides"]
     config = resolve_config("cpu-real", None, method_overrides("cggm-deficit", settings, "cpu-real"))
     assert config.network.overrides == network and config.balancer.lam == 0 and config.network.fusion == "slots"
@@ -305,7 +305,7 @@ def test_a_candidate_row_trains_the_chosen_network_from_a_pre_training_built_the
     assert real_cv.widths("slots-cggm-paper-dropout") == "8-16-32-64"  # the preset's (the card's description)
     ef = real_cv.ROWS["ef-c2-dropout-init"]
     settings = real_cv.fold_settings(tmp_path / "split.json", 0, ef, tmp_path, None)
-    assert ef.screen_row == "screen-ef-c2" and settings["init"] == str(tmp_path / "phantom-pretrain-early_fusion-c2")
+    assert ef.screen_row == "screen-ef-c2" and settings["init"] == str((tmp_path / "phantom-pretrain-early_fusion-c2").resolve())
     widths = method_overrides("early_fusion_dropout", settings, "cpu-real")["network.overrides"]
     assert json.loads(runs[-1][-1].split("=", 1)[1]) == widths and widths["channels"] == [16, 32, 64, 128]
 
