@@ -726,7 +726,8 @@ def card_summary(out: Path, key: str, folds: int, command: str) -> dict:
             "subsets": subsets, "subset_average": average, "worst_subset": {"subset": worst, **subsets[worst]}}
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """The command line, checked: the options and the rows to run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, nargs="+", required=True,
                         help="folders of BraTS cases, or a parent of several (every labelled full case is used)")
@@ -764,6 +765,11 @@ def main() -> None:
         parser.error(f"--reference {args.reference} is not one of the rows ({', '.join(rows)})")
     if any((key in SCREEN_ROWS) != args.screen for key in rows):
         parser.error("the screen-* rows run with --screen, and --screen runs only them")
+    return args, rows
+
+
+def main() -> None:
+    args, rows = parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
