@@ -793,7 +793,7 @@ def main() -> None:
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
                + (" --screen" if args.screen else "")
                + (f" --budget {args.budget}" if args.screen or any(ROWS[key].candidate for key in rows) else "")
-               + "".join(f" --set {item}" for item in args.settings))
+               + (f" --gate {args.gate}" if args.gate else "") + "".join(f" --set {item}" for item in args.settings))
     runs = collect(args.out, rows, args.folds, kept, args.seeds)
     markdown = write_table(runs, rows, args.folds, args.results, command, args.reference, cases, name)
     if args.screen:
