@@ -213,20 +213,23 @@ PRETRAIN_RECIPE = ("--preset", "cpu-real", "--epochs", "60", "--set", "validatio
 PRETRAIN = ("hemis", "slots", "early_fusion")
 
 
+def candidate_settings(candidate: str) -> dict:
+    """The ``--set`` settings of a screen candidate (a key of ``CANDIDATES``); none for "" (today's network)."""
+    return dict(CANDIDATES[candidate]) if candidate else {}
+
+
 def widths(key: str) -> str:
     """The encoder widths of row ``key``'s network, e.g. ``8-16-32-64`` (a model card's description)."""
-    from brats_cggm.network import NETWORK_PRESETS
-    from brats_cggm.training import resolve_config
+    from brats_cggm.compare import early_fusion_overrides
 
-    row = ROWS[key]
-    network = resolve_config(PRESET, None, dict(CANDIDATES[row.candidate]) if row.candidate else {}).network
-    return "-".join(map(str, {**NETWORK_PRESETS[network.preset].options, **network.overrides}["channels"]))
+    # early fusion is built at the four-branch network's widths: the preset's, or the candidate's
+    return "-".join(map(str, early_fusion_overrides(PRESET, candidate_settings(ROWS[key].candidate))["channels"]))
 
 
 def pretrain_options(network: str, candidate: str = "") -> list[str]:
     """``brats-cggm train`` options of the phantom pre-training of ``network`` (of ``PRETRAIN``),
     built as the screen's ``candidate`` when one is named."""
-    settings = dict(CANDIDATES[candidate]) if candidate else {}
+    settings = candidate_settings(candidate)
     if network == "early_fusion":
         from brats_cggm.compare import early_fusion_overrides
 
@@ -385,7 +388,7 @@ def fold_settings(split_file: Path, fold: int, row: Row, out: Path, epochs: int 
     """A row's settings on one fold: ``settings`` (``--set``), then the fold's split and the row's network."""
     own = {"data.split": str(split_file.resolve()), "data.fold": fold, "network.fusion": row.fusion,
            "network.sequence_dropout": row.sequence_dropout, **({"data.partial": True} if row.partial else {}),
-           **dict(row.ablation), **dict(CANDIDATES[row.candidate] if row.candidate else ())}
+           **dict(row.ablation), **candidate_settings(row.candidate)}
     if row.init:
         own["init"] = str(pretrain(out, row.init, row.candidate).resolve())
     return {**(settings or {}), **own, **({"optim.epochs": epochs} if epochs else {})}
@@ -776,11 +779,12 @@ def main() -> None:
         raise SystemExit(f"error: {missing[0]}: no such folder of BraTS cases")
     data, cases = prepare(args.data, args.out, args.folds)
     name, row_epochs = "real_cv", None
+    candidates = any(ROWS[key].candidate for key in rows)  # rows at a screen candidate's network and budget
     if args.screen:
         name = "real_cv_screen"
         save_split(inner_split(json.loads((args.out / "split.json").read_text())), args.out / INNER_SPLIT)
         row_epochs = None if args.epochs or args.table_only else screen_epochs(args.budget)
-    elif any(ROWS[key].candidate for key in rows) and not (args.epochs or args.table_only):
+    elif candidates and not (args.epochs or args.table_only):
         budget = screen_epochs(args.budget)  # a chosen candidate trains for its equal-wall-time epochs
         row_epochs = {key: budget[ROWS[key].screen_row] for key in rows if ROWS[key].candidate}
     kept = args.results / f"{name}_runs"
@@ -792,7 +796,7 @@ def main() -> None:
     command = (f"python bench/real_cv.py --data DATA --rows {','.join(rows)} --reference {args.reference} "
                f"--folds {args.folds} --seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "")
                + (" --screen" if args.screen else "")
-               + (f" --budget {args.budget}" if args.screen or any(ROWS[key].candidate for key in rows) else "")
+               + (f" --budget {args.budget}" if args.screen or candidates else "")
                + (f" --gate {args.gate}" if args.gate else "") + "".join(f" --set {item}" for item in args.settings))
     runs = collect(args.out, rows, args.folds, kept, args.seeds)
     markdown = write_table(runs, rows, args.folds, args.results, command, args.reference, cases, name)

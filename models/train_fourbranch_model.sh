@@ -19,8 +19,7 @@ export WORK=${WORK:-runs/real_cv_paired}
 export RESULTS=${RESULTS:-$WORK/results-fourbranch}
 export OUT=${OUT:-brats_cggm/models/brats_cggm_fourbranch.onnx}
 # the row's recipe and encoder widths (its screen candidate's, or the preset's), for the card
-RECIPE=$("${BIN:-.venv/bin}/python" -c "import sys; sys.path.insert(0, 'bench'); from real_cv import ROWS; print(ROWS['$ROW'].label)")
-WIDTHS=$("${BIN:-.venv/bin}/python" -c "import sys; sys.path.insert(0, 'bench'); from real_cv import widths; print(widths('$ROW'))")
+read -r WIDTHS RECIPE < <("${BIN:-.venv/bin}/python" -c "import sys; sys.path.insert(0, 'bench'); from real_cv import ROWS, widths; print(widths('$ROW'), ROWS['$ROW'].label)")
 export DESCRIPTION="Three four-branch U-Nets (one $WIDTHS encoder per sequence, slot fusion, 2 mm), one per fold of @CASES@ labelled real BraTS cases (each trained on about two thirds of them), averaged; recipe: $RECIPE. Any non-empty subset of the sequences can be given: a sequence left out switches its branch off."
 mkdir -p "$RESULTS"
 exec bash models/train_real_model.sh

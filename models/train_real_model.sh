@@ -37,8 +37,8 @@ chosen = json.loads((results / "real_cv_card.json").read_text())["inference"]
 (results / "tta").write_text("--tta" if chosen["tta"] else "--no-tta")
 EOF
 CASES=$(find "$WORK/cases" -mindepth 1 -maxdepth 1 -type d | wc -l)
-WIDTHS=$("$BIN/python" -c "import sys; sys.path.insert(0, 'bench'); from real_cv import widths; print(widths('$ROW'))")
-DESCRIPTION=${DESCRIPTION:-"Three early-fusion U-Nets ($WIDTHS, 2 mm), one per fold of @CASES@ labelled real BraTS cases (each trained on about two thirds of them after pre-training on 30 calibrated phantoms, with sequence dropout so any non-empty subset of the four sequences works), averaged."}
+# (the widths are looked up only when no DESCRIPTION is given: train_fourbranch_model.sh gives its own)
+DESCRIPTION=${DESCRIPTION:-"Three early-fusion U-Nets ($("$BIN/python" -c "import sys; sys.path.insert(0, 'bench'); from real_cv import widths; print(widths('$ROW'))"), 2 mm), one per fold of @CASES@ labelled real BraTS cases (each trained on about two thirds of them after pre-training on 30 calibrated phantoms, with sequence dropout so any non-empty subset of the four sequences works), averaged."}
 RUNS=()
 for fold in 0 1 2; do RUNS+=(--run "$WORK/${RUN_DIR/FOLD/fold$fold}"); done
 POSTPROCESSING=()
